@@ -1,0 +1,1 @@
+"""Benchmarks (``moecomm bench ...``): each prints a table and can write JSON. Not tests."""

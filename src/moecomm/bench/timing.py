@@ -1,0 +1,97 @@
+"""The one timing helper and the table/JSON output shared by all benchmarks.
+
+``median_time`` warms up, then times ``iters`` calls and returns the median in seconds: CUDA events on a
+GPU (the work is asynchronous), ``time.perf_counter`` around a synchronised call on the CPU. Inputs that
+fit in L2 measure the cache: callers rotate among several input sets (``fn`` receives the iteration
+index) or size inputs well past the 60 MB L2 of an H200.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["median_time", "device_name", "print_table", "write_json", "copy_bandwidth"]
+
+
+def median_time(
+    fn: Callable[[int], Any],
+    device: torch.device,
+    *,
+    warmup: int = 5,
+    iters: int = 20,
+    barrier: Callable[[], None] | None = None,
+) -> float:
+    """Median wall time of ``fn(i)`` in seconds over ``iters`` calls, after ``warmup`` calls.
+
+    ``barrier`` (e.g. ``dist.barrier``) runs before each timed call so that ranks start together;
+    on CUDA its time is outside the events.
+    """
+    for i in range(warmup):
+        fn(i)
+    times = []
+    cuda = device.type == "cuda"
+    for i in range(iters):
+        if barrier is not None:
+            barrier()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t0 = time.perf_counter()
+            fn(i)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device, e.g. ``NVIDIA H200`` or the CPU's processor string."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 26)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t = median_time(lambda i: dst.copy_(src), device, warmup=3, iters=10)
+    return 2 * nbytes / t
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print ``rows`` under ``columns`` as a rich table (floats with 4 significant digits)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right")
+    for row in rows:
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    Console(width=200).print(table)
+
+
+def write_json(path: str, device: torch.device, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` with the device, date (UTC) and command line added."""
+    meta = {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+    }
+    with open(path, "w") as f:
+        json.dump({"meta": meta, **payload}, f, indent=1)

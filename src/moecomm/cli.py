@@ -1,0 +1,54 @@
+"""The ``moecomm`` command: ``moecomm demo`` and ``moecomm bench {collectives,quant,experts,moe}``.
+
+Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args)``;
+modules are imported only when their subcommand runs, so ``moecomm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+_COMMANDS = {
+    "demo": ("moecomm.demo", "run a real transformer with DP attention and EP MoE on N ranks"),
+}
+_BENCHES = {
+    "collectives": ("moecomm.bench.collectives", "allgatherv / reducescatterv vs native collectives"),
+    "quant": ("moecomm.bench.quant", "NVFP4 / MXFP4 / FP8 quantizers vs copy bandwidth"),
+    "experts": ("moecomm.bench.experts", "expert compute vs a bare grouped GEMM"),
+    "moe": ("moecomm.bench.moe", "a whole MoE layer step per dispatch strategy"),
+}
+
+
+def _add(subparsers, name: str, module: str, help: str) -> None:
+    p = subparsers.add_parser(name, help=help, description=help)
+    mod = importlib.import_module(module)
+    mod.add_arguments(p)
+    p.set_defaults(_run=mod.run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moecomm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    argv = argv if argv is not None else None
+    import sys
+
+    words = sys.argv[1:] if argv is None else argv
+    for name, (module, help) in _COMMANDS.items():
+        if words[:1] == [name]:
+            _add(sub, name, module, help)
+        else:
+            sub.add_parser(name, help=help)
+    bench = sub.add_parser("bench", help="benchmarks: print a table, --json writes the numbers")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    for name, (module, help) in _BENCHES.items():
+        if words[:2] == ["bench", name]:
+            _add(bench_sub, name, module, help)
+        else:
+            bench_sub.add_parser(name, help=help)
+    args = parser.parse_args(words)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Run a function on N ranks: processes over gloo on CPU, NCCL when N GPUs exist, or in place under torchrun.
+
+``launch(fn, world_size, args)`` is what the tests, the benchmarks and the CLI use. Each rank runs
+``fn(*args)`` after ``torch.distributed`` is initialised (``dist.get_rank()`` tells which rank it is);
+the return values come back as a list indexed by rank. A rank's exception is re-raised in the caller
+with that rank's traceback; a run that outlasts ``timeout`` seconds is killed and raises ``TimeoutError``.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the environment) ``launch`` initialises
+from ``env://`` and runs ``fn`` in the current process only, returning ``[result of this rank]``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["launch", "default_backend", "rank_device", "RankError"]
+
+
+class RankError(RuntimeError):
+    """A rank raised; the message holds its rank and traceback."""
+
+
+def default_backend(world_size: int) -> str:
+    """``"nccl"`` when at least ``world_size`` CUDA devices are visible, else ``"gloo"``."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def rank_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device this rank's tensors live on: ``cuda:<local rank>`` under NCCL, else CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world_size: int, backend: str, init_method: str, timeout_s: float) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **kwargs,
+    )
+
+
+def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) -> None:
+    try:
+        # Keep CPU ranks from oversubscribing the machine's few cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        _init(rank, world_size, backend, init_method, timeout_s)
+        result = fn(*args)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    backend: str | None = None,
+    timeout: float = 300.0,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` ranks and return the per-rank results.
+
+    Parameters
+    ----------
+    fn : callable
+        A module-level (picklable) function. It runs after ``dist.init_process_group``; on NCCL the
+        rank's current CUDA device is already set.
+    world_size : int
+        Number of ranks (>= 1). Ignored under torchrun, where ``WORLD_SIZE`` rules.
+    args : sequence
+        Positional arguments for ``fn``; must be picklable.
+    backend : {"nccl", "gloo", None}
+        ``None`` picks :func:`default_backend`.
+    timeout : float
+        Seconds for the whole run (and for each collective). Past it the ranks are killed.
+
+    Returns
+    -------
+    list
+        ``fn``'s return value for each rank, indexed by rank (one entry under torchrun).
+
+    Raises
+    ------
+    RankError
+        A rank raised; the message names the lowest failing rank and holds its traceback.
+    TimeoutError
+        The ranks did not all finish within ``timeout`` seconds (e.g. a hang in a collective).
+    ValueError
+        ``world_size < 1`` or an unknown backend.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+        backend = backend or default_backend(world)
+        if not dist.is_initialized():
+            _init(int(os.environ["RANK"]), world, backend, "env://", timeout)
+        return [fn(*args)]
+
+    if int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    backend = backend or default_backend(world_size)
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"nccl needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(r, world_size, backend, init_method, timeout, fn, tuple(args), queue),
+            daemon=True,
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(results))
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (hang?)")
+            try:
+                rank, ok, payload = queue.get(timeout=min(remaining, 1.0))
+            except Exception:  # queue.Empty: check for ranks that died without reporting
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RankError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                continue
+            results[rank] = (ok, payload)
+            if not ok:
+                # One failure is enough: the other ranks may be blocked in a collective.
+                break
+    finally:
+        failed = sorted(r for r, (ok, _) in results.items() if not ok)
+        for p in procs:
+            p.join(timeout=5 if not failed else 0.5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failed:
+        raise RankError(f"rank {failed[0]} of {world_size} raised:\n{results[failed[0]][1]}")
+    return [results[r][1] for r in range(world_size)]

@@ -1,0 +1,36 @@
+"""Test helpers shared by the test suite and the GPU check script."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["assert_close", "rel_error"]
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (0 when both are all zero)."""
+    a, e = actual.double(), expected.double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rel: float, name: str = "tensor") -> None:
+    """Raise ``AssertionError`` unless shapes match, nothing is NaN and the relative L2 error <= ``rel``.
+
+    Tolerances by arithmetic (see docs): float32 ~1e-6, tf32 ~3e-4, bf16 operands 1e-3..1e-2.
+    ``rel=0`` asks for bit-identical values (NaNs still fail).
+    """
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if torch.isnan(actual).any():
+        raise AssertionError(f"{name}: {int(torch.isnan(actual).sum())} NaN values")
+    if rel == 0:
+        if not torch.equal(actual, expected):
+            bad = (actual != expected).nonzero()
+            raise AssertionError(f"{name}: {bad.shape[0]} elements differ, first at {bad[0].tolist()}")
+        return
+    err = rel_error(actual, expected)
+    if not err <= rel:
+        worst = (actual.double() - expected.double()).abs().flatten().argmax().item()
+        raise AssertionError(f"{name}: relative error {err:.3e} > {rel:.1e} (worst at flat index {worst})")

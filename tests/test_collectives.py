@@ -1,0 +1,258 @@
+"""all_gatherv / reduce_scatterv on 2-4 gloo ranks (and NCCL, marked gpu), against torch cat / sum references.
+
+Every rank builds every rank's inputs from a shared seed, so each can compute the unsharded reference
+locally. Inputs are fresh random draws each run (the seed is in the failure message).
+"""
+
+import random
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moecomm import all_gatherv, check_consistency, launch, reduce_scatterv
+from moecomm.collectives import all_gatherv_ref, gather_sizes, reduce_scatterv_ref
+from moecomm.launch import RankError, rank_device
+from moecomm.testing import assert_close
+
+# (trailing shape, dtype) of the tensors gathered together in one call; None is a hole in the list.
+GATHER_SPECS = [
+    ((64,), torch.bfloat16),  # hidden rows
+    ((36,), torch.uint8),  # quantized payload
+    None,
+    ((8,), torch.int32),  # topk_ids
+    ((8,), torch.float32),  # topk_weights
+    ((8, 16), torch.float16),  # trailing dims
+    ((32,), torch.float8_e4m3fn),
+    ((16,), torch.float4_e2m1fn_x2),
+    ((3,), torch.int64),
+]
+REDUCE_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _rand(shape, dtype, gen):
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        return torch.randn(shape, generator=gen).to(dtype)
+    if dtype.itemsize == 1:  # uint8, fp8, fp4x2: random bytes, NaN encodings included
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(dtype)
+    return torch.randint(-(1 << 20), 1 << 20, shape, generator=gen, dtype=dtype)
+
+
+def _rank_inputs(seed, r, n, specs):
+    gen = torch.Generator().manual_seed(seed * 1000 + r)
+    return [None if s is None else _rand((n, *s[0]), s[1], gen) for s in specs]
+
+
+def _noncontiguous(t):
+    """The same values as ``t`` in a non-contiguous (column-major) layout."""
+    nc = t.transpose(0, -1).contiguous().transpose(0, -1)
+    assert not nc.is_contiguous() or t.shape[0] <= 1
+    return nc
+
+
+def _gather_case(seed, sizes, noncontig, use_out):
+    rank, device = dist.get_rank(), rank_device()
+    per_rank = [_rank_inputs(seed, r, n, GATHER_SPECS) for r, n in enumerate(sizes)]
+    mine = [None if t is None else (_noncontiguous(t) if noncontig else t).to(device)
+            for t in per_rank[rank]]
+    out = None
+    if use_out:  # poisoned outputs: every byte must be written
+        out = [None if t is None else _rand((sum(sizes), *t.shape[1:]), t.dtype, torch.Generator()).to(device)
+               for t in per_rank[rank]]
+    got = all_gatherv(mine, sizes, out=out)
+    if use_out:
+        assert all(g is o for g, o in zip(got, out))
+    for i, spec in enumerate(GATHER_SPECS):
+        if spec is None:
+            assert got[i] is None
+            continue
+        expected = torch.cat([per_rank[r][i] for r in range(len(sizes))])
+        assert got[i].dtype == expected.dtype and got[i].shape == expected.shape, (i, got[i].shape)
+        assert torch.equal(got[i].cpu().view(torch.uint8), expected.view(torch.uint8)), f"tensor {i} differs"
+
+
+def _reduce_case(seed, sizes, dtype, use_out):
+    rank, device = dist.get_rank(), rank_device()
+    total = sum(sizes)
+    inputs = [torch.randn((total, 5, 3), generator=torch.Generator().manual_seed(seed + r)).to(dtype)
+              for r in range(len(sizes))]
+    expected = torch.stack([t.double() for t in inputs]).sum(0)
+    start = sum(sizes[:rank])
+    expected = expected[start : start + sizes[rank]]
+    out = torch.full((sizes[rank], 5, 3), float("nan"), dtype=dtype, device=device) if use_out else None
+    got = reduce_scatterv(inputs[rank].to(device), sizes, out=out)
+    assert got.dtype == dtype and (not use_out or got is out)
+    assert_close(got.cpu().double(), expected, rel=REDUCE_TOL[dtype], name=f"reduce_scatterv {dtype}")
+    assert_close(reduce_scatterv_ref(inputs[rank].to(device), sizes).cpu().double(), expected,
+                 rel=REDUCE_TOL[dtype], name="reduce_scatterv_ref")
+
+
+def _size_patterns(world, rng):
+    return [
+        [rng.choice([0, 1, 2, 5, 17]) for _ in range(world)],  # random, zeros likely
+        [rng.randint(0, 40) for _ in range(world)],
+        [0] * world,  # all idle
+        [0] * (world - 1) + [23],  # one rank holds everything
+        [6] * world,  # equal sizes: the native path
+        [0] + [rng.randint(1, 9) for _ in range(world - 1)],  # an idle rank
+    ]
+
+
+def _battery(seed):
+    world = dist.get_world_size()
+    rng = random.Random(seed)
+    for sizes in _size_patterns(world, rng):
+        # Every rank draws the same patterns from the shared seed, so sizes agree.
+        for noncontig, use_out in [(False, False), (True, False), (False, True)]:
+            _gather_case(seed, sizes, noncontig, use_out)
+        for dtype in REDUCE_TOL:
+            _reduce_case(seed, sizes, dtype, use_out=dtype == torch.bfloat16)
+        # single tensor in, single tensor out; the padded reference agrees
+        t = _rank_inputs(seed, dist.get_rank(), sizes[dist.get_rank()], [((4,), torch.float32)])[0]
+        t = t.to(rank_device())
+        single = all_gatherv(t, sizes)
+        assert isinstance(single, torch.Tensor) and torch.equal(single, all_gatherv_ref(t, sizes))
+        assert gather_sizes(sizes[dist.get_rank()]) == sizes
+    return "ok"
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_gloo_battery(world_size):
+    seed = random.randrange(1 << 30)
+    assert launch(_battery, world_size, (seed,), backend="gloo", timeout=240) == ["ok"] * world_size, seed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: raised before any communication, on every rank
+# ---------------------------------------------------------------------------------------------------
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _error_cases():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = torch.randn(rank + 1, 4)
+    sizes = [r + 1 for r in range(world)]
+    results = {
+        # Every rank sees these locally: no validate needed.
+        "sizes too short": _error_of(lambda: all_gatherv(x, sizes[:-1])),
+        "negative size": _error_of(lambda: all_gatherv(x, [-1] + sizes[1:])),
+        "non-integer size": _error_of(lambda: all_gatherv(x, [1.5] + sizes[1:])),
+        "tensor sizes": _error_of(lambda: all_gatherv(x, torch.tensor(sizes))),
+        "rs rows": _error_of(lambda: reduce_scatterv(torch.randn(sum(sizes) + 1, 4), sizes)),
+        "rs dtype": _error_of(lambda: reduce_scatterv(torch.ones(sum(sizes), 4, dtype=torch.int32), sizes)),
+        "rs out shape": _error_of(lambda: reduce_scatterv(torch.randn(sum(sizes), 4), sizes,
+                                                          out=torch.empty(rank + 2, 4))),
+        "out dtype": _error_of(lambda: all_gatherv(x, sizes, out=torch.empty(sum(sizes), 4, dtype=torch.half))),
+        "not a tensor": _error_of(lambda: all_gatherv([x, "ids"], sizes)),
+        # Only one rank is wrong or ranks disagree: validate=True makes every rank raise.
+        "rows on rank 1 only": _error_of(
+            lambda: all_gatherv(torch.randn(99 if rank == 1 else rank + 1, 4), sizes, validate=True)),
+        "sizes disagree": _error_of(
+            lambda: all_gatherv(x, sizes if rank else [1] + [s + 1 for s in sizes[1:]], validate=True)),
+        "dtype disagrees": _error_of(lambda: all_gatherv(x.double() if rank == 0 else x, sizes, validate=True)),
+        "trailing disagrees": _error_of(
+            lambda: all_gatherv(torch.randn(rank + 1, 5 if rank == 2 else 4), sizes, validate=True)),
+        "None disagrees": _error_of(lambda: all_gatherv([x, None if rank else x], sizes, validate=True)),
+        "rs rows one rank": _error_of(
+            lambda: reduce_scatterv(torch.randn(sum(sizes) + (rank == 0), 4), sizes, validate=True)),
+    }
+    # The group is still usable after all those errors: no half-started collective.
+    check_consistency(x, sizes)
+    assert all_gatherv(x, sizes).shape == (sum(sizes), 4)
+    return results
+
+
+def test_errors_raise_on_every_rank():
+    results = launch(_error_cases, 3, backend="gloo", timeout=120)
+    for case in results[0]:
+        for rank, res in enumerate(results):
+            assert res[case] is not None, f"{case}: rank {rank} did not raise"
+    assert "rank 1" in results[0]["rows on rank 1 only"] and "99 rows" in results[0]["rows on rank 1 only"]
+    assert "disagree on sizes" in results[2]["sizes disagree"]
+    assert "len(sizes) = 2" in results[0]["sizes too short"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch: failures and hangs reach the caller
+# ---------------------------------------------------------------------------------------------------
+
+
+def _fail_on_rank_1():
+    if dist.get_rank() == 1:
+        raise KeyError("boom on rank 1")
+    dist.barrier()  # rank 0 would wait forever for rank 1
+
+
+def _hang():
+    if dist.get_rank() == 0:
+        time.sleep(60)
+    dist.barrier()
+
+
+def test_launch_reports_failure_and_timeout():
+    with pytest.raises(RankError, match="(?s)rank 1 of 2.*boom on rank 1"):
+        launch(_fail_on_rank_1, 2, backend="gloo", timeout=60)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        launch(_hang, 2, backend="gloo", timeout=20)
+    assert time.monotonic() - t0 < 40
+
+
+# ---------------------------------------------------------------------------------------------------
+# NCCL (marked gpu): the battery on every visible GPU, and CUDA-graph capture + replay
+# ---------------------------------------------------------------------------------------------------
+
+
+def _graph_case(seed):
+    rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    sizes = [3 + 2 * r for r in range(world)] if world > 1 else [5]
+    total = sum(sizes)
+    hidden = torch.empty(sizes[rank], 256, dtype=torch.bfloat16, device=device)
+    ids = torch.empty(sizes[rank], 8, dtype=torch.int32, device=device)
+    partial = torch.empty(total, 256, dtype=torch.bfloat16, device=device)
+    g_out = [torch.empty(total, 256, dtype=torch.bfloat16, device=device),
+             torch.empty(total, 8, dtype=torch.int32, device=device)]
+    rs_out = torch.empty(sizes[rank], 256, dtype=torch.bfloat16, device=device)
+    # warm up on a side stream (NCCL communicators and the allocator) before capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        all_gatherv([hidden, ids], sizes, out=g_out)
+        reduce_scatterv(partial, sizes, out=rs_out)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        all_gatherv([hidden, ids], sizes, out=g_out)
+        reduce_scatterv(partial, sizes, out=rs_out)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(seed + step)
+        all_h = [torch.randn(n, 256, generator=gen).bfloat16() for n in sizes]
+        all_i = [torch.randint(0, 256, (n, 8), generator=gen, dtype=torch.int32) for n in sizes]
+        all_p = [torch.randn(total, 256, generator=gen).bfloat16() for _ in sizes]
+        hidden.copy_(all_h[rank])
+        ids.copy_(all_i[rank])
+        partial.copy_(all_p[rank])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(g_out[0].cpu(), torch.cat(all_h)) and torch.equal(g_out[1].cpu(), torch.cat(all_i))
+        start = sum(sizes[:rank])
+        expected = torch.stack([p.double() for p in all_p]).sum(0)[start : start + sizes[rank]]
+        assert_close(rs_out.cpu().double(), expected, rel=REDUCE_TOL[torch.bfloat16], name="graph reduce_scatterv")
+    return "ok"
+
+
+@pytest.mark.gpu
+def test_nccl_battery_and_graph():
+    world = torch.cuda.device_count()
+    seed = random.randrange(1 << 30)
+    for ws in sorted({1, world}):
+        assert launch(_battery, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
+        assert launch(_graph_case, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
