@@ -34,6 +34,7 @@ __all__ = [
     "all_gatherv",
     "reduce_scatterv",
     "check_consistency",
+    "check_agreement",
     "gather_sizes",
     "all_gatherv_ref",
     "reduce_scatterv_ref",
@@ -117,21 +118,25 @@ def _meta(ts: list[torch.Tensor | None]) -> list:
     return [None if t is None else (tuple(t.shape[1:]), str(t.dtype)) for t in ts]
 
 
-def _exchange_and_raise(op: str, sizes, ts, local_error: Exception | None, group) -> None:
-    """All ranks exchange (sizes, trailing shapes, dtypes, local error); every rank raises on a mismatch."""
+def check_agreement(what: str, mine: dict, group=None, local_error: Exception | None = None) -> None:
+    """Raise ``ValueError`` on EVERY rank if any rank had ``local_error`` or the ranks' ``mine`` differ.
+
+    ``mine`` holds small picklable values (sizes, shapes, dtypes, a global scale) exchanged with
+    ``all_gather_object``; this syncs with the host and is not for CUDA-graph capture. The message names
+    each rank's value, so a user sees which rank is off.
+    """
     rank, world = _world(group)
-    mine = {"op": op, "sizes": list(sizes) if isinstance(sizes, (list, tuple)) else repr(sizes),
-            "meta": _meta(ts), "error": None if local_error is None else str(local_error)}
+    payload = {"values": mine, "error": None if local_error is None else str(local_error)}
     everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine, group=group)
+    dist.all_gather_object(everyone, payload, group=group)
     errors = [f"rank {r}: {m['error']}" for r, m in enumerate(everyone) if m["error"]]
     if errors:
-        raise ValueError(f"{op}: invalid input on {len(errors)} rank(s): " + "; ".join(errors))
-    for key in ("op", "sizes", "meta"):
-        values = [m[key] for m in everyone]
+        raise ValueError(f"{what}: invalid input on {len(errors)} rank(s): " + "; ".join(errors))
+    for key in mine:
+        values = [m["values"][key] for m in everyone]
         if any(v != values[0] for v in values):
             desc = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
-            raise ValueError(f"{op}: ranks disagree on {key}: {desc}")
+            raise ValueError(f"{what}: ranks disagree on {key}: {desc}")
 
 
 def check_consistency(tensors: TensorOrList, sizes: Sequence[int], group=None, *, op: str = "all_gatherv") -> None:
@@ -164,7 +169,8 @@ def check_consistency(tensors: TensorOrList, sizes: Sequence[int], group=None, *
             _check_rows(ts, rows, rank, "tensors" if op == "all_gatherv" else "input", group)
         except (TypeError, ValueError) as e:
             error = e
-    _exchange_and_raise(op, sizes, ts, error, group)
+    mine = {"sizes": list(sizes) if isinstance(sizes, (list, tuple)) else repr(sizes), "meta": _meta(ts)}
+    check_agreement(op, mine, group, error)
 
 
 def gather_sizes(num_rows: int, group=None) -> list[int]:

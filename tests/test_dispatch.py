@@ -1,0 +1,165 @@
+"""Dispatch / combine contracts on 2-4 gloo ranks: every strategy vs the single-process MoE, bit-identity
+of quantize-before-gather with quantize-after, bytes on the wire, and errors raised on every rank."""
+
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moecomm import launch
+from moecomm.dispatch import (
+    DISABLE_ENV,
+    Strategy,
+    choose_strategy,
+    message_layout,
+    moe_forward,
+    wire_bytes_per_token,
+)
+from moecomm.moe import experts_forward_ref, make_expert_weights, topk_softmax
+from moecomm.quant import QuantFormat, nvfp4_global_scale
+from moecomm.testing import assert_close
+
+HIDDEN, INTER, TOPK = 128, 32, 3
+# Tolerance vs the float32 single-process reference: bf16 partial outputs, summed in bf16 across ranks.
+TOL = 2e-2
+
+
+def _problem(seed, sizes, num_experts):
+    """Every rank's tokens and routing plus all experts' weights, drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    x = torch.randn(total, HIDDEN, generator=gen).bfloat16()
+    x[:, 5] *= 8  # an outlier channel
+    logits = torch.randn(total, num_experts, generator=gen)
+    ids, w = topk_softmax(logits, TOPK)
+    w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
+    w2 = torch.randn(num_experts, HIDDEN, INTER, generator=gen) / INTER**0.5
+    return x, ids, w, w13, w2
+
+
+def _rows(t, sizes, rank):
+    start = sum(sizes[:rank])
+    return t[start : start + sizes[rank]]
+
+
+def _contracts(seed, sizes_list):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    num_experts = 4 * world
+    for sizes in sizes_list:
+        x, ids, w, w13, w2 = _problem(seed, sizes, num_experts)
+        total = sum(sizes)
+        mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
+        everything = make_expert_weights(w13, w2)  # all experts in one process: the oracle
+        gs = nvfp4_global_scale(x.float().abs().max() if total else 0.0)  # static, from the whole batch
+        args = (_rows(x, sizes, rank), _rows(ids, sizes, rank), _rows(w, sizes, rank), mine)
+        outs = {}
+        for strategy, fmt in [(Strategy.ALLREDUCE, None), (Strategy.AGRS, None),
+                              (Strategy.AGRS_NVFP4, QuantFormat.NVFP4), (Strategy.AGRS_FP8, QuantFormat.FP8_GROUP)]:
+            out = moe_forward(*args, sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
+            assert out.dtype == torch.bfloat16 and out.shape == (sizes[rank], HIDDEN)
+            ref = experts_forward_ref(x, ids, w, everything, input_format=fmt,
+                                      global_scale=gs if fmt == QuantFormat.NVFP4 else None)
+            assert_close(out.float(), _rows(ref, sizes, rank), rel=TOL, name=f"{strategy.value} {sizes}")
+            outs[strategy] = out
+            # Quantized before the gather == the experts quantizing after it, bit for bit.
+            if fmt is not None:
+                after = moe_forward(*args, sizes=sizes, strategy=Strategy.AGRS, global_scale=gs,
+                                    expert_input_format=fmt)
+                assert torch.equal(out, after), f"{strategy.value} differs from agrs + experts quantizing"
+                unpacked = moe_forward(*args, sizes=sizes, strategy=strategy, global_scale=gs,
+                                       expert_input_format=fmt, pack=False)
+                assert torch.equal(out, unpacked), "packed message differs from separate tensors"
+                assert torch.equal(out, moe_forward(*args, sizes=sizes, strategy="auto", global_scale=gs,
+                                                    expert_input_format=fmt, validate=True))
+        # FP8 per token on the wire when the experts consume per-token FP8
+        out = moe_forward(*args, sizes=sizes, strategy=Strategy.AGRS_FP8, expert_input_format=QuantFormat.FP8_TOKEN)
+        after = moe_forward(*args, sizes=sizes, strategy=Strategy.AGRS, expert_input_format=QuantFormat.FP8_TOKEN)
+        assert torch.equal(out, after)
+        # Unquantized experts: allreduce and agrs agree to bf16 rounding of the cross-rank sums.
+        assert_close(outs[Strategy.ALLREDUCE].float(), outs[Strategy.AGRS].float(), rel=TOL, name="allreduce vs agrs")
+    return "ok"
+
+
+def _sizes_list(world, rng):
+    return [
+        [rng.randint(1, 12) for _ in range(world)],
+        [0] + [rng.randint(3, 20) for _ in range(world - 1)],  # an idle rank
+        [0] * world,  # all idle
+    ]
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_strategies_match_reference(world_size):
+    seed = random.randrange(1 << 30)
+    sizes_list = _sizes_list(world_size, random.Random(seed))
+    assert launch(_contracts, world_size, (seed, sizes_list), backend="gloo", timeout=300) == ["ok"] * world_size, seed
+
+
+def test_wire_bytes_formula():
+    # hidden 7168, top-8: payload + scales per token, + 32 B ids + 32 B weights, + 14336 B bf16 combine
+    assert message_layout(QuantFormat.NVFP4, 7168, 8).row_bytes == 3584 + 448 + 64
+    assert message_layout(QuantFormat.FP8_GROUP, 7168, 8).row_bytes == 7168 + 224 + 64
+    assert message_layout(QuantFormat.FP8_TOKEN, 7168, 8).row_bytes == 7168 + 4 + 64 + 12  # 16-byte aligned
+    assert wire_bytes_per_token("agrs", 7168, 8) == 14336 + 64 + 14336
+    assert wire_bytes_per_token("allreduce", 7168, 8) == 14336 + 64 + 14336
+    assert wire_bytes_per_token("agrs-nvfp4", 7168, 8) == 4032 + 64 + 14336
+    assert wire_bytes_per_token("agrs-fp8", 7168, 8) == 7392 + 64 + 14336
+    layout = message_layout(QuantFormat.NVFP4, 7168, 8)
+    assert (layout.payload, layout.scales, layout.ids, layout.weights) == (
+        slice(0, 3584), slice(3584, 4032), slice(4032, 4064), slice(4064, 4096))
+
+
+def test_choose_strategy(monkeypatch):
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    kw = dict(world_size=8, ep_size=8)
+    assert choose_strategy(QuantFormat.NVFP4, 4096, **kw) == Strategy.AGRS_NVFP4
+    assert choose_strategy(QuantFormat.FP8_GROUP, 4096, **kw) == Strategy.AGRS_FP8
+    assert choose_strategy(None, 4096, **kw) == Strategy.AGRS  # unquantized experts never quantize
+    assert choose_strategy(QuantFormat.NVFP4, 4096, world_size=8, ep_size=1) == Strategy.AGRS
+    assert choose_strategy(QuantFormat.NVFP4, 4096, allow_quantized=False, **kw) == Strategy.AGRS
+    monkeypatch.setenv(DISABLE_ENV, "1")
+    assert choose_strategy(QuantFormat.NVFP4, 4096, **kw) == Strategy.AGRS
+    assert choose_strategy(QuantFormat.NVFP4, 4096, allow_quantized=True, **kw) == Strategy.AGRS_NVFP4
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _errors():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = [2 + r for r in range(world)]
+    n = sizes[rank]
+    w13, w2 = torch.randn(2 * world, 2 * INTER, HIDDEN), torch.randn(2 * world, HIDDEN, INTER)
+    mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
+    x = torch.randn(n, HIDDEN).bfloat16()
+    ids, w = topk_softmax(torch.randn(n, 2 * world), 2)
+    odd = torch.randn(n, HIDDEN - 8).bfloat16()
+    return {
+        "hidden not divisible by the block": _error_of(lambda: moe_forward(
+            odd, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=1.0)),
+        "fp32 hidden": _error_of(lambda: moe_forward(x.float(), ids, w, mine, sizes=sizes, strategy="agrs")),
+        "int16 ids": _error_of(lambda: moe_forward(x, ids.short(), w, mine, sizes=sizes, strategy="agrs")),
+        "missing global scale": _error_of(lambda: moe_forward(x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4")),
+        "non-finite global scale": _error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=float("inf"))),
+        "global scale disagrees": _error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=1.0 + rank, validate=True)),
+        "rows on one rank": _error_of(lambda: moe_forward(
+            x[: n - (rank == 1)], ids[: n - (rank == 1)], w[: n - (rank == 1)], mine, sizes=sizes,
+            strategy="agrs", validate=True)),
+    }
+
+
+def test_bad_input_raises_on_every_rank():
+    results = launch(_errors, 3, backend="gloo", timeout=120)
+    for case in results[0]:
+        for rank, res in enumerate(results):
+            assert res[case] is not None, f"{case}: rank {rank} did not raise"
+    assert "global_scale" in results[0]["global scale disagrees"]
+    assert "rank 1" in results[2]["rows on one rank"]
