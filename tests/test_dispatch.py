@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from moecomm import launch
+from moecomm.launch import rank_device
 from moecomm.dispatch import (
     DISABLE_ENV,
     Strategy,
@@ -47,7 +48,7 @@ def _contracts(seed, sizes_list):
     rank, world = dist.get_rank(), dist.get_world_size()
     num_experts = 4 * world
     for sizes in sizes_list:
-        x, ids, w, w13, w2 = _problem(seed, sizes, num_experts)
+        x, ids, w, w13, w2 = (t.to(rank_device()) for t in _problem(seed, sizes, num_experts))
         total = sum(sizes)
         mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
         everything = make_expert_weights(w13, w2)  # all experts in one process: the oracle
@@ -163,3 +164,63 @@ def test_bad_input_raises_on_every_rank():
             assert res[case] is not None, f"{case}: rank {rank} did not raise"
     assert "global_scale" in results[0]["global scale disagrees"]
     assert "rank 1" in results[2]["rows on one rank"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU (marked): CUDA-graph replay equals eager, on every visible GPU
+# ---------------------------------------------------------------------------------------------------
+
+
+def _graph_vs_eager(seed):
+    from moecomm.dispatch import GraphedMoE
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    num_experts = 4 * world
+    w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, generator=torch.Generator().manual_seed(seed)) / HIDDEN**0.5
+    w2 = torch.randn(num_experts, HIDDEN, INTER, generator=torch.Generator().manual_seed(seed + 1)) / INTER**0.5
+    mine = make_expert_weights(w13.to(device), w2.to(device), ep_size=world, ep_rank=rank)
+    gs = nvfp4_global_scale(torch.tensor(6.0, device=device))
+    for strategy, fmt in [("agrs", None), ("agrs-nvfp4", QuantFormat.NVFP4), ("agrs-fp8", QuantFormat.FP8_GROUP),
+                          ("allreduce", None)]:
+        graphed = GraphedMoE(mine, hidden_size=HIDDEN, topk=TOPK, buckets=[4, 16], strategy=strategy,
+                             global_scale=gs, expert_input_format=fmt)
+        for step, n in enumerate([3, 16, 1, 0, 9]):
+            n = (n + rank) % 17
+            gen = torch.Generator().manual_seed(seed * 7 + step * 31 + rank)
+            x = torch.randn(n, HIDDEN, generator=gen).bfloat16().to(device)
+            ids, w = topk_softmax(torch.randn(n, num_experts, generator=gen).to(device), TOPK)
+            got = graphed(x, ids, w).clone()
+            # eager on the same padded bucket: identical work, so identical bytes
+            bucket = graphed.bucket_for(n)
+            pad = bucket - n
+            xp = torch.cat([x, x.new_zeros(pad, HIDDEN)])
+            pad_ids = (torch.arange(bucket * TOPK, device=device, dtype=torch.int32) % num_experts).view(bucket, TOPK)
+            idp = torch.cat([ids, pad_ids[n:]])
+            wp = torch.cat([w, w.new_zeros(pad, TOPK)])
+            eager = moe_forward(xp, idp, wp, mine, sizes=[bucket] * world, strategy=strategy, global_scale=gs,
+                                expert_input_format=fmt)[:n]
+            assert torch.equal(got, eager), (strategy, n)
+        with pytest.raises(ValueError, match="largest captured bucket"):
+            graphed(torch.zeros(17, HIDDEN, dtype=torch.bfloat16, device=device),
+                    torch.zeros(17, TOPK, dtype=torch.int32, device=device),
+                    torch.zeros(17, TOPK, device=device))
+    return "ok"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager():
+    world = torch.cuda.device_count()
+    seed = random.randrange(1 << 30)
+    for ws in sorted({1, world}):
+        assert launch(_graph_vs_eager, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
+
+
+@pytest.mark.gpu
+def test_strategies_match_reference_nccl():
+    world = torch.cuda.device_count()
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for ws in sorted({1, world}):
+        assert launch(_contracts, ws, (seed, _sizes_list(ws, rng) if ws > 1 else [[7], [0]]), backend="nccl",
+                      timeout=300) == ["ok"] * ws, (ws, seed)

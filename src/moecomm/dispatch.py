@@ -411,7 +411,8 @@ class GraphedMoE:
     A graph fixes every tensor size and every collective's counts, so all ranks must replay a graph of
     the same bucket: :meth:`__call__` takes the maximum live token count over the ranks (one small
     all-reduce, a host sync), picks the smallest bucket that holds it, pads every rank's rows to that
-    bucket (zero hidden rows with routing weight 0, which add exactly 0) and replays. With equal
+    bucket (zero hidden rows, routing weight 0 and ``topk_ids = (arange(bucket * topk) % num_experts)``
+    for the padding rows, which add exactly 0) and replays. With equal
     sizes the dispatch runs the native ``all_gather_into_tensor`` / ``reduce_scatter_tensor``.
 
     Parameters
