@@ -1,0 +1,188 @@
+"""``moecomm bench quant``: time the NVFP4 / MXFP4 / FP8 quantizers against the device's copy bandwidth.
+
+Timing table: per format and token count M (hidden K), median time per call, GB/s counting bytes read
+(the input) plus bytes written (payload + scales), and that bandwidth as a fraction of a measured
+device-to-device copy. On CUDA each timed sample replays a CUDA graph of one quantize per rotating input
+set (inputs rotate so that large shapes do not measure L2), so the time excludes Python launch overhead;
+``--no-graph`` times eager calls instead.
+
+``--accuracy``: relative round-trip error ``||x - deq(q(x))|| / ||x||`` per format for Gaussian,
+Student-t (3 dof) and outlier-channel inputs (the table in docs/accuracy.md). The bytes do not depend on
+the device (kernels and references are bit-identical), so this runs anywhere.
+
+Examples::
+
+    moecomm bench quant                                  # CUDA: K=7168, M in {1,...,16384}
+    moecomm bench quant --device cpu --tokens 1 16 128   # torch references on the CPU
+    moecomm bench quant --accuracy --device cpu --json acc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any, Callable
+
+import torch
+
+from moecomm import quant as Q
+from moecomm.bench.timing import copy_bandwidth, device_name, median_time, print_table, write_json
+
+VARIANTS = ("nvfp4", "nvfp4-swizzled", "mxfp4", "mxfp4-up", "fp8-token", "fp8-group", "fp8-group-ue8m0")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_L2_BYTES = 60 << 20  # H200; rotating input sets cover >= 4x this
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--hidden", type=int, default=7168, help="K, elements per token (default 7168)")
+    p.add_argument("--tokens", type=int, nargs="+", help="token counts M (default: 1 16 128 1024 4096 16384 "
+                   "on CUDA, 1 16 128 on CPU)")  # fmt: skip
+    p.add_argument("--formats", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
+    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--iters", type=int, default=None, help="timed samples (default 50 CUDA, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-graph", action="store_true", help="CUDA: time eager calls, not graph replays")
+    p.add_argument("--accuracy", action="store_true", help="print the accuracy table instead of timings")
+    p.add_argument("--rows", type=int, default=256, help="--accuracy: rows per input distribution")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _quantizer(variant: str, backend: str, gs: torch.Tensor) -> Callable[[torch.Tensor, Any], Any]:
+    if variant.startswith("nvfp4"):
+        swizzled = variant.endswith("swizzled")
+        return lambda x, out: Q.quantize_nvfp4(x, gs, swizzled=swizzled, out=out, backend=backend)
+    if variant.startswith("mxfp4"):
+        rounding = "up" if variant.endswith("up") else "floor"
+        return lambda x, out: Q.quantize_mxfp4(x, scale_rounding=rounding, out=out, backend=backend)
+    group = None if variant == "fp8-token" else Q.FP8_GROUP
+    ue8m0 = variant.endswith("ue8m0")
+    return lambda x, out: Q.quantize_fp8(x, group_size=group, ue8m0=ue8m0, out=out, backend=backend)
+
+
+def _dequantize(variant: str, outputs, gs: torch.Tensor) -> torch.Tensor:
+    if variant.startswith("nvfp4"):
+        return Q.dequantize_nvfp4(*outputs, gs, swizzled=variant.endswith("swizzled"))
+    if variant.startswith("mxfp4"):
+        return Q.dequantize_mxfp4(*outputs)
+    return Q.dequantize_fp8(*outputs)
+
+
+_FORMATS = {
+    "nvfp4": Q.QuantFormat.NVFP4,
+    "nvfp4-swizzled": Q.QuantFormat.NVFP4,
+    "mxfp4": Q.QuantFormat.MXFP4,
+    "mxfp4-up": Q.QuantFormat.MXFP4,
+    "fp8-token": Q.QuantFormat.FP8_TOKEN,
+    "fp8-group": Q.QuantFormat.FP8_GROUP,
+    "fp8-group-ue8m0": Q.QuantFormat.FP8_GROUP,
+}
+
+
+def _written_bytes(variant: str, m: int, k: int) -> int:
+    """Bytes a quantizer writes for ``[m, k]``: payload + scales (swizzled scales include their padding)."""
+    payload, scales = Q.row_bytes(_FORMATS[variant], k)
+    if variant == "nvfp4-swizzled":
+        return m * payload + (-(-m // 128) * 128) * (-(-(k // 16) // 4) * 4)
+    return m * (payload + scales)
+
+
+def _time_variant(variant, m, k, dtype, device, backend, iters, warmup, graph) -> float:
+    in_bytes = m * k * torch.finfo(dtype).bits // 8
+    sets = max(1, min(16, math.ceil(4 * _L2_BYTES / max(in_bytes, 1)))) if device.type == "cuda" else 1
+    xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(sets)]
+    gs = Q.nvfp4_global_scale(xs[0].float().abs().amax())
+    fn = _quantizer(variant, backend, gs)
+    outs = [fn(x, None) for x in xs]  # allocates the outputs once, compiles the kernel
+    if device.type == "cuda" and graph:
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for x, out in zip(xs, outs):
+                fn(x, out)
+        return median_time(lambda i: g.replay(), device, warmup=warmup, iters=iters) / sets
+    return median_time(lambda i: fn(xs[i % sets], outs[i % sets]), device, warmup=warmup, iters=iters)
+
+
+def run_timing(args, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    tokens = args.tokens or ([1, 16, 128, 1024, 4096, 16384] if cuda else [1, 16, 128])
+    iters = args.iters or (50 if cuda else 5)
+    dtype = _DTYPES[args.dtype]
+    k = args.hidden
+    copy_bw = copy_bandwidth(device)
+    rows, records = [], []
+    for variant in args.formats:
+        for m in tokens:
+            t = _time_variant(variant, m, k, dtype, device, args.backend, iters, args.warmup, not args.no_graph)
+            nbytes = m * k * torch.finfo(dtype).bits // 8 + _written_bytes(variant, m, k)
+            bw = nbytes / t
+            rows.append([variant, m, t * 1e6, bw / 1e9, bw / copy_bw])
+            records.append({"format": variant, "tokens": m, "hidden": k, "time_us": t * 1e6, "bytes": nbytes,
+                            "gbps": bw / 1e9, "fraction_of_copy": bw / copy_bw})  # fmt: skip
+    title = (
+        f"quantize {args.dtype} [M, {k}] on {device_name(device)} ({args.backend}, "
+        f"{'eager' if args.no_graph or not cuda else 'CUDA graph'}); copy bandwidth {copy_bw / 1e9:.0f} GB/s"
+    )
+    print_table(title, ["format", "M", "time (us)", "GB/s (read+write)", "fraction of copy"], rows)
+    return {"copy_bandwidth_gbps": copy_bw / 1e9, "dtype": args.dtype, "backend": args.backend, "timing": records}
+
+
+def accuracy_inputs(m: int, k: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gaussian, Student-t with 3 degrees of freedom, and Gaussian with 8 outlier channels (x50).
+
+    Returns the inputs (CPU, float32) and the boolean ``[k]`` mask of the outlier channels.
+    """
+    g = torch.Generator().manual_seed(seed)
+    gauss = torch.randn(m, k, generator=g)
+    chi2 = sum(torch.randn(m, k, generator=g) ** 2 for _ in range(3))
+    student = torch.randn(m, k, generator=g) / torch.sqrt(chi2 / 3)
+    outlier = torch.randn(m, k, generator=g)
+    channels = torch.zeros(k, dtype=torch.bool)
+    channels[torch.randperm(k, generator=g)[:8]] = True
+    outlier[:, channels] *= 50.0
+    return {"gaussian": gauss, "student-t3": student, "outlier-channels": outlier}, channels
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_accuracy(args, device: torch.device) -> dict:
+    dtype = _DTYPES[args.dtype]
+    k = args.hidden
+    raw, channels = accuracy_inputs(args.rows, k, args.seed)
+    inputs = {name: x.to(device=device, dtype=dtype) for name, x in raw.items()}
+    columns = [*inputs, "outlier-channels (other channels)"]
+    rows, records = [], []
+    for variant in args.formats:
+        if variant == "nvfp4-swizzled":  # the same values as nvfp4
+            continue
+        bits = 8 * _written_bytes(variant, args.rows, k) / (args.rows * k)
+        errors = {}
+        for name, x in inputs.items():
+            gs = Q.nvfp4_global_scale(x.float().abs().amax())
+            deq = _dequantize(variant, _quantizer(variant, args.backend, gs)(x, None), gs).cpu()
+            errors[name] = _rel(deq, x.cpu())
+            if name == "outlier-channels":  # the ordinary channels pay for the outliers' scale
+                errors[columns[-1]] = _rel(deq[:, ~channels], x.cpu()[:, ~channels])
+        rows.append([variant, bits, *errors.values()])
+        records.append({"format": variant, "bits_per_element": bits, **errors})
+    title = f"relative error ||x - deq(q(x))|| / ||x||, {args.dtype} [{args.rows}, {k}]"
+    print_table(title, ["format", "bits/element", *columns], rows)
+    return {"dtype": args.dtype, "rows": args.rows, "hidden": k, "accuracy": records}
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("moecomm bench quant: --device cuda but no CUDA device; use --device cpu")
+    if args.hidden % 128:
+        raise SystemExit(f"moecomm bench quant: --hidden {args.hidden} must be a multiple of 128")
+    payload = run_accuracy(args, device) if args.accuracy else run_timing(args, device)
+    if args.json:
+        write_json(args.json, device, payload)
+    return 0
