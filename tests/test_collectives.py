@@ -197,6 +197,16 @@ def _hang():
     dist.barrier()
 
 
+def _big_tensor():
+    return torch.full((1000, 100), float(dist.get_rank()))
+
+
+def test_launch_returns_tensors_by_value():
+    # CPU tensors must outlive the rank that made them (no shared-memory handles)
+    results = launch(_big_tensor, 2, backend="gloo", timeout=60)
+    assert [float(t.mean()) for t in results] == [0.0, 1.0]
+
+
 def test_launch_reports_failure_and_timeout():
     with pytest.raises(RankError, match="(?s)rank 1 of 2.*boom on rank 1"):
         launch(_fail_on_rank_1, 2, backend="gloo", timeout=60)

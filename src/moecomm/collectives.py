@@ -42,6 +42,9 @@ __all__ = [
 
 TensorOrList = Union[torch.Tensor, Sequence[Union[torch.Tensor, None]]]
 REDUCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# torch >= 2.13 renames the equal-size collectives (the old names warn); torch 2.6-2.12 has only the old ones.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +187,7 @@ def gather_sizes(num_rows: int, group=None) -> list[int]:
     _, world = _world(group)
     mine = torch.tensor([num_rows], dtype=torch.int64, device=device)
     out = torch.empty(world, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(out, mine, group=group)
+    all_gather_single(out, mine, group=group)
     return out.tolist()
 
 
@@ -293,7 +296,7 @@ def _all_gatherv_nccl(pairs, sizes: list[int], rank: int, group) -> None:
     with dist._coalescing_manager(group, device):
         for src, dst in pairs:
             if equal:
-                dist.all_gather_into_tensor(dst, src, group=group)
+                all_gather_single(dst, src, group=group)
                 continue
             off.rows(dst, rank).copy_(src)  # the root's rows are broadcast in place
             for r, n in enumerate(sizes):
@@ -387,7 +390,7 @@ def reduce_scatterv(
         out.copy_(off.rows(acc, rank))
         return out
     if all(s == sizes[0] for s in sizes):
-        dist.reduce_scatter_tensor(out, tensor, group=group)
+        reduce_scatter_single(out, tensor, group=group)
         return out
     out.copy_(off.rows(tensor, rank))  # the root reduces in place into its output
     with dist._coalescing_manager(group, tensor.device):

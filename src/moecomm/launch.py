@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
+import queue as queue_module
 import socket
 import time
 import traceback
@@ -70,8 +72,9 @@ def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) 
         # Keep CPU ranks from oversubscribing the machine's few cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         _init(rank, world_size, backend, init_method, timeout_s)
-        result = fn(*args)
-        queue.put((rank, True, result))
+        # Plain pickle to bytes: tensors travel by value, not as shared-memory handles that die with
+        # this process before the parent unpickles them.
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -155,7 +158,7 @@ def launch(
                 raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (hang?)")
             try:
                 rank, ok, payload = queue.get(timeout=min(remaining, 1.0))
-            except Exception:  # queue.Empty: check for ranks that died without reporting
+            except queue_module.Empty:  # check for ranks that died without reporting
                 dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
                 if dead:
                     raise RankError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
@@ -173,4 +176,4 @@ def launch(
                 p.join()
     if failed:
         raise RankError(f"rank {failed[0]} of {world_size} raised:\n{results[failed[0]][1]}")
-    return [results[r][1] for r in range(world_size)]
+    return [pickle.loads(results[r][1]) for r in range(world_size)]

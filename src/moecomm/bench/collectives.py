@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moecomm.bench.timing import device_name, median_time, print_table, write_json
-from moecomm.collectives import all_gatherv, reduce_scatterv
+from moecomm.collectives import all_gather_single, all_gatherv, reduce_scatter_single, reduce_scatterv
 from moecomm.launch import launch, rank_device
 
 PAYLOADS = {"bf16": (torch.bfloat16, 7168), "nvfp4": (torch.uint8, 4032)}  # (dtype, elements per row)
@@ -52,9 +52,9 @@ def _impls(x: torch.Tensor, sizes: list[int], hidden: int) -> dict[str, tuple[st
     elem = x.element_size()
     impls = {
         "allgatherv": ("gather", lambda: all_gatherv(x, sizes, out=gathered), total * hidden * elem),
-        "padded all_gather_into_tensor": (
+        "padded all_gather (equal size)": (
             "gather",
-            lambda: (padded_in[: x.shape[0]].copy_(x), dist.all_gather_into_tensor(padded_out, padded_in)),
+            lambda: (padded_in[: x.shape[0]].copy_(x), all_gather_single(padded_out, padded_in)),
             pad * world * hidden * elem,
         ),
         "list all_gather": ("gather", None if gloo and uneven else lambda: dist.all_gather(parts, x),
@@ -70,9 +70,9 @@ def _impls(x: torch.Tensor, sizes: list[int], hidden: int) -> dict[str, tuple[st
     work = full.clone()
     impls.update({
         "reducescatterv": ("reduce", lambda: reduce_scatterv(full, sizes, out=own), total * hidden * elem),
-        "padded reduce_scatter_tensor": (
+        "padded reduce_scatter (equal size)": (
             "reduce",
-            None if gloo else lambda: dist.reduce_scatter_tensor(own_padded, full_padded),
+            None if gloo else lambda: reduce_scatter_single(own_padded, full_padded),
             pad * world * hidden * elem,
         ),
         "all_reduce + slice": (
