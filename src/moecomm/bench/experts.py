@@ -1,0 +1,144 @@
+"""``moecomm bench experts``: one EP rank's expert compute against a bare grouped GEMM.
+
+DeepSeek-V3/R1 shapes by default (H=7168, I=2048, 256 experts, top-8, EP 8 so 32 local experts on the
+measured rank 0), tokens routed with :func:`moecomm.moe.grouped_topk` (``n_group=8``, ``topk_group=4``)
+on random logits. Per token format (bf16 tokens with bf16 weights; NVFP4 tokens with bf16 weights;
+FP8 per-token tokens with FP8 per-channel weights) and number of tokens T it reports the time of
+:func:`moecomm.moe.experts_forward` (``backend="auto"``), the TFLOP/s of the GEMMs actually done
+(``2 * M * H * (N13 + I)`` for the ``M`` local (token, expert) pairs), and the ratio to bare
+``torch._grouped_mm`` in bf16 on already-permuted tokens with the same FLOPs. On CUDA both are also
+timed replayed from a CUDA graph: no host launch overhead, the GPU time alone (decode runs graphs).
+``--small`` runs small shapes, also on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from moecomm import quant
+from moecomm.bench.timing import median_time, print_table, write_json
+from moecomm.moe import ExpertWeights, WeightFormat, experts_forward, grouped_topk, make_expert_weights
+from moecomm.quant import QuantFormat
+
+SHAPES = {
+    "deepseek-v3": dict(hidden=7168, inter=2048, experts=256, topk=8, ep=8, n_group=8, topk_group=4, tokens=[128, 1024, 4096, 16384]),
+    "small": dict(hidden=256, inter=128, experts=16, topk=4, ep=2, n_group=4, topk_group=2, tokens=[16, 64, 256]),
+}
+# token format name -> (QuantFormat of the tokens or None for bf16, weight format)
+FORMATS = {
+    "bf16": (None, WeightFormat.BF16),
+    "nvfp4": (QuantFormat.NVFP4, WeightFormat.BF16),
+    "fp8": (QuantFormat.FP8_TOKEN, WeightFormat.FP8_CHANNEL),
+}
+COLUMNS = ["tokens", "weights", "T", "local rows M", "ms", "TFLOP/s", "bare ms", "ratio", "graphed ms", "graphed bare ms",
+           "graphed ratio"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--small", action="store_true", help="small shapes (seconds on a CPU)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="values of T (default: per shape)")
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
+    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 20 on CUDA, 3 on CPU)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _local_weights(shape: dict, fmt: WeightFormat, device: torch.device):
+    """Rank 0's experts (only those are made) and their bf16 originals for the bare GEMM."""
+    num_local = shape["experts"] // shape["ep"]
+    h, i = shape["hidden"], shape["inter"]
+    w13 = torch.randn(num_local, 2 * i, h, device=device, dtype=torch.bfloat16) * h**-0.5
+    w2 = torch.randn(num_local, h, i, device=device, dtype=torch.bfloat16) * i**-0.5
+    local = make_expert_weights(w13, w2, format=fmt)
+    return dataclasses.replace(local, num_experts=shape["experts"]), w13, w2
+
+
+def _route(shape: dict, t: int, device: torch.device):
+    """The same routing for every format (seeded by T); the measured rank owns one of the 8 groups."""
+    g = torch.Generator(device=device).manual_seed(t)
+    logits = torch.randn(t, shape["experts"], device=device, generator=g)
+    bias = 0.1 * torch.randn(shape["experts"], device=device, generator=g)
+    return grouped_topk(
+        logits, shape["topk"], e_score_correction_bias=bias, n_group=shape["n_group"],
+        topk_group=shape["topk_group"], routed_scaling_factor=2.5,
+    )
+
+
+def _bare(w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor, num_local: int):
+    """The two bf16 grouped GEMMs on already-permuted rows (a closure), and the number of rows M."""
+    local = ids[ids < num_local].long()  # rank 0 owns experts [0, num_local)
+    offs = torch.bincount(local, minlength=num_local).cumsum(0).to(torch.int32)
+    m = local.numel()
+    x = torch.randn(m, w13.shape[2], device=w13.device, dtype=torch.bfloat16)
+    # the second GEMM gets real activations (their values change the GPU's clock, so the time, a little)
+    gate, up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs).float().chunk(2, dim=-1)
+    a = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+
+    def fn():
+        torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+        torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
+
+    return fn, m
+
+
+def _times(fn, device: torch.device, iters: int) -> tuple[float, float]:
+    """Median seconds of ``fn()`` run eagerly and replayed from a CUDA graph (NaN on a CPU)."""
+    eager = median_time(lambda i: fn(), device, iters=iters)
+    if device.type != "cuda":
+        return eager, float("nan")
+    return eager, median_time(_graphed(fn), device, iters=iters)
+
+
+def _graphed(fn):
+    """``fn`` captured in a CUDA graph; returns a replay closure for ``median_time``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return lambda _: graph.replay()
+
+
+def _tokens(x: torch.Tensor, fmt: QuantFormat | None):
+    if fmt is None:
+        return x
+    gs = quant.nvfp4_global_scale(x.abs().amax().float()) if fmt is QuantFormat.NVFP4 else None
+    return quant.quantize(x, fmt, global_scale=gs)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = "small" if args.small else "deepseek-v3"
+    shape = SHAPES[name]
+    iters = args.iters or (20 if device.type == "cuda" else 5)
+    torch.manual_seed(0)
+    rows, records = [], []
+    for fname in args.formats:
+        token_fmt, weight_fmt = FORMATS[fname]
+        weights, w13, w2 = _local_weights(shape, weight_fmt, device)
+        for t in args.tokens or shape["tokens"]:
+            ids, topk_w = _route(shape, t, device)
+            tokens = _tokens(torch.randn(t, shape["hidden"], device=device, dtype=torch.bfloat16), token_fmt)
+            out = torch.empty(t, shape["hidden"], device=device, dtype=torch.bfloat16)
+            step = lambda: experts_forward(tokens, ids, topk_w, weights, out=out)  # noqa: E731
+            bare_step, m = _bare(w13, w2, ids, weights.num_local)
+            sec, graphed = _times(step, device, iters)
+            bare, bare_graphed = _times(bare_step, device, iters)
+            flops = 2 * m * shape["hidden"] * (w13.shape[1] + w2.shape[2])
+            rec = dict(format=fname, weights=weight_fmt.value, tokens=t, local_rows=m, seconds=sec,
+                       tflops=flops / sec / 1e12, bare_seconds=bare, ratio=sec / bare, graphed_seconds=graphed,
+                       graphed_bare_seconds=bare_graphed, graphed_ratio=graphed / bare_graphed)
+            records.append(rec)
+            rows.append([fname, weight_fmt.value, t, m, sec * 1e3, rec["tflops"], bare * 1e3, rec["ratio"],
+                         graphed * 1e3, bare_graphed * 1e3, rec["graphed_ratio"]])
+        del weights, w13, w2
+    print_table(f"experts_forward, {name} shapes {shape}, rank 0 of EP {shape['ep']}", COLUMNS, rows)
+    if args.json:
+        write_json(args.json, device, {"shape": {"name": name, **shape}, "results": records})
+    return 0

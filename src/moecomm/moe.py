@@ -1,0 +1,643 @@
+"""MoE experts under expert parallelism: expert weights, expert compute, and its float32 reference.
+
+After the dispatch every rank holds the tokens of all DP ranks ``[T, H]`` (bf16, or NVFP4 / FP8
+quantized by :mod:`moecomm.quant`) and runs only its own experts on them. For token ``t``::
+
+    out[t] = sum over j with e = topk_ids[t, j] local to this rank of
+             topk_weights[t, j] * (w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e])
+
+    act = silu(gate) * up   with w13[e] = [gate; up]  ([2I, H])   Activation.SILU (Mixtral, DeepSeek)
+    act = gelu_erf(h)       with w13[e] = w1          ([I, H])    Activation.GELU (BERT FFN)
+
+Experts of other ranks contribute nothing; the combine (reducescatterv) sums the partial outputs. The
+semantics are vLLM's / SGLang's ``fused_moe`` (w13 = [w1 (gate); w3 (up)], weights applied to the expert
+outputs). Biases are optional and per expert; ``b2`` is scaled by the routing weight like the rest of the
+expert's output (HF's expert modules and vLLM's biased fused_moe do the same). To split a dense FFN
+``W2 gelu(W1 x + b1) + b2`` into E experts of I/E neurons each and reproduce it exactly with all experts
+at weight 1: slice ``b1`` into ``b13``, pass ``b2=None`` and add the dense ``b2`` once to the combined
+output -- or give the dense ``b2`` to expert 0 alone (``make_expert_weights`` says more).
+
+Backends of :func:`experts_forward`:
+
+* ``"grouped"``: sort the (token, expert) pairs by local expert, dequantize and permute the token rows
+  (a Triton kernel on CUDA), ``torch._grouped_mm`` in bf16 for both GEMMs (weights stored in FP8 / NVFP4
+  are dequantized to bf16 first), SiLU-and-mul / GELU (Triton on CUDA), and a weighted un-permute that
+  sums each token's k rows in float32 (Triton on CUDA; no atomics, so deterministic).
+* ``"fp8"``: FP8_TOKEN tokens with FP8_CHANNEL weights through ``torch._scaled_grouped_mm`` (rowwise
+  scales), the intermediate activation re-quantized per token to FP8 (vLLM's w8a8 fused_moe does the
+  same). Native on Hopper; on a CPU the scaled GEMM is emulated in float32 (for tests).
+* ``"reference"``: :func:`experts_forward_ref` cast to bf16.
+* ``"auto"``: ``"fp8"`` on CUDA (sm90+) for FP8_TOKEN tokens with FP8_CHANNEL weights, else ``"grouped"``
+  (also on a CPU, where ``torch._grouped_mm`` runs too).
+
+Each step is its own function (routing sort, permute, GEMM, activation, un-permute), so that a fused
+Triton MoE kernel can replace any of them later. docs/experts.md says which formats run natively on
+Hopper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moecomm import _moe_triton, quant
+from moecomm.quant import QuantFormat, QuantizedTensor
+from moecomm.routing import check_id_bounds, grouped_topk, id_bounds, normalize_topk, topk_softmax
+
+__all__ = [
+    "topk_softmax",
+    "grouped_topk",
+    "normalize_topk",
+    "Activation",
+    "WeightFormat",
+    "FP8_BLOCK_SIZE",
+    "ep_partition",
+    "ExpertWeights",
+    "make_expert_weights",
+    "experts_forward",
+    "experts_forward_ref",
+]
+
+FP8_BLOCK_SIZE = 128  # DeepSeek-V3 FP8 weight blocks: one scale per 128 x 128 block
+BACKENDS = ("auto", "grouped", "fp8", "reference")
+
+
+class Activation(str, Enum):
+    """The expert's activation (and so the height of ``w13``)."""
+
+    SILU = "silu"  # gated: w13 = [gate; up] of shape [2I, H], act = silu(gate) * up
+    GELU = "gelu"  # non-gated: w13 = w1 of shape [I, H], act = gelu(w1 x + b1) with the exact erf GELU
+
+
+class WeightFormat(str, Enum):
+    """How :class:`ExpertWeights` stores ``w13`` and ``w2`` (each matrix ``[E_local, N, K]``, K reduced)."""
+
+    BF16 = "bf16"  # bf16 [E, N, K]; no scales
+    FP8_CHANNEL = "fp8-channel"  # e4m3 [E, N, K]; fp32 scale [E, N], one per output channel: w = q * s
+    FP8_BLOCK = "fp8-block"  # e4m3 [E, N, K]; fp32 scale [E, ceil(N/128), ceil(K/128)] (DeepSeek-V3)
+    NVFP4 = "nvfp4"  # e2m1 packed uint8 [E, N, K/2]; e4m3 scale [E, N, K/16]; fp32 global scale [E]
+
+
+def ep_partition(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
+    """This rank's contiguous expert range: ``(first_expert, num_local)``, ``num_local = E / ep_size``.
+
+    Raises
+    ------
+    ValueError
+        If ``num_experts`` is not a positive multiple of ``ep_size`` or ``ep_rank`` is outside
+        ``[0, ep_size)``.
+    """
+    if ep_size < 1 or not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank={ep_rank} must be in [0, ep_size={ep_size})")
+    if num_experts < 1 or num_experts % ep_size:
+        raise ValueError(f"num_experts={num_experts} must be a positive multiple of ep_size={ep_size}")
+    num_local = num_experts // ep_size
+    return ep_rank * num_local, num_local
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------------
+
+
+class _QMatrix(NamedTuple):
+    data: torch.Tensor  # [E, N, K] bf16 / e4m3, or [E, N, K/2] uint8 (NVFP4)
+    scale: torch.Tensor | None
+    global_scale: torch.Tensor | None
+
+
+def _fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``[E, N, K]`` -> ``[E * nb * kb, 128 * 128]`` (one row per 128 x 128 block, zero-padded)."""
+    e, n, k = w.shape
+    b = FP8_BLOCK_SIZE
+    nb, kb = -(-n // b), -(-k // b)
+    padded = F.pad(w, (0, kb * b - k, 0, nb * b - n))
+    rows = padded.view(e, nb, b, kb, b).permute(0, 1, 3, 2, 4).reshape(e * nb * kb, b * b)
+    return rows, (e, nb, kb, n, k)
+
+
+def _fp8_unblocks(rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`_fp8_blocks`: ``[E * nb * kb, 128 * 128]`` -> ``[E, N, K]``."""
+    e, nb, kb, n, k = shape
+    b = FP8_BLOCK_SIZE
+    full = rows.view(e, nb, kb, b, b).permute(0, 1, 3, 2, 4).reshape(e, nb * b, kb * b)
+    return full[:, :n, :k].contiguous()
+
+
+def _quantize_matrix(w: torch.Tensor, fmt: WeightFormat) -> _QMatrix:
+    """Quantize ``w`` ``[E, N, K]`` (each expert separately) with the quantizers of :mod:`moecomm.quant`."""
+    e, n, k = w.shape
+    if fmt is WeightFormat.BF16:
+        return _QMatrix(w.to(torch.bfloat16).contiguous(), None, None)
+    if fmt is WeightFormat.FP8_CHANNEL:
+        q, s = quant.quantize_fp8(w.reshape(e * n, k), group_size=None)
+        return _QMatrix(q.view(e, n, k), s.view(e, n), None)
+    if fmt is WeightFormat.FP8_BLOCK:
+        rows, shape = _fp8_blocks(w)
+        q, s = quant.quantize_fp8(rows, group_size=None)
+        return _QMatrix(_fp8_unblocks(q, shape), s.view(e, shape[1], shape[2]), None)
+    # NVFP4: one global scale per expert (ModelOpt checkpoints: per expert and matrix)
+    gs = torch.stack([quant.nvfp4_global_scale(w[i].abs().amax().float()) for i in range(e)])
+    parts = [quant.quantize_nvfp4(w[i], gs[i]) for i in range(e)]
+    return _QMatrix(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), gs)
+
+
+def _dequantize_matrix(m: _QMatrix, fmt: WeightFormat, dtype: torch.dtype) -> torch.Tensor:
+    """``[E, N, K]`` in ``dtype`` (``m.data`` itself for bf16 weights asked in bf16)."""
+    if fmt is WeightFormat.BF16:
+        return m.data.to(dtype)
+    if fmt is WeightFormat.FP8_CHANNEL:
+        e, n, k = m.data.shape
+        return quant.dequantize_fp8(m.data.view(e * n, k), m.scale.view(e * n, 1), dtype=dtype).view(e, n, k)
+    if fmt is WeightFormat.FP8_BLOCK:
+        rows, shape = _fp8_blocks(m.data.view(torch.uint8))  # pad as bytes: e4m3 has no F.pad
+        w = quant.dequantize_fp8(rows.view(m.data.dtype), m.scale.reshape(-1, 1), dtype=dtype)
+        return _fp8_unblocks(w, shape)
+    return torch.stack(
+        [quant.dequantize_nvfp4(m.data[i], m.scale[i], m.global_scale[i], dtype=dtype) for i in range(len(m.data))]
+    )
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The experts one EP rank owns: experts ``[first_expert, first_expert + num_local)`` of ``num_experts``.
+
+    Made by :func:`make_expert_weights`. ``N13 = 2I`` for :attr:`Activation.SILU`, ``I`` for GELU.
+    Shapes below are for :attr:`WeightFormat.BF16`; :class:`WeightFormat` gives the data and scale
+    shapes of the quantized formats (NVFP4 packs two values per byte along K).
+    """
+
+    w13: torch.Tensor  # [E_local, N13, H]: gate and up projections (SILU) or w1 (GELU)
+    w2: torch.Tensor  # [E_local, H, I]: down projection
+    w13_scale: torch.Tensor | None  # per format, see WeightFormat; None for BF16
+    w2_scale: torch.Tensor | None
+    w13_global_scale: torch.Tensor | None  # NVFP4 only: fp32 [E_local]
+    w2_global_scale: torch.Tensor | None
+    b13: torch.Tensor | None  # fp32 [E_local, N13], added before the activation
+    b2: torch.Tensor | None  # fp32 [E_local, H], added to each expert's output (scaled by its weight)
+    activation: Activation
+    format: WeightFormat
+    first_expert: int  # global id of local expert 0
+    num_experts: int  # experts of the whole layer, over all EP ranks
+
+    @property
+    def num_local(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w2.shape[1]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w13.shape[1] // (2 if self.activation is Activation.SILU else 1)
+
+    def _matrices(self) -> tuple[_QMatrix, _QMatrix]:
+        return (
+            _QMatrix(self.w13, self.w13_scale, self.w13_global_scale),
+            _QMatrix(self.w2, self.w2_scale, self.w2_global_scale),
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w13 [E_local, N13, H], w2 [E_local, H, I])`` in ``dtype`` (no copy for bf16 in bf16)."""
+        return tuple(_dequantize_matrix(m, self.format, dtype) for m in self._matrices())
+
+
+def _check_bias(b: torch.Tensor | None, shape: tuple[int, int], name: str) -> None:
+    if b is not None and tuple(b.shape) != shape:
+        raise ValueError(
+            f"{name} must be per expert, shape {shape}, got {tuple(b.shape)} (a dense FFN's down-projection "
+            "bias: pass b2=None and add it once after the combine, or put it in row 0 of a zero [E, H])"
+        )
+
+
+def make_expert_weights(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    format: WeightFormat | str = WeightFormat.BF16,
+    activation: Activation | str = Activation.SILU,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> ExpertWeights:
+    """Slice this EP rank's experts out of all experts' weights and store them in ``format``.
+
+    Parameters
+    ----------
+    w13 : Tensor ``[E, N13, H]`` floating, all experts: ``[gate; up]`` (``N13 = 2I``) for SILU, ``w1``
+        (``N13 = I``) for GELU.
+    w2 : Tensor ``[E, H, I]`` floating, all experts' down projections.
+    ep_size, ep_rank : int, the expert-parallel group; this rank keeps experts
+        ``[ep_rank * E / ep_size, (ep_rank + 1) * E / ep_size)`` (:func:`ep_partition`).
+    format : WeightFormat, quantized per expert with :mod:`moecomm.quant` (FP8 per output channel or per
+        128 x 128 block with scale ``amax / 448``; NVFP4 with a per-expert global scale).
+    activation : Activation.
+    b13 : Tensor ``[E, N13]`` or None, added to ``w13 @ x`` (stored in fp32, never quantized).
+    b2 : Tensor ``[E, H]`` or None, added to each expert's output and scaled with it by the routing
+        weight (stored in fp32). A dense FFN ``W2 gelu(W1 x + b1) + b2`` split into E experts along I
+        is reproduced exactly by all E experts at weight 1 when either ``b2=None`` and the caller adds the
+        dense bias once to the combined output (exact for any routing), or ``b2 = zeros(E, H)`` with
+        ``b2[0] = dense_b2`` (exact only while expert 0 is picked at weight 1, e.g. all-experts routing).
+
+    Returns
+    -------
+    ExpertWeights on the weights' device.
+
+    Raises
+    ------
+    ValueError
+        On inconsistent shapes, ``E % ep_size != 0``, or NVFP4 with ``H`` or ``I`` not a multiple of 16.
+    """
+    fmt, act = WeightFormat(format), Activation(activation)
+    if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0] or w13.shape[2] != w2.shape[1]:
+        raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} must be [E, N13, H] and [E, H, I]")
+    num_experts, n13, hidden = w13.shape
+    inter = w2.shape[2]
+    if n13 != (2 * inter if act is Activation.SILU else inter):
+        raise ValueError(f"w13 has {n13} rows; {act.value} with I={inter} needs {2 * inter if act is Activation.SILU else inter}")
+    if fmt is WeightFormat.NVFP4 and (hidden % 16 or inter % 16):
+        raise ValueError(f"NVFP4 weights need H={hidden} and I={inter} to be multiples of 16")
+    _check_bias(b13, (num_experts, n13), "b13")
+    _check_bias(b2, (num_experts, hidden), "b2")
+    first, num_local = ep_partition(num_experts, ep_size, ep_rank)
+    mine = slice(first, first + num_local)
+    q13, q2 = _quantize_matrix(w13[mine], fmt), _quantize_matrix(w2[mine], fmt)
+    return ExpertWeights(
+        w13=q13.data,
+        w2=q2.data,
+        w13_scale=q13.scale,
+        w2_scale=q2.scale,
+        w13_global_scale=q13.global_scale,
+        w2_global_scale=q2.global_scale,
+        b13=None if b13 is None else b13[mine].float().contiguous(),
+        b2=None if b2 is None else b2[mine].float().contiguous(),
+        activation=act,
+        format=fmt,
+        first_expert=first,
+        num_experts=num_experts,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _device(tokens: torch.Tensor | QuantizedTensor) -> torch.device:
+    return tokens.data.device if isinstance(tokens, QuantizedTensor) else tokens.device
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether ``t``'s work is being captured in a CUDA graph (no host reads of device values then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _token_hidden(tokens: torch.Tensor | QuantizedTensor) -> int:
+    if isinstance(tokens, QuantizedTensor):
+        packed = tokens.format in (QuantFormat.NVFP4, QuantFormat.MXFP4)
+        return tokens.data.shape[1] * (2 if packed else 1)
+    return tokens.shape[1]
+
+
+def _prepare(
+    tokens: torch.Tensor | QuantizedTensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: ExpertWeights,
+    input_format: QuantFormat | str | None,
+    global_scale: torch.Tensor | None,
+    *,
+    check_ids: bool = True,
+) -> tuple[torch.Tensor | QuantizedTensor, torch.Tensor, torch.Tensor]:
+    """Validate (the id range too, with a sync, if ``check_ids``), quantize bf16 tokens when
+    ``input_format`` asks, normalise the routing."""
+    if isinstance(tokens, QuantizedTensor):
+        if global_scale is not None:
+            raise ValueError("global_scale is for quantizing bf16 tokens; a QuantizedTensor carries its own")
+        if input_format is not None and QuantFormat(input_format) != tokens.format:
+            raise ValueError(f"input_format={input_format} but the tokens are {tokens.format.value}")
+    elif not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or not tokens.is_floating_point():
+        raise TypeError("tokens must be a floating [T, H] tensor or a moecomm.quant.QuantizedTensor")
+    elif input_format is not None:
+        tokens = quant.quantize(tokens, QuantFormat(input_format), global_scale=global_scale)
+    elif global_scale is not None:
+        raise ValueError("global_scale given without input_format")
+    ids, w = normalize_topk(topk_ids, topk_weights, num_experts=weights.num_experts if check_ids else None)
+    rows = tokens.rows if isinstance(tokens, QuantizedTensor) else tokens.shape[0]
+    if rows != ids.shape[0] or _token_hidden(tokens) != weights.hidden_size:
+        raise ValueError(
+            f"tokens have {rows} rows of {_token_hidden(tokens)} values; expected {ids.shape[0]} rows "
+            f"(topk_ids) of H={weights.hidden_size}"
+        )
+    return tokens, ids, w
+
+
+def _dequantize_tokens(tokens: torch.Tensor | QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+    """Token values ``[T, H]``: quantized tokens in float32 (rounded to ``dtype``), others cast."""
+    if isinstance(tokens, QuantizedTensor):
+        return tokens.dequantize(torch.float32).to(dtype)
+    return tokens.to(dtype)
+
+
+def _activation_torch(h: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """``[M, N13]`` float32 -> ``[M, I]`` float32."""
+    if activation is Activation.SILU:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def experts_forward_ref(
+    tokens: torch.Tensor | QuantizedTensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: ExpertWeights,
+    *,
+    input_format: QuantFormat | str | None = None,
+    global_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The oracle: float32 math on dequantized tokens and weights, one loop step per local expert.
+
+    Same inputs, checks and semantics as :func:`experts_forward` (see there and the module docstring);
+    returns float32 ``[T, H]``. Quantized tokens are used at their float32 dequantized values.
+    """
+    tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale)
+    out = torch.zeros(ids.shape[0], weights.hidden_size, dtype=torch.float32, device=_device(tokens))
+    if ids.shape[0] == 0:
+        return out
+    x = _dequantize_tokens(tokens, torch.float32)
+    w13, w2 = weights.dequantize(torch.float32)
+    for e in range(weights.num_local):
+        rows, slots = (ids == weights.first_expert + e).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        h = x[rows] @ w13[e].T
+        if weights.b13 is not None:
+            h = h + weights.b13[e]
+        y = _activation_torch(h, weights.activation) @ w2[e].T
+        if weights.b2 is not None:
+            y = y + weights.b2[e]
+        out.index_add_(0, rows, y * w[rows, slots, None])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Grouped backend: one function per step
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """All ``R = T * k`` (token, slot) pairs sorted by local expert (stable); pairs of other ranks' experts
+    sort last. Rows ``[offs[e-1], offs[e])`` belong to local expert ``e``; rows from ``offs[-1]`` on are
+    padding that no step reads. Static sizes, no host sync: the step can be captured in a CUDA graph."""
+
+    src_rows: torch.Tensor  # [R] int32: the token of each row
+    row_expert: torch.Tensor  # [R] int32: the local expert of each row (num_local on padding rows)
+    offs: torch.Tensor  # [E_local] int32: end of each local expert's rows (grouped GEMM offsets)
+    inv: torch.Tensor  # [T, k] int32: the row of each pair, -1 when its expert is not local
+    local_ids: torch.Tensor  # [T, k] int32: topk_ids - first_expert (meaningful where inv >= 0)
+
+    @property
+    def end(self) -> torch.Tensor:
+        """int32 ``[1]``: the number of local pairs (rows below it are computed)."""
+        return self.offs[-1:]
+
+
+def _plan_torch(ids: torch.Tensor, first: int, num_local: int) -> tuple[torch.Tensor, ...]:
+    num_pairs, k = ids.numel(), ids.shape[1]
+    local_ids = ids - first
+    local = ((local_ids >= 0) & (local_ids < num_local)).flatten()
+    key = torch.where(local, local_ids.flatten(), num_local)
+    sorted_key, order = torch.sort(key, stable=True)
+    experts = torch.arange(1, num_local + 1, dtype=key.dtype, device=key.device)
+    offs = torch.searchsorted(sorted_key, experts, out_int32=True)
+    row = torch.empty_like(key)
+    row[order] = torch.arange(num_pairs, dtype=key.dtype, device=key.device)
+    inv = torch.where(local, row, -1).view(ids.shape)
+    return (order // k).to(torch.int32), sorted_key, offs, inv
+
+
+def _plan(ids: torch.Tensor, first: int, num_local: int) -> _Plan:
+    """Sort the pairs by local expert: a Triton counting sort on CUDA, ``torch.sort`` elsewhere (same result)."""
+    make = _moe_triton.plan if ids.is_cuda else _plan_torch
+    src_rows, row_expert, offs, inv = make(ids, first, num_local)
+    return _Plan(src_rows=src_rows, row_expert=row_expert, offs=offs, inv=inv, local_ids=ids - first)
+
+
+def _permute_torch(tokens: torch.Tensor | QuantizedTensor, plan: _Plan) -> torch.Tensor:
+    return _dequantize_tokens(tokens, torch.bfloat16)[plan.src_rows.long()]
+
+
+def _permute(tokens: torch.Tensor | QuantizedTensor, plan: _Plan) -> torch.Tensor:
+    """bf16 ``[R, H]``: row ``i`` = token ``src_rows[i]``, quantized tokens dequantized in float32 then
+    rounded to bf16 (so they equal ``tokens.dequantize(torch.float32).to(torch.bfloat16)``)."""
+    if _device(tokens).type != "cuda":
+        return _permute_torch(tokens, plan)
+    if _moe_triton.permute_supported(tokens):
+        return _moe_triton.permute_dequant(tokens, plan.src_rows, plan.end)
+    if isinstance(tokens, QuantizedTensor):  # MXFP4, swizzled NVFP4 scales: dequantize all rows first
+        tokens = tokens.dequantize(torch.float32)
+    return _moe_triton.gather_rows(tokens.to(torch.bfloat16), plan.src_rows, plan.end)
+
+
+def _act_torch(h: torch.Tensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
+    h = h.float()
+    if weights.b13 is not None:
+        h = h + weights.b13[plan.row_expert.clamp(max=weights.num_local - 1).long()]
+    return _activation_torch(h, weights.activation).to(torch.bfloat16)
+
+
+def _act(h: torch.Tensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
+    """bf16 ``[R, N13]`` (+ ``b13``) -> activation in float32 -> bf16 ``[R, I]``."""
+    if h.is_cuda:
+        gated = weights.activation is Activation.SILU
+        return _moe_triton.activation(h, weights.b13, plan.row_expert, plan.end, gated=gated)
+    return _act_torch(h, plan, weights)
+
+
+def _unpermute_torch(y: torch.Tensor, plan: _Plan, w: torch.Tensor, b2: torch.Tensor | None, out: torch.Tensor):
+    valid = plan.inv >= 0
+    rows = torch.where(valid, plan.inv, y.shape[0]).long()  # non-local pairs read an appended zero row
+    wv = torch.where(valid, w, 0.0)
+    ypad = torch.cat([y, y.new_zeros(1, y.shape[1])])
+    experts = plan.local_ids.clamp(0, None if b2 is None else b2.shape[0] - 1).long()
+    acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    for j in range(w.shape[1]):
+        v = ypad[rows[:, j]].float()
+        if b2 is not None:
+            v = v + b2[experts[:, j]]
+        acc += wv[:, j, None] * v
+    return out.copy_(acc)
+
+
+def _unpermute(y: torch.Tensor, plan: _Plan, w: torch.Tensor, b2: torch.Tensor | None, out: torch.Tensor):
+    """``out[t] = sum_j w[t, j] * (y[inv[t, j]] + b2[e])`` over local pairs, in float32, in slot order."""
+    if y.is_cuda:
+        return _moe_triton.unpermute(y, plan.inv, w, b2, plan.local_ids, out)
+    return _unpermute_torch(y, plan, w, b2, out)
+
+
+def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """bf16 ``a [R, K]`` x ``w [E, N, K]``, rows of expert ``e`` in ``[offs[e-1], offs[e])`` -> bf16 ``[R, N]``."""
+    return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+
+
+def _fp8_grouped_mm(
+    a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """e4m3 ``a [R, K]`` (fp32 scale ``[R]``) x e4m3 ``w [E, N, K]`` (fp32 scale ``[E, N]``) -> bf16 ``[R, N]``.
+
+    ``torch._scaled_grouped_mm`` with rowwise scales on CUDA; on a CPU, float32 math on the dequantized
+    operands (an emulation, for tests).
+    """
+    if a.is_cuda:
+        return torch._scaled_grouped_mm(a, w.transpose(1, 2), a_scale, w_scale, offs=offs, out_dtype=torch.bfloat16)
+    a32 = a.float() * a_scale[:, None]
+    w32 = w.float() * w_scale[:, :, None]
+    return torch._grouped_mm(a32, w32.transpose(1, 2), offs=offs).to(torch.bfloat16)
+
+
+def _gemms_bf16(tokens: torch.Tensor | QuantizedTensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
+    w13, w2 = weights.dequantize(torch.bfloat16)
+    h = _grouped_mm(_permute(tokens, plan), w13, plan.offs)
+    return _grouped_mm(_act(h, plan, weights), w2, plan.offs)
+
+
+def _gemms_fp8(tokens: QuantizedTensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
+    if tokens.data.is_cuda:
+        a = _moe_triton.gather_rows(tokens.data, plan.src_rows, plan.end)
+    else:
+        a = tokens.data.view(torch.uint8)[plan.src_rows.long()].view(tokens.data.dtype)
+    a_scale = tokens.scales[:, 0][plan.src_rows.long()]
+    h = _fp8_grouped_mm(a, a_scale, weights.w13, weights.w13_scale, plan.offs)
+    act = _act(h, plan, weights)
+    if not _capturing(act):  # quantize the M computed rows only (one host read), not all T * k
+        act = act[: int(plan.end)]
+    aq, aq_scale = quant.quantize_fp8(act, group_size=None)
+    return _fp8_grouped_mm(aq, aq_scale.view(-1), weights.w2, weights.w2_scale, plan.offs)
+
+
+def _fp8_ok(tokens: torch.Tensor | QuantizedTensor, weights: ExpertWeights) -> bool:
+    return (
+        isinstance(tokens, QuantizedTensor)
+        and tokens.format == QuantFormat.FP8_TOKEN
+        and weights.format is WeightFormat.FP8_CHANNEL
+    )
+
+
+def _native_fp8(tokens: torch.Tensor | QuantizedTensor, weights: ExpertWeights) -> bool:
+    """True where ``torch._scaled_grouped_mm`` runs these operands: CUDA sm90+, 16-aligned dims."""
+    return (
+        _fp8_ok(tokens, weights)
+        and tokens.data.is_cuda
+        and hasattr(torch, "_scaled_grouped_mm")
+        and torch.cuda.get_device_capability(tokens.data.device) >= (9, 0)
+        and weights.hidden_size % 16 == 0
+        and weights.intermediate_size % 16 == 0
+    )
+
+
+def _pick_backend(backend: str, tokens: torch.Tensor | QuantizedTensor, weights: ExpertWeights) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+    if backend == "fp8" and not _fp8_ok(tokens, weights):
+        raise ValueError("backend='fp8' needs FP8_TOKEN tokens and FP8_CHANNEL weights")
+    if backend == "auto":
+        return "fp8" if _native_fp8(tokens, weights) else "grouped"
+    return backend
+
+
+def _check_out(out: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=torch.bfloat16, device=device)
+    if tuple(out.shape) != shape or out.dtype != torch.bfloat16 or out.device != device or out.stride(1) != 1:
+        raise ValueError(
+            f"out must be bf16 {shape} on {device} with unit column stride, got {out.dtype} "
+            f"{tuple(out.shape)} strides {out.stride()} on {out.device}"
+        )
+    return out
+
+
+def experts_forward(
+    tokens: torch.Tensor | QuantizedTensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: ExpertWeights,
+    *,
+    input_format: QuantFormat | str | None = None,
+    global_scale: torch.Tensor | None = None,
+    backend: str = "auto",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """This rank's experts on all tokens: the partial MoE output (formula in the module docstring).
+
+    Parameters
+    ----------
+    tokens : Tensor ``[T, H]`` (bf16; other floating dtypes are cast to bf16), or a
+        :class:`moecomm.quant.QuantizedTensor` of T rows (NVFP4, MXFP4, FP8_TOKEN or FP8_GROUP; its data
+        and scales may be row-strided views of a gathered byte buffer).
+    topk_ids : Tensor ``[T, k]`` integer (int64 is normalised to int32), global expert ids in
+        ``[0, weights.num_experts)``; ids of other ranks' experts are skipped.
+    topk_weights : Tensor ``[T, k]`` floating, used in float32.
+    weights : ExpertWeights of this rank.
+    input_format : QuantFormat or None. With bf16 ``tokens``: quantize them first with
+        ``moecomm.quant.quantize(tokens, input_format, global_scale=global_scale)`` and run exactly the path
+        of pre-quantized tokens, so ``experts_forward(quantize(x, f, gs), ...)`` is bit-identical to
+        ``experts_forward(x, ..., input_format=f, global_scale=gs)``. With quantized tokens it must equal
+        their format.
+    global_scale : fp32 0-dim Tensor or None, NVFP4 global scale for ``input_format`` (not allowed with a
+        QuantizedTensor, which carries its own).
+    backend : ``"auto"``, ``"grouped"``, ``"fp8"`` or ``"reference"`` (module docstring).
+    out : bf16 Tensor ``[T, H]`` or None, written and returned.
+
+    Returns
+    -------
+    Tensor ``[T, H]`` bf16: the sum over each token's local experts; zeros for tokens without one.
+    Every step is row-local, so running on a concatenation of token batches gives the concatenation
+    of the results -- bit-identical where the grouped GEMM's result for a row does not depend on the
+    other rows (true on the CPU and observed on an H200; docs/experts.md).
+
+    Notes
+    -----
+    Intermediate buffers have ``T * k`` rows (as vLLM's fused_moe), of which the GEMMs and kernels
+    compute only the ``M`` rows of local pairs, so the step has static shapes and can be captured in a
+    CUDA graph. Host reads of device values, all skipped while capturing: the range check of
+    ``topk_ids`` (min and max read back after all work is queued; ``out`` is unspecified if it raises;
+    under capture out-of-range ids contribute nothing), and on the ``"fp8"`` backend ``M``, so that only
+    M activation rows are re-quantized.
+
+    Raises
+    ------
+    ValueError
+        On shape / dtype mismatches, ids outside ``[0, num_experts)``, an unknown backend, or
+        ``backend="fp8"`` with other formats.
+    TypeError
+        If ``tokens`` is neither a tensor nor a QuantizedTensor.
+    """
+    tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale, check_ids=False)
+    out = _check_out(out, (ids.shape[0], weights.hidden_size), _device(tokens))
+    backend = _pick_backend(backend, tokens, weights)
+    if backend == "reference":
+        return out.copy_(experts_forward_ref(tokens, ids, w, weights))
+    if ids.shape[0] == 0:
+        return out
+    # The id range is read back only after all work is queued, so the GPU never waits for the host;
+    # out-of-range ids count as other ranks' experts meanwhile (no memory is touched through them).
+    plan = _plan(ids, weights.first_expert, weights.num_local)
+    y = (_gemms_fp8 if backend == "fp8" else _gemms_bf16)(tokens, plan, weights)
+    _unpermute(y, plan, w, weights.b2, out)
+    if not _capturing(ids):
+        check_id_bounds(id_bounds(ids), weights.num_experts)
+    return out
