@@ -22,20 +22,20 @@ step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, print its tail
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 } > "$R/env.txt" 2>&1; cat "$R/env.txt"
 if [[ $what == tests || $what == all ]]; then
-  step gpu_tests 420 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests
+  step gpu_tests 240 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests
 fi
 if [[ $what == bench || $what == all ]]; then
   n=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  step bench_quant 120 $mc bench quant --json "$R/quant.json"
-  step bench_experts 200 $mc bench experts --json "$R/experts.json"
-  step bench_collectives_ws1 90 $mc bench collectives --world-size 1 --json "$R/collectives_ws1.json"
+  step bench_quant 60 $mc bench quant --json "$R/quant.json"
+  step bench_experts 90 $mc bench experts --json "$R/experts.json"
+  step bench_collectives_ws1 60 $mc bench collectives --world-size 1 --json "$R/collectives_ws1.json"
   [[ $n -gt 1 ]] && step bench_collectives_ws$n 150 $mc bench collectives --world-size "$n" --json "$R/collectives_ws$n.json"
   for ws in $(python3 -c "print(*sorted({1, $n}))"); do
-    step bench_moe_ws$ws 300 $mc bench moe --world-size "$ws" --json "$R/moe_ws$ws.json" --plot "$R/moe_ws$ws.png" \
+    step bench_moe_ws$ws 150 $mc bench moe --world-size "$ws" --json "$R/moe_ws$ws.json" --plot "$R/moe_ws$ws.png" \
       --write-crossover "$R/crossover_ws$ws.json"
   done
   if [[ -d .carry/site ]]; then  # the demo's model, packed by scripts/pack_minilm_for_device.py
     python3 scripts/pack_minilm_for_device.py --unpack
-    PYTHONPATH=$PYTHONPATH:$PWD/.carry/site step demo 200 $mc demo --world-size 1 --json "$R/demo.json"
+    PYTHONPATH=$PYTHONPATH:$PWD/.carry/site step demo 90 $mc demo --world-size 1 --json "$R/demo.json"
   fi
 fi

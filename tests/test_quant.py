@@ -800,12 +800,16 @@ def test_gpu_kernel_matches_cpu_reference_large(variant, dtype):
 
 @gpu
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gpu_kernel_matches_cuda_reference_16k_tokens(variant):
-    """M = 16384, K = 7168: kernel vs the torch reference run on the GPU (the CPU one would be slow)."""
-    x = _with_special_values(wide_range_input(16384, 7168, torch.bfloat16, seed=3)).cuda()
+def test_gpu_kernel_matches_cpu_reference_16k_tokens(variant):
+    """M = 16384, K = 7168: kernel on the GPU vs the torch reference on the CPU.
+
+    The reference is the oracle on the CPU only: on CUDA, torch divides by a Python scalar through its
+    reciprocal (``amax / 448`` is then off by an ulp), so a GPU run of the reference is no oracle.
+    """
+    x = _with_special_values(wide_range_input(16384, 7168, torch.bfloat16, seed=3))
     gs = gs_for(x[1:]) if variant.startswith("nvfp4") else None
-    got = _run_variant(variant, x, "triton", gs)
-    want = _run_variant(variant, x, "torch", gs)
+    want = run_variant(variant, x, "torch", gs)  # on the CPU
+    got = run_variant(variant, x, "triton", gs)  # on the GPU
     assert_bytes_equal(got, want, f"GPU {variant} M=16384")
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from moecomm.bench.collectives import pattern_sizes
 from moecomm.bench.timing import device_name, median_time, print_table, write_json
-from moecomm.dispatch import Strategy, combine, dispatch, moe_forward, wire_bytes_per_token
+from moecomm.dispatch import GraphedMoE, Strategy, combine, dispatch, moe_forward, wire_bytes_per_token
 from moecomm.launch import launch, rank_device
 from moecomm.moe import experts_forward, grouped_topk, make_expert_weights
 from moecomm.quant import QuantFormat, nvfp4_global_scale, quantize
@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, default=None, help="tokens per rank in the prefill regime (GPU 4096)")
     p.add_argument("--decode", default=None, help="tokens per rank in the decode regime, comma-separated (GPU 1,16,64,256)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--graphs", action="store_true",
+                   help="CUDA: also time the decode step replayed as a CUDA graph (GraphedMoE), without launch overhead")
     p.add_argument("--json", default=None, help="write the numbers to this path")
     p.add_argument("--plot", default=None, help="write a PNG of the stage times to this path")
     p.add_argument("--write-crossover", default=None,
@@ -77,7 +79,17 @@ def _cases(world: int, prefill: int, decode: list[int]) -> list[tuple[str, str, 
     return cases
 
 
-def _rank_main(shape: Shape, cases, iters: int) -> list[dict]:
+def _graphed_total(weights, shape: Shape, sizes, x, ids, tw, strategy, gs, fmt, device, iters) -> float:
+    """Seconds per step of the step replayed as a CUDA graph (bucket = max(sizes)); includes the bucket's
+    max-over-ranks all-reduce."""
+    graphed = GraphedMoE(weights, hidden_size=shape.hidden, topk=shape.topk, buckets=[max(max(sizes), 1)],
+                         strategy=strategy, global_scale=gs, expert_input_format=fmt)
+    t = median_time(lambda i: graphed(x, ids, tw), device, iters=iters, barrier=dist.barrier)
+    del graphed
+    return t
+
+
+def _rank_main(shape: Shape, cases, iters: int, graphs: bool = False) -> list[dict]:
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
     gen = torch.Generator(device=device).manual_seed(1234)  # the same weights on every rank
     w13 = torch.randn(shape.experts, 2 * shape.inter, shape.hidden, device=device, generator=gen,
@@ -111,6 +123,9 @@ def _rank_main(shape: Shape, cases, iters: int) -> list[dict]:
             t["combine"] = median_time(lambda i: combine(partial, handle), device, iters=iters, barrier=barrier)
             t["total"] = median_time(lambda i: moe_forward(x, ids, tw, weights, **kw), device, iters=iters,
                                      barrier=barrier)
+            t["total_graphed"] = float("nan")
+            if graphs and regime == "decode" and pack and device.type == "cuda":
+                t["total_graphed"] = _graphed_total(weights, shape, sizes, x, ids, tw, strategy, gs, fmt, device, iters)
             worst = torch.tensor([t[k] for k in sorted(t)], device=device, dtype=torch.float64)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             t = dict(zip(sorted(t), worst.tolist()))
@@ -175,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     shape = SMALL if small else DEEPSEEK_V3
     prefill = args.prefill or (4096 if not small else 256)
     decode = [int(v) for v in (args.decode or ("1,16,64,256" if not small else "1,16")).split(",")]
-    results = launch(_rank_main, world, (shape, _cases(world, prefill, decode), args.iters), timeout=3600)[0]
+    results = launch(_rank_main, world, (shape, _cases(world, prefill, decode), args.iters, args.graphs),
+                     timeout=3600)[0]
     base = {(r["regime"], r["pattern"], tuple(r["sizes"])): r["seconds"]["total"]
             for r in results if r["strategy"] == "allreduce"}
     rows = []
@@ -184,11 +200,12 @@ def run(args: argparse.Namespace) -> int:
         r["speedup_vs_allreduce"] = base[(r["regime"], r["pattern"], tuple(r["sizes"]))] / s["total"]
         rows.append([r["regime"], r["pattern"], str(r["sizes"]), r["strategy"], s["quantize"] * 1e6,
                      s["dispatch"] * 1e6, s["experts"] * 1e6, s["combine"] * 1e6, s["total"] * 1e6,
+                     s["total_graphed"] * 1e6,
                      r["wire_bytes_per_rank"], r["speedup_vs_allreduce"]])
     device = torch.device("cuda" if on_gpu else "cpu")
     title = f"MoE layer step, world size {world}, {device_name(device)}, {shape}"
     print_table(title, ["regime", "pattern", "sizes", "strategy", "quantize (us)", "dispatch (us)",
-                        "experts (us)", "combine (us)", "total (us)", "wire bytes", "speedup vs allreduce"], rows)
+                        "experts (us)", "combine (us)", "total (us)", "graphed (us)", "wire bytes", "speedup vs allreduce"], rows)
     cross = crossover(results)
     print(f"auto crossover (min total tokens where the quantized path beats agrs): {cross}")
     if args.json:
