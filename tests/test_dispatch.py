@@ -122,6 +122,30 @@ def test_choose_strategy(monkeypatch):
     monkeypatch.setenv(DISABLE_ENV, "1")
     assert choose_strategy(QuantFormat.NVFP4, 4096, **kw) == Strategy.AGRS
     assert choose_strategy(QuantFormat.NVFP4, 4096, allow_quantized=True, **kw) == Strategy.AGRS_NVFP4
+    # measured on one H200: with one rank nothing crosses a wire, so the quantized path never pays
+    assert choose_strategy(QuantFormat.NVFP4, 1 << 20, world_size=1, ep_size=1, allow_quantized=True) == Strategy.AGRS
+
+
+def test_crossover_from_measurements(tmp_path):
+    from moecomm.bench.moe import crossover, write_crossover
+
+    def row(strategy, total, seconds):
+        return {"pattern": "balanced", "strategy": strategy, "sizes": [total // 2, total - total // 2],
+                "seconds": {"total": seconds}}
+
+    # nvfp4 pays from 64 tokens on; fp8 only at 4096 (and not at 1024, so not below it either)
+    results = [row("agrs", n, t) for n, t in [(2, 1.0), (64, 2.0), (1024, 3.0), (4096, 9.0)]]
+    results += [row("agrs-nvfp4", n, t) for n, t in [(2, 1.5), (64, 1.9), (1024, 2.0), (4096, 5.0)]]
+    results += [row("agrs-fp8", n, t) for n, t in [(2, 0.5), (64, 2.5), (1024, 3.5), (4096, 8.0)]]
+    assert crossover(results) == {"agrs-nvfp4": 64, "agrs-fp8": 4096}
+    results[-1]["seconds"]["total"] = 9.5
+    assert crossover(results)["agrs-fp8"] is None
+    path = tmp_path / "crossover.json"
+    write_crossover(str(path), 2, {"agrs-nvfp4": 64, "agrs-fp8": None}, "test")
+    write_crossover(str(path), 4, {"agrs-nvfp4": 8, "agrs-fp8": 8}, "test")
+    import json
+    table = json.loads(path.read_text())["min_total_tokens"]
+    assert table["2"] == {"agrs-nvfp4": 64, "agrs-fp8": None} and table["4"]["agrs-fp8"] == 8 and "default" in table
 
 
 def _error_of(fn):

@@ -154,9 +154,14 @@ def wire_bytes_per_token(strategy: Strategy | str, hidden: int, topk: int,
 # ----------------------------------------------------------------------------------------------------
 
 
-def _crossover() -> dict:
+def _crossover(world_size: int) -> dict[str, int | None]:
+    """Per quantized strategy, the smallest ``sum(sizes)`` from which it pays at this world size (None: never).
+
+    From ``data/crossover.json``: the entry of the measured world size, else ``"default"``.
+    """
     with resources.files("moecomm").joinpath("data/crossover.json").open() as f:
-        return json.load(f)
+        table = json.load(f)["min_total_tokens"]
+    return table.get(str(world_size), table["default"])
 
 
 def choose_strategy(
@@ -174,16 +179,17 @@ def choose_strategy(
     never take it), experts are spread over the same ranks as the data (``ep_size == world_size``),
     it is not switched off (``allow_quantized=False``, or the environment variable
     ``MOECOMM_DISABLE_QUANTIZED_DISPATCH=1`` when ``allow_quantized`` is None), and ``total_tokens``
-    (``sum(sizes)``, the same on every rank) reaches the measured crossover in ``data/crossover.json``
-    (written by ``moecomm bench moe``). Otherwise ``agrs`` (bf16), which is bit-identical in result.
+    (``sum(sizes)``, the same on every rank) reaches the crossover measured at this world size by
+    ``moecomm bench moe --write-crossover`` and kept in ``data/crossover.json``. Otherwise ``agrs``
+    (bf16), which gives bit-identical results.
     """
     if allow_quantized is None:
         allow_quantized = os.environ.get(DISABLE_ENV, "0") not in ("1", "true", "yes")
     if expert_input_format not in _FORMAT_STRATEGY or not allow_quantized or ep_size != world_size:
         return Strategy.AGRS
     strategy = _FORMAT_STRATEGY[expert_input_format]
-    min_tokens = _crossover()["min_total_tokens"].get(strategy.value, 0)
-    return strategy if total_tokens >= min_tokens else Strategy.AGRS
+    min_tokens = _crossover(world_size).get(strategy.value)
+    return strategy if min_tokens is not None and total_tokens >= min_tokens else Strategy.AGRS
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ step timed end to end. ``speedup`` is ``total(allreduce) / total`` for the same 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 from dataclasses import dataclass
 
@@ -136,24 +137,35 @@ def _rank_main(shape: Shape, cases, iters: int, graphs: bool = False) -> list[di
     return results if rank == 0 else []
 
 
-def crossover(results: list[dict]) -> dict[str, int]:
+def crossover(results: list[dict]) -> dict[str, int | None]:
     """Per quantized strategy: the smallest total token count from which it beats ``agrs`` at every measured
-    larger count (balanced cases), or one past the largest measured count if it never does."""
+    larger count (balanced cases), or None if it does not beat ``agrs`` at the largest count."""
     out = {}
     for strategy in ("agrs-nvfp4", "agrs-fp8"):
         points = {}
         for r in results:
             if r["pattern"] == "balanced" and r["strategy"] in (strategy, "agrs"):
                 points.setdefault(sum(r["sizes"]), {})[r["strategy"]] = r["seconds"]["total"]
-        counts = sorted(points)
-        threshold = counts[-1] + 1 if counts else 0
-        for c in reversed(counts):
-            if points[c][strategy] < points[c]["agrs"]:
-                threshold = c
-            else:
+        threshold = None
+        for c in sorted(points, reverse=True):
+            if points[c][strategy] >= points[c]["agrs"]:
                 break
+            threshold = c
         out[strategy] = threshold
     return out
+
+
+def write_crossover(path: str, world: int, cross: dict, source: str) -> None:
+    """Merge this world size's crossover into ``path`` (the format of ``moecomm/data/crossover.json``)."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        table = {"sources": {}, "min_total_tokens": {"default": {"agrs-nvfp4": 0, "agrs-fp8": 0}}}
+    table["min_total_tokens"][str(world)] = cross
+    table["sources"][str(world)] = source
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
 
 
 def _plot(results: list[dict], path: str, title: str) -> None:
@@ -214,7 +226,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(results, args.plot, title)
     if args.write_crossover:
-        with open(args.write_crossover, "w") as f:
-            json.dump({"source": f"moecomm bench moe, world size {world}, {device_name(device)}",
-                       "min_total_tokens": cross}, f, indent=1)
+        write_crossover(args.write_crossover, world, cross, f"moecomm bench moe --world-size {world}, "
+                        f"{device_name(device)}, {datetime.date.today()}")
     return 0
