@@ -282,7 +282,10 @@ def all_gatherv(
         _check_out(outs, ts, total, rank, group)
     pairs = [(_bytes(t), _bytes(o)) for t, o in zip(ts, outs) if t is not None and _row_bytes(t) > 0]
     if pairs and total > 0:
-        if dist.get_backend(group) == "nccl":
+        if world == 1:  # a gather over one rank is a copy: no collective launch
+            for src, dst in pairs:
+                dst.copy_(src)
+        elif dist.get_backend(group) == "nccl":
             _all_gatherv_nccl(pairs, sizes, rank, group)
         else:
             _all_gatherv_padded(pairs, sizes, rank, group)
@@ -293,6 +296,9 @@ def _all_gatherv_nccl(pairs, sizes: list[int], rank: int, group) -> None:
     device = pairs[0][0].device
     off = _Offsets(sizes)
     equal = all(s == sizes[0] for s in sizes)
+    if equal and len(pairs) == 1:  # one native collective needs no group around it
+        all_gather_single(pairs[0][1], pairs[0][0], group=group)
+        return
     with dist._coalescing_manager(group, device):
         for src, dst in pairs:
             if equal:
@@ -384,6 +390,8 @@ def reduce_scatterv(
         return out
     tensor = tensor.contiguous()
     off = _Offsets(sizes)
+    if world == 1:  # a sum over one rank is a copy
+        return out.copy_(tensor)
     if dist.get_backend(group) != "nccl":
         acc = tensor.float() if tensor.dtype != torch.float32 else tensor.clone()
         dist.all_reduce(acc, group=group)
