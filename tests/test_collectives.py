@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moecomm import all_gatherv, check_consistency, launch, reduce_scatterv
+from moecomm import all_gatherv, check_consistency, reduce_scatterv
 from moecomm.collectives import all_gatherv_ref, gather_sizes, reduce_scatterv_ref
-from moecomm.launch import RankError, rank_device
+from moecomm.launch import RankError, launch, rank_device
 from moecomm.testing import assert_close
 
 # (trailing shape, dtype) of the tensors gathered together in one call; None is a hole in the list.

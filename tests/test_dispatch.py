@@ -7,8 +7,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moecomm import launch
-from moecomm.launch import rank_device
 from moecomm.dispatch import (
     DISABLE_ENV,
     Strategy,
@@ -17,6 +15,7 @@ from moecomm.dispatch import (
     moe_forward,
     wire_bytes_per_token,
 )
+from moecomm.launch import launch, rank_device
 from moecomm.moe import experts_forward_ref, make_expert_weights, topk_softmax
 from moecomm.quant import QuantFormat, nvfp4_global_scale
 from moecomm.testing import assert_close
@@ -175,6 +174,8 @@ def _errors():
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=float("inf"))),
         "global scale disagrees": _error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=1.0 + rank, validate=True)),
+        "wire format differs from the experts'": _error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", expert_input_format=QuantFormat.NVFP4)),
         "rows on one rank": _error_of(lambda: moe_forward(
             x[: n - (rank == 1)], ids[: n - (rank == 1)], w[: n - (rank == 1)], mine, sizes=sizes,
             strategy="agrs", validate=True)),
@@ -188,6 +189,7 @@ def test_bad_input_raises_on_every_rank():
             assert res[case] is not None, f"{case}: rank {rank} did not raise"
     assert "global_scale" in results[0]["global scale disagrees"]
     assert "rank 1" in results[2]["rows on one rank"]
+    assert "experts consume nvfp4" in results[0]["wire format differs from the experts'"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,3 +250,4 @@ def test_strategies_match_reference_nccl():
     for ws in sorted({1, world}):
         assert launch(_contracts, ws, (seed, _sizes_list(ws, rng) if ws > 1 else [[7], [0]]), backend="nccl",
                       timeout=300) == ["ok"] * ws, (ws, seed)
+

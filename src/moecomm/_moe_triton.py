@@ -293,10 +293,12 @@ def _unpermute_kernel(
     for j in tl.static_range(K):  # unrolled: the k rows' loads in flight
         p = tl.load(inv_ptr + t * K + j)
         valid = p >= 0
-        v = tl.load(y_ptr + p.to(tl.int64) * H + cols, mask=mask & valid, other=0.0).to(tl.float32)
+        # the mask as a block comparison: a block & scalar bool is int32 in Triton 3.9's interpreter
+        load_mask = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + p) >= 0)
+        v = tl.load(y_ptr + p.to(tl.int64) * H + cols, mask=load_mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             e = tl.load(expert_ptr + t * K + j).to(tl.int64)
-            v += tl.load(bias_ptr + e * H + cols, mask=mask & valid, other=0.0)
+            v += tl.load(bias_ptr + e * H + cols, mask=load_mask, other=0.0)
         acc += tl.where(valid, tl.load(w_ptr + t * K + j), 0.0) * v
     tl.store(out_ptr + t * out_stride + cols, _bf16_bits(acc), mask=mask)
 

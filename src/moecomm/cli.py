@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+
+from moecomm import __version__
 
 _COMMANDS = {
     "demo": ("moecomm.demo", "run a real transformer with DP attention and EP MoE on N ranks"),
@@ -28,11 +31,10 @@ def _add(subparsers, name: str, module: str, help: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moecomm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="moecomm", description="MoE communication for DP attention + EP experts: the demo and the benchmarks.")
+    parser.add_argument("--version", action="version", version=f"moecomm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    argv = argv if argv is not None else None
-    import sys
-
     words = sys.argv[1:] if argv is None else argv
     for name, (module, help) in _COMMANDS.items():
         if words[:1] == [name]:

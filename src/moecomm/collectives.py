@@ -132,7 +132,8 @@ def check_agreement(what: str, mine: dict, group=None, local_error: Exception | 
     payload = {"values": mine, "error": None if local_error is None else str(local_error)}
     everyone: list = [None] * world
     dist.all_gather_object(everyone, payload, group=group)
-    errors = [f"rank {r}: {m['error']}" for r, m in enumerate(everyone) if m["error"]]
+    errors = [m["error"] if m["error"].startswith(f"rank {r}:") else f"rank {r}: {m['error']}"
+              for r, m in enumerate(everyone) if m["error"]]
     if errors:
         raise ValueError(f"{what}: invalid input on {len(errors)} rank(s): " + "; ".join(errors))
     for key in mine:

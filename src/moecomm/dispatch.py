@@ -28,7 +28,6 @@ it: ``agrs-nvfp4`` is bit-identical to ``agrs`` with experts that quantize their
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from moecomm._enum import ChoiceEnum
 from moecomm.collectives import _check_sizes, all_gatherv, check_agreement, reduce_scatterv
 from moecomm.moe import ExpertWeights, experts_forward
 from moecomm.quant import QuantFormat, QuantizedTensor, quantize, row_bytes
@@ -60,7 +60,7 @@ DISABLE_ENV = "MOECOMM_DISABLE_QUANTIZED_DISPATCH"  # "1": strategy="auto" never
 MESSAGE_ALIGN = 16  # bytes: message rows start 16-byte aligned (vector loads, int32/fp32 views)
 
 
-class Strategy(str, enum.Enum):
+class Strategy(ChoiceEnum):
     ALLREDUCE = "allreduce"  # pad + all-reduce gather, all-reduce combine + slice (baseline)
     AGRS = "agrs"  # bf16 allgatherv + reducescatterv
     AGRS_NVFP4 = "agrs-nvfp4"  # NVFP4 quantize -> allgatherv -> experts -> bf16 reducescatterv
@@ -224,6 +224,10 @@ def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, gro
                          f"{topk_ids.dtype} and {topk_weights.dtype}")
     if strategy in _STRATEGY_FORMAT:
         fmt = _wire_format(strategy, expert_input_format)
+        if expert_input_format is not None and QuantFormat(expert_input_format) != fmt:
+            raise ValueError(f"rank {rank}: {strategy.value} sends {fmt.value} tokens but the experts consume "
+                             f"{QuantFormat(expert_input_format).value}: the experts would see other values than "
+                             f"their own quantizer's; use strategy 'auto' or the matching one")
         message_layout(fmt, hidden.shape[1], topk_ids.shape[1])  # raises on a bad hidden size
         if fmt == QuantFormat.NVFP4 and global_scale is None:
             raise ValueError(f"rank {rank}: {strategy.value} needs the layer's static global_scale")

@@ -1,5 +1,9 @@
 """Run a function on N ranks: processes over gloo on CPU, NCCL when N GPUs exist, or in place under torchrun.
 
+The ranks are started with the ``spawn`` method, as ``torch.multiprocessing`` does: ``fn`` must be a
+module-level function of an importable module, and a script that calls ``launch`` needs an
+``if __name__ == "__main__":`` guard (examples/quickstart.py shows the shape).
+
 ``launch(fn, world_size, args)`` is what the tests, the benchmarks and the CLI use. Each rank runs
 ``fn(*args)`` after ``torch.distributed`` is initialised (``dist.get_rank()`` tells which rank it is);
 the return values come back as a list indexed by rank. A rank's exception is re-raised in the caller
@@ -114,7 +118,8 @@ def launch(
     Raises
     ------
     RankError
-        A rank raised; the message names the lowest failing rank and holds its traceback.
+        A rank raised; the message names the first rank that reported a failure and holds its
+        traceback (the other ranks are then stopped: they may wait in a collective).
     TimeoutError
         The ranks did not all finish within ``timeout`` seconds (e.g. a hang in a collective).
     ValueError

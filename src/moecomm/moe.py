@@ -38,13 +38,13 @@ Hopper.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from moecomm import _moe_triton, quant
+from moecomm._enum import ChoiceEnum
 from moecomm.quant import QuantFormat, QuantizedTensor
 from moecomm.routing import check_id_bounds, grouped_topk, id_bounds, normalize_topk, topk_softmax
 
@@ -66,14 +66,14 @@ FP8_BLOCK_SIZE = 128  # DeepSeek-V3 FP8 weight blocks: one scale per 128 x 128 b
 BACKENDS = ("auto", "grouped", "fp8", "reference")
 
 
-class Activation(str, Enum):
+class Activation(ChoiceEnum):
     """The expert's activation (and so the height of ``w13``)."""
 
     SILU = "silu"  # gated: w13 = [gate; up] of shape [2I, H], act = silu(gate) * up
     GELU = "gelu"  # non-gated: w13 = w1 of shape [I, H], act = gelu(w1 x + b1) with the exact erf GELU
 
 
-class WeightFormat(str, Enum):
+class WeightFormat(ChoiceEnum):
     """How :class:`ExpertWeights` stores ``w13`` and ``w2`` (each matrix ``[E_local, N, K]``, K reduced)."""
 
     BF16 = "bf16"  # bf16 [E, N, K]; no scales

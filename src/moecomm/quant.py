@@ -44,13 +44,14 @@ the kernel; on CPU needs ``TRITON_INTERPRET=1``) or ``"torch"`` (force the refer
 
 from __future__ import annotations
 
-import enum
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from moecomm._enum import ChoiceEnum
 
 __all__ = [
     "E2M1_MAX",
@@ -99,7 +100,7 @@ _BACKENDS = ("auto", "triton", "torch")
 _MXFP4_ROUNDINGS = ("floor", "up")
 
 
-class QuantFormat(str, enum.Enum):
+class QuantFormat(ChoiceEnum):
     """A wire format for tokens. ``row_bytes(fmt, hidden)`` gives its bytes per row."""
 
     NVFP4 = "nvfp4"  # e2m1 + e4m3 scale per 16 + fp32 global scale per tensor (ModelOpt / TensorRT-LLM)

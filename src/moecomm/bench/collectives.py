@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from moecomm.bench.timing import device_name, median_time, print_table, write_json
+from moecomm.bench.timing import device_name, int_list, median_time, print_table, write_json
 from moecomm.collectives import all_gather_single, all_gatherv, reduce_scatter_single, reduce_scatterv
 from moecomm.launch import launch, rank_device
 
@@ -24,8 +24,9 @@ PAYLOADS = {"bf16": (torch.bfloat16, 7168), "nvfp4": (torch.uint8, 4032)}  # (dt
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=None, help="ranks (default: all GPUs, else 4 CPU ranks)")
-    p.add_argument("--rows", default=None, help="rows per rank, comma-separated (default: 1..16384 on GPU, 1..256 on CPU)")
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--rows", type=int_list, default=None,
+                   help="rows per rank, comma-separated (default: 1,16,128,1024,4096,16384 on GPU, 1,16,256 on CPU)")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per point (median, then max over ranks)")
     p.add_argument("--json", default=None, help="write the numbers to this path")
 
 
@@ -114,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     world = args.world_size or (gpus if gpus else 4)
     on_gpu = gpus >= world
-    default_rows = "1,16,128,1024,4096,16384" if on_gpu else "1,16,256"
-    rows_list = [int(r) for r in (args.rows or default_rows).split(",")]
+    rows_list = args.rows or ([1, 16, 128, 1024, 4096, 16384] if on_gpu else [1, 16, 256])
     results = launch(_rank_main, world, (rows_list, args.iters), timeout=3600)[0]
     device = torch.device("cuda" if on_gpu else "cpu")
     rows = []

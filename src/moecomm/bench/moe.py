@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from moecomm.bench.collectives import pattern_sizes
-from moecomm.bench.timing import device_name, median_time, print_table, write_json
+from moecomm.bench.timing import device_name, int_list, median_time, print_table, write_json
 from moecomm.dispatch import GraphedMoE, Strategy, combine, dispatch, moe_forward, wire_bytes_per_token
 from moecomm.launch import launch, rank_device
 from moecomm.moe import experts_forward, grouped_topk, make_expert_weights
@@ -55,8 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=None, help="ranks (default: all GPUs, else 4 CPU ranks)")
     p.add_argument("--small", action="store_true", help="scaled-down model (default on CPU)")
     p.add_argument("--prefill", type=int, default=None, help="tokens per rank in the prefill regime (GPU 4096)")
-    p.add_argument("--decode", default=None, help="tokens per rank in the decode regime, comma-separated (GPU 1,16,64,256)")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--decode", type=int_list, default=None,
+                   help="tokens per rank in the decode regime, comma-separated (GPU 1,16,64,256; CPU 1,16)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per stage (median, then max over ranks)")
     p.add_argument("--graphs", action="store_true",
                    help="CUDA: also time the decode step replayed as a CUDA graph (GraphedMoE), without launch overhead")
     p.add_argument("--json", default=None, help="write the numbers to this path")
@@ -76,7 +77,8 @@ def _cases(world: int, prefill: int, decode: list[int]) -> list[tuple[str, str, 
                     sizes = [0] + [n * world // (world - 1)] * (world - 1)
                 else:
                     sizes = pattern_sizes(pattern, n, world)
-                cases.append((regime, pattern, sizes))
+                if (regime, sizes) not in [(c[0], c[2]) for c in cases]:  # tiny counts repeat
+                    cases.append((regime, pattern, sizes))
     return cases
 
 
@@ -201,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     small = args.small or not on_gpu
     shape = SMALL if small else DEEPSEEK_V3
     prefill = args.prefill or (4096 if not small else 256)
-    decode = [int(v) for v in (args.decode or ("1,16,64,256" if not small else "1,16")).split(",")]
+    decode = args.decode or ([1, 16, 64, 256] if not small else [1, 16])
     results = launch(_rank_main, world, (shape, _cases(world, prefill, decode), args.iters, args.graphs),
                      timeout=3600)[0]
     base = {(r["regime"], r["pattern"], tuple(r["sizes"])): r["seconds"]["total"]
@@ -215,11 +217,18 @@ def run(args: argparse.Namespace) -> int:
                      s["total_graphed"] * 1e6,
                      r["wire_bytes_per_rank"], r["speedup_vs_allreduce"]])
     device = torch.device("cuda" if on_gpu else "cpu")
-    title = f"MoE layer step, world size {world}, {device_name(device)}, {shape}"
-    print_table(title, ["regime", "pattern", "sizes", "strategy", "quantize (us)", "dispatch (us)",
-                        "experts (us)", "combine (us)", "total (us)", "graphed (us)", "wire bytes", "speedup vs allreduce"], rows)
+    title = (f"MoE layer step, world size {world}, {device_name(device)}: hidden {shape.hidden}, intermediate "
+             f"{shape.inter}, {shape.experts} experts, top-{shape.topk}")
+    columns = ["regime", "pattern", "sizes", "strategy", "quantize (us)", "dispatch (us)", "experts (us)",
+               "combine (us)", "total (us)", "graphed (us)", "wire bytes", "speedup vs allreduce"]
+    if not args.graphs:
+        columns.remove("graphed (us)")
+        rows = [row[:9] + row[10:] for row in rows]
+    print_table(title, columns, rows, caption="Stages are timed one at a time; total is the whole step timed end to "
+                "end. Wire bytes: dispatch + combine messages of all tokens (allreduce moves them on every rank).")
     cross = crossover(results)
-    print(f"auto crossover (min total tokens where the quantized path beats agrs): {cross}")
+    if args.write_crossover:
+        print(f"crossover measured in this run (min total tokens where the quantized path beats agrs): {cross}")
     if args.json:
         write_json(args.json, device, {"world_size": world, "shape": shape.__dict__, "results": results,
                                        "crossover": cross})

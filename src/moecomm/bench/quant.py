@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from moecomm import quant as Q
-from moecomm.bench.timing import copy_bandwidth, device_name, median_time, print_table, write_json
+from moecomm.bench.timing import choice_list, copy_bandwidth, device_name, int_list, median_time, print_table, write_json
 
 VARIANTS = ("nvfp4", "nvfp4-swizzled", "mxfp4", "mxfp4-up", "fp8-token", "fp8-group", "fp8-group-ue8m0")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -36,9 +36,10 @@ _L2_BYTES = 60 << 20  # H200; rotating input sets cover >= 4x this
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--hidden", type=int, default=7168, help="K, elements per token (default 7168)")
-    p.add_argument("--tokens", type=int, nargs="+", help="token counts M (default: 1 16 128 1024 4096 16384 "
-                   "on CUDA, 1 16 128 on CPU)")  # fmt: skip
-    p.add_argument("--formats", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--tokens", type=int_list, help="token counts M, comma-separated (default: "
+                   "1,16,128,1024,4096,16384 on CUDA, 1,16,128 on CPU)")  # fmt: skip
+    p.add_argument("--formats", type=choice_list(list(VARIANTS)), default=list(VARIANTS),
+                   help=f"comma-separated (default all: {','.join(VARIANTS)})")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
     p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
     p.add_argument("--iters", type=int, default=None, help="timed samples (default 50 CUDA, 5 CPU)")

@@ -8,8 +8,10 @@ index) or size inputs well past the 60 MB L2 of an H200.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -18,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["median_time", "device_name", "print_table", "write_json", "copy_bandwidth"]
+__all__ = ["median_time", "device_name", "print_table", "write_json", "copy_bandwidth", "int_list", "choice_list"]
 
 
 def median_time(
@@ -72,21 +74,62 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / t
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print ``rows`` under ``columns`` as a rich table (floats with 4 significant digits)."""
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None) -> None:
+    """Print ``rows`` under ``columns`` as a rich table (floats with 4 significant digits, NaN as n/a)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption=caption)
     for c in columns:
         table.add_column(c, justify="right")
     for row in rows:
-        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[_cell(v) for v in row])
     Console(width=200).print(table)
 
 
+def _finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type of the benchmarks' list options: ``"1,16,128"`` -> ``[1, 16, 128]``."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else "n/a"
+    return str(v)
+
+
+def choice_list(choices):
+    """argparse type factory: ``"a,b"`` -> ``["a", "b"]``, each one of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        items = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in items if v not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
 def write_json(path: str, device: torch.device, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` with the device, date (UTC) and command line added."""
+    """Write ``payload`` to ``path`` with the device, date (UTC) and command line added.
+
+    Values that were not measured (NaN in the tables) are written as ``null``: strict JSON.
+    """
     meta = {
         "device": device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -94,4 +137,4 @@ def write_json(path: str, device: torch.device, payload: dict[str, Any]) -> None
         "torch": torch.__version__,
     }
     with open(path, "w") as f:
-        json.dump({"meta": meta, **payload}, f, indent=1)
+        json.dump(_finite_or_none({"meta": meta, **payload}), f, indent=1, allow_nan=False)
