@@ -207,6 +207,25 @@ def test_launch_returns_tensors_by_value():
     assert [float(t.mean()) for t in results] == [0.0, 1.0]
 
 
+def _exit_silently():
+    import os
+
+    if dist.get_rank() == 1:
+        os._exit(0)
+    return "ok"
+
+
+def test_launch_rejects_bad_arguments_and_silent_exits():
+    for world_size in (2.0, True, 0):
+        with pytest.raises(ValueError, match="world_size"):
+            launch(_big_tensor, world_size)
+    for timeout in (0, -5, None, float("inf")):
+        with pytest.raises(ValueError, match="timeout"):
+            launch(_big_tensor, 2, timeout=timeout)
+    with pytest.raises(RankError, match="rank 1 exited .* without returning a result"):
+        launch(_exit_silently, 2, backend="gloo", timeout=60)
+
+
 def test_launch_reports_failure_and_timeout():
     with pytest.raises(RankError, match="(?s)rank 1 of 2.*boom on rank 1"):
         launch(_fail_on_rank_1, 2, backend="gloo", timeout=60)
@@ -266,3 +285,33 @@ def test_nccl_battery_and_graph():
     for ws in sorted({1, world}):
         assert launch(_battery, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
         assert launch(_graph_case, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
+
+
+def _validate_covers_out_and_types():
+    rank = dist.get_rank()
+    x = torch.randn(2 + rank, 4)
+    sizes = [2, 3, 4]
+    results = {
+        "bad out on rank 1": _error_of(lambda: all_gatherv(
+            x, sizes, out=torch.empty(9, 5 if rank == 1 else 4), validate=True)),
+        "a list to reduce_scatterv on rank 2": _error_of(lambda: reduce_scatterv(
+            [torch.ones(9, 4)] if rank == 2 else torch.ones(9, 4), sizes, validate=True)),
+        "gather_sizes: float on rank 0": _error_of(lambda: gather_sizes(2.7 if rank == 0 else 3)),
+        "gather_sizes: negative on rank 2": _error_of(lambda: gather_sizes(-1 if rank == 2 else 3)),
+        "sizes as a dict": _error_of(lambda: all_gatherv(x, {0: 2, 1: 3, 2: 4})),
+        "unknown op": _error_of(lambda: check_consistency(x, sizes, op="allgatherv")),
+    }
+    # numpy integers are integers
+    import numpy as np
+
+    assert all_gatherv(x, [np.int64(n) for n in sizes]).shape == (9, 4)
+    return results
+
+
+def test_validate_covers_out_and_types():
+    results = launch(_validate_covers_out_and_types, 3, backend="gloo", timeout=120)
+    for case in results[0]:
+        for rank, res in enumerate(results):
+            assert res[case] is not None, f"{case}: rank {rank} did not raise"
+    assert "rank 1" in results[0]["bad out on rank 1"]
+    assert "[0]" in results[1]["gather_sizes: float on rank 0"]

@@ -22,6 +22,7 @@ NCCL never checks counts: ranks that disagree on ``sizes`` corrupt memory or han
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -59,13 +60,20 @@ def _world(group) -> tuple[int, int]:
 def _check_sizes(sizes: Sequence[int], world_size: int) -> list[int]:
     if isinstance(sizes, torch.Tensor):
         raise TypeError("sizes must be a list of Python ints (a tensor would need a host sync)")
-    sizes = list(sizes)
+    if not isinstance(sizes, (list, tuple)):
+        raise TypeError(f"sizes must be a list or tuple of ints, got {type(sizes).__name__}")
     if len(sizes) != world_size:
-        raise ValueError(f"len(sizes) = {len(sizes)} but the world size is {world_size}: {sizes}")
+        raise ValueError(f"len(sizes) = {len(sizes)} but the world size is {world_size}: {list(sizes)}")
+    checked = []
     for r, s in enumerate(sizes):
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"sizes[{r}] = {s!r}: sizes must be non-negative integers ({sizes})")
-    return sizes
+        try:
+            v = operator.index(s) if not isinstance(s, bool) else -1
+        except TypeError:
+            v = -1
+        if v < 0:
+            raise ValueError(f"sizes[{r}] = {s!r}: sizes must be non-negative integers ({list(sizes)})")
+        checked.append(v)
+    return checked
 
 
 def _as_list(tensors: TensorOrList) -> tuple[list[torch.Tensor | None], bool]:
@@ -117,8 +125,24 @@ def _check_out(out_list, ts, rows: int, rank: int, group) -> None:
     _check_rows(out_list, rows, rank, "out", group)
 
 
-def _meta(ts: list[torch.Tensor | None]) -> list:
-    return [None if t is None else (tuple(t.shape[1:]), str(t.dtype)) for t in ts]
+def _meta(tensors) -> list:
+    """(trailing shape, dtype) per tensor; never raises, whatever a caller passed (it travels to other ranks)."""
+    items = tensors if isinstance(tensors, (list, tuple)) else [tensors]
+    return [None if t is None else (tuple(t.shape[1:]), str(t.dtype)) if isinstance(t, torch.Tensor) and t.dim()
+            else type(t).__name__ for t in items]
+
+
+def _checked(op: str, prepare, tensors, sizes, validate: bool, group):
+    """Run the local checks ``prepare()``; with ``validate``, every rank learns of any rank's error or disagreement."""
+    if not validate:
+        return prepare()
+    try:
+        result, error = prepare(), None
+    except Exception as e:  # noqa: BLE001 - any local failure must reach every rank, not leave them waiting
+        result, error = None, e
+    mine = {"sizes": list(sizes) if isinstance(sizes, (list, tuple)) else repr(sizes), "meta": _meta(tensors)}
+    check_agreement(op, mine, group, error)
+    return result
 
 
 def check_agreement(what: str, mine: dict, group=None, local_error: Exception | None = None) -> None:
@@ -143,12 +167,15 @@ def check_agreement(what: str, mine: dict, group=None, local_error: Exception | 
             raise ValueError(f"{what}: ranks disagree on {key}: {desc}")
 
 
-def check_consistency(tensors: TensorOrList, sizes: Sequence[int], group=None, *, op: str = "all_gatherv") -> None:
-    """Raise ``ValueError`` on EVERY rank unless all ranks agree on ``sizes``, trailing shapes and dtypes.
+def check_consistency(tensors: TensorOrList, sizes: Sequence[int], group=None, *, op: str = "all_gatherv",
+                      out: TensorOrList | None = None) -> None:
+    """Raise ``ValueError`` on EVERY rank unless all ranks agree on ``sizes``, trailing shapes and dtypes and
+    every rank's input passes the checks of ``op``.
 
     Exchanges a small metadata object (``all_gather_object``; synchronises with the host, so not for
-    use inside CUDA-graph capture). Local errors (wrong row count on one rank, bad sizes) are also
-    reported on every rank instead of leaving the other ranks waiting in a collective.
+    use inside CUDA-graph capture). Local errors (wrong row count on one rank, bad sizes, a bad ``out``)
+    are reported on every rank instead of leaving the other ranks waiting in a collective.
+    ``validate=True`` of :func:`all_gatherv` / :func:`reduce_scatterv` runs this.
 
     Parameters
     ----------
@@ -157,39 +184,41 @@ def check_consistency(tensors: TensorOrList, sizes: Sequence[int], group=None, *
     sizes : list[int]
         Rows per rank, ``len(sizes) == world_size``.
     group : ProcessGroup, optional
-    op : str
-        ``"all_gatherv"`` (inputs have ``sizes[rank]`` rows) or ``"reduce_scatterv"`` (``sum(sizes)``).
+    op : {"all_gatherv", "reduce_scatterv"}
+        Which collective's checks to run.
+    out : optional, as passed to the collective.
+
+    Raises
+    ------
+    ValueError
+        On every rank, naming each offending rank and value; also for an unknown ``op`` (locally).
     """
-    rank, world = _world(group)
-    error = None
-    try:
-        ts, _ = _as_list(tensors)
-    except (TypeError, ValueError) as e:
-        ts, error = [], e
-    if error is None:
-        try:
-            s = _check_sizes(sizes, world)
-            rows = s[rank] if op == "all_gatherv" else sum(s)
-            _check_rows(ts, rows, rank, "tensors" if op == "all_gatherv" else "input", group)
-        except (TypeError, ValueError) as e:
-            error = e
-    mine = {"sizes": list(sizes) if isinstance(sizes, (list, tuple)) else repr(sizes), "meta": _meta(ts)}
-    check_agreement(op, mine, group, error)
+    if op not in _PREPARE:
+        raise ValueError(f"op must be 'all_gatherv' or 'reduce_scatterv', got {op!r}")
+    _checked(op, lambda: _PREPARE[op](tensors, sizes, out, group), tensors, sizes, True, group)
 
 
 def gather_sizes(num_rows: int, group=None) -> list[int]:
     """Every rank's row count: ``sizes[r]`` is ``num_rows`` of rank ``r``. One small all_gather; syncs the host.
 
-    Raises ``ValueError`` for a negative ``num_rows``.
+    Raises ``ValueError`` on EVERY rank when any rank passed something other than a non-negative int
+    (the bad value travels as -1, so no rank is left waiting).
     """
-    if num_rows < 0:
-        raise ValueError(f"num_rows must be >= 0, got {num_rows}")
     device = rank_device(group)
     _, world = _world(group)
-    mine = torch.tensor([num_rows], dtype=torch.int64, device=device)
+    try:
+        value = -1 if isinstance(num_rows, bool) else max(operator.index(num_rows), -1)
+    except TypeError:  # a float, a string, ...: reported on every rank below
+        value = -1
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
     out = torch.empty(world, dtype=torch.int64, device=device)
     all_gather_single(out, mine, group=group)
-    return out.tolist()
+    sizes = out.tolist()
+    bad = [r for r, n in enumerate(sizes) if n < 0]
+    if bad:
+        raise ValueError(f"gather_sizes: rank(s) {bad} passed no non-negative integer row count "
+                         f"(this rank passed {num_rows!r})")
+    return sizes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,17 +299,11 @@ def all_gatherv(
         ``tensors`` is not a tensor or a list/tuple of tensors and ``None``.
     """
     rank, world = _world(group)
-    if validate:
-        check_consistency(tensors, sizes, group, op="all_gatherv")
-    ts, single = _as_list(tensors)
-    sizes = _check_sizes(sizes, world)
-    _check_rows(ts, sizes[rank], rank, "tensors", group)
+    ts, single, sizes, outs = _checked(
+        "all_gatherv", lambda: _prepare_gather(tensors, sizes, out, group), tensors, sizes, validate, group)
     total = sum(sizes)
-    if out is None:
+    if outs is None:
         outs = [None if t is None else t.new_empty((total, *t.shape[1:])) for t in ts]
-    else:
-        outs, _ = _as_list(out)
-        _check_out(outs, ts, total, rank, group)
     pairs = [(_bytes(t), _bytes(o)) for t, o in zip(ts, outs) if t is not None and _row_bytes(t) > 0]
     if pairs and total > 0:
         if world == 1:  # a gather over one rank is a copy: no collective launch
@@ -291,6 +314,19 @@ def all_gatherv(
         else:
             _all_gatherv_padded(pairs, sizes, rank, group)
     return outs[0] if single else (tuple(outs) if isinstance(tensors, tuple) else outs)
+
+
+def _prepare_gather(tensors, sizes, out, group):
+    """The local checks of all_gatherv: returns (tensors as a list, single?, sizes, outs or None)."""
+    rank, world = _world(group)
+    ts, single = _as_list(tensors)
+    sizes = _check_sizes(sizes, world)
+    _check_rows(ts, sizes[rank], rank, "tensors", group)
+    outs = None
+    if out is not None:
+        outs, _ = _as_list(out)
+        _check_out(outs, ts, sum(sizes), rank, group)
+    return ts, single, sizes, outs
 
 
 def _all_gatherv_nccl(pairs, sizes: list[int], rank: int, group) -> None:
@@ -375,18 +411,10 @@ def reduce_scatterv(
         that disagree. Raised before any communication.
     """
     rank, world = _world(group)
-    if validate:
-        check_consistency(tensor, sizes, group, op="reduce_scatterv")
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"reduce_scatterv takes one tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in REDUCE_DTYPES:
-        raise ValueError(f"rank {rank}: reduce_scatterv supports {REDUCE_DTYPES}, got {tensor.dtype}")
-    sizes = _check_sizes(sizes, world)
-    _check_rows([tensor], sum(sizes), rank, "input", group)
+    sizes = _checked("reduce_scatterv", lambda: _prepare_reduce(tensor, sizes, out, group), tensor, sizes,
+                     validate, group)
     if out is None:
         out = tensor.new_empty((sizes[rank], *tensor.shape[1:]))
-    else:
-        _check_out([out], [tensor], sizes[rank], rank, group)
     if tensor.numel() == 0:
         return out
     tensor = tensor.contiguous()
@@ -407,6 +435,25 @@ def reduce_scatterv(
             if n:
                 dist.reduce(out if r == rank else off.rows(tensor, r), group=group, group_dst=r)
     return out
+
+
+def _prepare_reduce(tensor, sizes, out, group) -> list[int]:
+    """The local checks of reduce_scatterv: returns the sizes."""
+    rank, world = _world(group)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"rank {rank}: reduce_scatterv takes one tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in REDUCE_DTYPES:
+        raise ValueError(f"rank {rank}: reduce_scatterv supports {REDUCE_DTYPES}, got {tensor.dtype}")
+    sizes = _check_sizes(sizes, world)
+    _check_rows([tensor], sum(sizes), rank, "input", group)
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"rank {rank}: out must be a tensor, got {type(out).__name__}")
+        _check_out([out], [tensor], sizes[rank], rank, group)
+    return sizes
+
+
+_PREPARE = {"all_gatherv": _prepare_gather, "reduce_scatterv": _prepare_reduce}
 
 
 # ----------------------------------------------------------------------------------------------------

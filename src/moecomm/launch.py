@@ -16,6 +16,7 @@ from ``env://`` and runs ``fn`` in the current process only, returning ``[result
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pickle
 import queue as queue_module
@@ -123,8 +124,11 @@ def launch(
     TimeoutError
         The ranks did not all finish within ``timeout`` seconds (e.g. a hang in a collective).
     ValueError
-        ``world_size < 1`` or an unknown backend.
+        ``world_size`` not a positive int, ``timeout`` not a positive number, an unknown backend, or
+        too few GPUs for NCCL; raised before any process starts.
     """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
         backend = backend or default_backend(world)
@@ -132,7 +136,7 @@ def launch(
             _init(int(os.environ["RANK"]), world, backend, "env://", timeout)
         return [fn(*args)]
 
-    if int(world_size) != world_size or world_size < 1:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     backend = backend or default_backend(world_size)
     if backend not in ("nccl", "gloo"):
@@ -163,11 +167,15 @@ def launch(
                 raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f} s (hang?)")
             try:
                 rank, ok, payload = queue.get(timeout=min(remaining, 1.0))
-            except queue_module.Empty:  # check for ranks that died without reporting
-                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RankError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
-                continue
+            except queue_module.Empty:  # a rank that ended without reporting (crash, os._exit)?
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+                if not dead:
+                    continue
+                try:  # a result sent just before the exit may still be in the pipe
+                    rank, ok, payload = queue.get(timeout=1.0)
+                except queue_module.Empty:
+                    raise RankError(f"rank {dead[0]} exited (code {procs[dead[0]].exitcode}) without "
+                                    f"returning a result") from None
             results[rank] = (ok, payload)
             if not ok:
                 # One failure is enough: the other ranks may be blocked in a collective.
