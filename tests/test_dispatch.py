@@ -155,6 +155,12 @@ def _error_of(fn):
     return None
 
 
+def _with_id(ids, value):
+    ids = ids.clone()
+    ids[0, 0] = value
+    return ids
+
+
 def _errors():
     rank, world = dist.get_rank(), dist.get_world_size()
     sizes = [2 + r for r in range(world)]
@@ -176,6 +182,23 @@ def _errors():
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=1.0 + rank, validate=True)),
         "wire format differs from the experts'": _error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", expert_input_format=QuantFormat.NVFP4)),
+        "numpy hidden on rank 1": _error_of(lambda: moe_forward(
+            x.float().numpy() if rank == 1 else x, ids, w, mine, sizes=sizes, strategy="agrs", validate=True)),
+        "two-element global scale on rank 0": _error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4",
+            global_scale=torch.tensor([2.0, 2.0]) if rank == 0 else 2.0, validate=True)),
+        "FP8 flavour disagrees": _error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", validate=True,
+            expert_input_format=QuantFormat.FP8_TOKEN if rank == 0 else QuantFormat.FP8_GROUP)),
+        "pack disagrees": _error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", pack=rank != 2, validate=True)),
+        "experts not split over the ranks": _error_of(lambda: moe_forward(
+            x, ids, w, make_expert_weights(w13, w2), sizes=sizes, strategy="agrs")),
+        "experts' hidden size on rank 2": _error_of(lambda: moe_forward(
+            x, ids, w, make_expert_weights(w13[..., :64], w2[:, :64], ep_size=world, ep_rank=rank) if rank == 2
+            else mine, sizes=sizes, strategy="agrs", validate=True)),
+        "int64 id past int32": _error_of(lambda: moe_forward(
+            x, _with_id(ids.long(), 2**32 + 1), w, mine, sizes=sizes, strategy="agrs")),
         "rows on one rank": _error_of(lambda: moe_forward(
             x[: n - (rank == 1)], ids[: n - (rank == 1)], w[: n - (rank == 1)], mine, sizes=sizes,
             strategy="agrs", validate=True)),
@@ -190,6 +213,9 @@ def test_bad_input_raises_on_every_rank():
     assert "global_scale" in results[0]["global scale disagrees"]
     assert "rank 1" in results[2]["rows on one rank"]
     assert "experts consume nvfp4" in results[0]["wire format differs from the experts'"]
+    assert "wire format" in results[1]["FP8 flavour disagrees"] and "pack" in results[0]["pack disagrees"]
+    assert "ep_size=3" in results[0]["experts not split over the ranks"]
+    assert "topk_ids must be in [0, 6)" in results[1]["int64 id past int32"]
 
 
 # ---------------------------------------------------------------------------------------------------

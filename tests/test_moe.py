@@ -724,3 +724,18 @@ def test_gpu_no_local_tokens(dsv3, backend):
     assert not experts_forward(q, elsewhere, tw, w, backend=backend).any()
     empty = quant.quantize(x[:0], QuantFormat.FP8_TOKEN)
     assert experts_forward(empty, ids[:0], tw[:0], w, backend=backend).shape == (0, DSV3["hidden"])
+
+
+def test_bad_partition_and_weight_dtypes_raise():
+    with pytest.raises(ValueError, match="ep_size must be an int"):
+        ep_partition(4, 2.0, 1)
+    w13, w2 = torch.randn(4, 16, 32), torch.randn(4, 32, 8)
+    with pytest.raises(ValueError, match="w13 must be a floating tensor"):
+        make_expert_weights(w13.int(), w2)
+
+
+def test_grouped_topk_weights_stay_finite_when_sigmoid_underflows():
+    # sigmoid(-200) is 0 in fp32: the renormalisation must not divide 0 by 0 (DeepSeek-V3 adds 1e-20)
+    ids, w = grouped_topk(torch.full((2, 16), -200.0), 4, e_score_correction_bias=torch.zeros(16),
+                          n_group=4, topk_group=2)
+    assert torch.isfinite(w).all() and ids.shape == (2, 4)

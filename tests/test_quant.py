@@ -854,3 +854,27 @@ def test_gpu_strided_out_and_cuda_graph(fmt):
     assert torch.equal(out[0].view(torch.uint8).cpu(), expected.data.view(torch.uint8))
     assert torch.equal(out[1].view(torch.uint8).cpu(), expected.scales.view(torch.uint8))
     assert buf[:, used:].eq(0xAB).all()
+
+
+def test_quantized_tensor_checks_its_format():
+    x = torch.randn(6, 256)
+    q, s = Q.quantize_fp8(x, group_size=128)
+    Q.QuantizedTensor(Q.QuantFormat.FP8_GROUP, q, s, None)  # fine
+    with pytest.raises(ValueError, match="fp8-token"):  # group scales labelled per-token
+        Q.QuantizedTensor(Q.QuantFormat.FP8_TOKEN, q, s, None)
+    packed, bs = Q.quantize_nvfp4(x, Q.nvfp4_global_scale(x.abs().max()))
+    with pytest.raises(ValueError, match="nvfp4"):  # scales of another row count
+        Q.QuantizedTensor(Q.QuantFormat.NVFP4, packed, bs[:5], None)
+    with pytest.raises(ValueError, match="mxfp4"):  # e4m3 scales labelled e8m0
+        Q.QuantizedTensor(Q.QuantFormat.MXFP4, packed, bs, None)
+    sw = Q.swizzle_block_scales(bs)
+    assert Q.QuantizedTensor("nvfp4", packed, sw, None, swizzled=True).format is Q.QuantFormat.NVFP4
+
+
+def test_out_with_overlapping_rows_is_rejected():
+    x = torch.randn(4, 64)
+    scales = torch.empty(4, 4, dtype=torch.float8_e4m3fn)
+    for rows in (torch.zeros(1, 32, dtype=torch.uint8).expand(4, 32),
+                 torch.zeros(64, dtype=torch.uint8).as_strided((4, 32), (8, 1))):
+        with pytest.raises(ValueError, match="overlapping rows"):
+            Q.quantize_nvfp4(x, 2.0, out=(rows, scales))

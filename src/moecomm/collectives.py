@@ -36,6 +36,7 @@ __all__ = [
     "reduce_scatterv",
     "check_consistency",
     "check_agreement",
+    "run_checks",
     "gather_sizes",
     "all_gatherv_ref",
     "reduce_scatterv_ref",
@@ -126,23 +127,31 @@ def _check_out(out_list, ts, rows: int, rank: int, group) -> None:
 
 
 def _meta(tensors) -> list:
-    """(trailing shape, dtype) per tensor; never raises, whatever a caller passed (it travels to other ranks)."""
+    """(trailing shape, dtype) per tensor (None for a hole in the list)."""
     items = tensors if isinstance(tensors, (list, tuple)) else [tensors]
-    return [None if t is None else (tuple(t.shape[1:]), str(t.dtype)) if isinstance(t, torch.Tensor) and t.dim()
-            else type(t).__name__ for t in items]
+    return [None if t is None else (tuple(t.shape[1:]), str(t.dtype)) for t in items]
 
 
-def _checked(op: str, prepare, tensors, sizes, validate: bool, group):
-    """Run the local checks ``prepare()``; with ``validate``, every rank learns of any rank's error or disagreement."""
+def run_checks(what: str, prepare, agreement, group, validate: bool):
+    """Return ``prepare()``, the local checks of an operation (they raise on bad input).
+
+    With ``validate``, a failure of ``prepare`` on any rank, or ranks whose ``agreement()`` dicts differ,
+    raise ``ValueError`` on EVERY rank (:func:`check_agreement`), so that no rank is left waiting in the
+    collective that follows. ``agreement`` runs only after ``prepare`` succeeded.
+    """
     if not validate:
         return prepare()
     try:
-        result, error = prepare(), None
-    except Exception as e:  # noqa: BLE001 - any local failure must reach every rank, not leave them waiting
-        result, error = None, e
-    mine = {"sizes": list(sizes) if isinstance(sizes, (list, tuple)) else repr(sizes), "meta": _meta(tensors)}
-    check_agreement(op, mine, group, error)
+        result = prepare()
+        mine, error = agreement(), None
+    except Exception as e:  # noqa: BLE001 - any local failure must reach every rank
+        result, mine, error = None, {}, e
+    check_agreement(what, mine, group, error)
     return result
+
+
+def _agreement(tensors, sizes) -> dict:
+    return {"sizes": list(sizes), "meta": _meta(tensors)}
 
 
 def check_agreement(what: str, mine: dict, group=None, local_error: Exception | None = None) -> None:
@@ -195,7 +204,7 @@ def check_consistency(tensors: TensorOrList, sizes: Sequence[int], group=None, *
     """
     if op not in _PREPARE:
         raise ValueError(f"op must be 'all_gatherv' or 'reduce_scatterv', got {op!r}")
-    _checked(op, lambda: _PREPARE[op](tensors, sizes, out, group), tensors, sizes, True, group)
+    run_checks(op, lambda: _PREPARE[op](tensors, sizes, out, group), lambda: _agreement(tensors, sizes), group, True)
 
 
 def gather_sizes(num_rows: int, group=None) -> list[int]:
@@ -299,8 +308,8 @@ def all_gatherv(
         ``tensors`` is not a tensor or a list/tuple of tensors and ``None``.
     """
     rank, world = _world(group)
-    ts, single, sizes, outs = _checked(
-        "all_gatherv", lambda: _prepare_gather(tensors, sizes, out, group), tensors, sizes, validate, group)
+    ts, single, sizes, outs = run_checks("all_gatherv", lambda: _prepare_gather(tensors, sizes, out, group),
+                                         lambda: _agreement(tensors, sizes), group, validate)
     total = sum(sizes)
     if outs is None:
         outs = [None if t is None else t.new_empty((total, *t.shape[1:])) for t in ts]
@@ -411,8 +420,8 @@ def reduce_scatterv(
         that disagree. Raised before any communication.
     """
     rank, world = _world(group)
-    sizes = _checked("reduce_scatterv", lambda: _prepare_reduce(tensor, sizes, out, group), tensor, sizes,
-                     validate, group)
+    sizes = run_checks("reduce_scatterv", lambda: _prepare_reduce(tensor, sizes, out, group),
+                       lambda: _agreement(tensor, sizes), group, validate)
     if out is None:
         out = tensor.new_empty((sizes[rank], *tensor.shape[1:]))
     if tensor.numel() == 0:

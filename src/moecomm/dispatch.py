@@ -29,6 +29,7 @@ it: ``agrs-nvfp4`` is bit-identical to ``agrs`` with experts that quantize their
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -38,8 +39,9 @@ import torch
 import torch.distributed as dist
 
 from moecomm._enum import ChoiceEnum
-from moecomm.collectives import _check_sizes, all_gatherv, check_agreement, reduce_scatterv
+from moecomm.collectives import REDUCE_DTYPES, _check_sizes, all_gatherv, reduce_scatterv, run_checks
 from moecomm.moe import ExpertWeights, experts_forward
+from moecomm.routing import ids_int32
 from moecomm.quant import QuantFormat, QuantizedTensor, quantize, row_bytes
 
 __all__ = [
@@ -207,9 +209,29 @@ class DispatchHandle:
     group: dist.ProcessGroup | None
 
 
-def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format):
-    """Local checks; returns the sizes as a list. Raises ValueError/TypeError before any communication."""
+def _check_global_scale(global_scale, rank: int) -> None:
+    """An NVFP4 global scale: a finite positive number or one-element tensor (a CUDA tensor's value is
+    checked by the quantizer on the device: an invalid one makes every block scale NaN)."""
+    if global_scale is None:
+        raise ValueError(f"rank {rank}: NVFP4 on the wire needs the layer's static global_scale")
+    if isinstance(global_scale, bool) or not isinstance(global_scale, (int, float, torch.Tensor)):
+        raise TypeError(f"rank {rank}: global_scale must be a number or a one-element tensor, got {global_scale!r}")
+    if isinstance(global_scale, torch.Tensor):
+        if global_scale.numel() != 1:
+            raise ValueError(f"rank {rank}: global_scale must have one element, got shape {tuple(global_scale.shape)}")
+        if global_scale.is_cuda:
+            return
+    value = float(global_scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"rank {rank}: global_scale must be finite and > 0, got {value}")
+
+
+def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format) -> list[int]:
+    """Local checks of a dispatch; returns the sizes as a list. Raises ValueError/TypeError."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rank {rank}: {name} must be a tensor, got {type(t).__name__}")
     sizes = _check_sizes(sizes, world)
     if hidden.dim() != 2 or hidden.dtype != torch.bfloat16:
         raise ValueError(f"rank {rank}: hidden must be bf16 [tokens, hidden], got {hidden.dtype} {tuple(hidden.shape)}")
@@ -229,15 +251,21 @@ def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, gro
                              f"{QuantFormat(expert_input_format).value}: the experts would see other values than "
                              f"their own quantizer's; use strategy 'auto' or the matching one")
         message_layout(fmt, hidden.shape[1], topk_ids.shape[1])  # raises on a bad hidden size
-        if fmt == QuantFormat.NVFP4 and global_scale is None:
-            raise ValueError(f"rank {rank}: {strategy.value} needs the layer's static global_scale")
+        if fmt == QuantFormat.NVFP4:
+            _check_global_scale(global_scale, rank)
     return sizes
 
 
-def _global_scale_value(global_scale) -> float | None:
-    if global_scale is None:
-        return None
-    return float(global_scale) if not isinstance(global_scale, torch.Tensor) else float(global_scale.float().cpu())
+def _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack) -> dict:
+    """What every rank must agree on for one dispatch (exchanged by ``validate=True``; reads a CUDA global
+    scale on the host)."""
+    fmt = _wire_format(strategy, expert_input_format) if strategy in _STRATEGY_FORMAT else None
+    return {
+        "sizes": list(sizes), "hidden": tuple(hidden.shape[1:]), "topk": tuple(topk_ids.shape[1:]),
+        "strategy": strategy.value, "wire format": None if fmt is None else fmt.value,
+        "pack": pack if fmt is not None else None,
+        "global_scale": float(global_scale) if fmt == QuantFormat.NVFP4 else None,
+    }
 
 
 def dispatch(
@@ -296,17 +324,12 @@ def dispatch(
     strategy = Strategy(strategy)
     if strategy == Strategy.AUTO:
         raise ValueError("dispatch needs a concrete strategy; moe_forward resolves 'auto'")
-    if validate:
-        error, rank = None, dist.get_rank(group)
-        try:
-            _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format)
-        except (ValueError, TypeError) as e:
-            error = e
-        mine = {"sizes": list(sizes), "hidden": tuple(hidden.shape[1:]), "topk": tuple(topk_ids.shape[1:]),
-                "strategy": strategy.value, "global_scale": _global_scale_value(global_scale)}
-        check_agreement("dispatch", mine, group, error)
-    sizes = _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format)
-    topk_ids = topk_ids.to(torch.int32)
+    sizes = run_checks(
+        "dispatch",
+        lambda: _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format),
+        lambda: _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack),
+        group, validate)
+    topk_ids = ids_int32(topk_ids)  # out-of-range int64 ids become -1: the experts' range check reports them
     rank = dist.get_rank(group)
     handle = DispatchHandle(strategy, tuple(sizes), rank, group)
     if strategy == Strategy.ALLREDUCE:
@@ -355,18 +378,39 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     """Sum the experts' partial outputs over ranks and return this rank's rows.
 
     ``partial``: ``bf16 [sum(sizes), hidden]`` from the local experts. Returns ``bf16 [sizes[rank], hidden]``:
-    reducescatterv for ``agrs*`` strategies, all-reduce + slice for ``allreduce``.
+    reducescatterv for ``agrs*`` strategies, all-reduce + slice for ``allreduce`` (which sums ``partial`` in
+    place).
     Raises ``ValueError`` when ``partial`` does not have ``sum(sizes)`` rows.
     """
-    sizes = list(handle.sizes)
-    if partial.shape[0] != sum(sizes):
-        raise ValueError(f"rank {handle.rank}: partial has {partial.shape[0]} rows, expected sum(sizes) = {sum(sizes)}")
+    sizes, rank = list(handle.sizes), handle.rank
+    if not isinstance(partial, torch.Tensor) or partial.dim() != 2 or partial.shape[0] != sum(sizes):
+        raise ValueError(f"rank {rank}: partial must be [sum(sizes) = {sum(sizes)}, hidden], got "
+                         f"{getattr(partial, 'shape', type(partial).__name__)}")
     if handle.strategy != Strategy.ALLREDUCE:
         return reduce_scatterv(partial, sizes, handle.group, out=out)
-    dist.all_reduce(partial, group=handle.group)
+    if partial.dtype not in REDUCE_DTYPES:
+        raise ValueError(f"rank {rank}: partial must be one of {REDUCE_DTYPES}, got {partial.dtype}")
+    if out is not None and (out.dtype != partial.dtype or out.shape != (sizes[rank], partial.shape[1])):
+        raise ValueError(f"rank {rank}: out must be {partial.dtype} [{sizes[rank]}, {partial.shape[1]}], got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    dist.all_reduce(partial, group=handle.group)  # in place, as the classic DP path does
     start = sum(sizes[: handle.rank])
     rows = partial[start : start + sizes[handle.rank]]
     return rows if out is None else out.copy_(rows)
+
+
+def _check_experts(weights: ExpertWeights, hidden, rank: int, world: int) -> None:
+    """The experts must be this rank's share of an EP split over exactly the ranks of the group (each expert
+    on one rank, or the combine's sum counts it twice) and match the hidden size."""
+    if not isinstance(weights, ExpertWeights):
+        raise TypeError(f"rank {rank}: weights must be moecomm.moe.ExpertWeights, got {type(weights).__name__}")
+    first, n, total = weights.first_expert, weights.num_local, weights.num_experts
+    if n * world != total or first != rank * n:
+        raise ValueError(f"rank {rank}: these are experts [{first}, {first + n}) of {total}; over {world} ranks "
+                         f"rank {rank} needs make_expert_weights(..., ep_size={world}, ep_rank={rank})")
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and hidden.shape[1] != weights.hidden_size:
+        raise ValueError(f"rank {rank}: hidden has {hidden.shape[1]} columns, the experts' hidden size is "
+                         f"{weights.hidden_size}")
 
 
 def moe_forward(
@@ -393,17 +437,32 @@ def moe_forward(
     before it -- the same bytes either way. ``strategy="auto"`` resolves through
     :func:`choose_strategy` (``allow_quantized`` or ``MOECOMM_DISABLE_QUANTIZED_DISPATCH=1`` switch the
     quantized path off). Returns ``bf16 [sizes[rank], hidden]``: this rank's rows of the sum over all
-    ranks' experts. Raises as :func:`dispatch` does.
+    ranks' experts. Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's
+    share of an EP split over the group or their hidden size differs; ``validate=True`` also compares
+    ``num_experts`` across ranks.
     """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
     strategy = Strategy(strategy)
-    if strategy == Strategy.AUTO:
-        world = dist.get_world_size(group)
-        ep_size = weights.num_experts // weights.num_local
-        strategy = choose_strategy(expert_input_format, sum(sizes), world_size=world, ep_size=ep_size,
-                                   allow_quantized=allow_quantized)
+
+    def prepare() -> Strategy:
+        _check_experts(weights, hidden, rank, world)
+        resolved = strategy
+        if strategy == Strategy.AUTO:
+            resolved = choose_strategy(expert_input_format, sum(_check_sizes(sizes, world)), world_size=world,
+                                       ep_size=world, allow_quantized=allow_quantized)
+        _validate(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format)
+        chosen.append(resolved)
+        return resolved
+
+    chosen: list[Strategy] = []
+    strategy = run_checks(
+        "moe_forward", prepare,
+        lambda: {**_agreement(hidden, topk_ids, sizes, chosen[0], global_scale, expert_input_format, pack),
+                 "num_experts": weights.num_experts},
+        group, validate)
     tokens, ids, tw, handle = dispatch(hidden, topk_ids, topk_weights, sizes=sizes, strategy=strategy,
                                        global_scale=global_scale, expert_input_format=expert_input_format,
-                                       group=group, pack=pack, validate=validate)
+                                       group=group, pack=pack)
     after_gather_format = expert_input_format if isinstance(tokens, torch.Tensor) else None
     partial = experts_forward(tokens, ids, tw, weights, input_format=after_gather_format,
                               global_scale=global_scale if after_gather_format == QuantFormat.NVFP4 else None)

@@ -91,6 +91,9 @@ def ep_partition(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int
         If ``num_experts`` is not a positive multiple of ``ep_size`` or ``ep_rank`` is outside
         ``[0, ep_size)``.
     """
+    for name, v in (("num_experts", num_experts), ("ep_size", ep_size), ("ep_rank", ep_rank)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an int, got {v!r}")
     if ep_size < 1 or not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank={ep_rank} must be in [0, ep_size={ep_size})")
     if num_experts < 1 or num_experts % ep_size:
@@ -257,6 +260,9 @@ def make_expert_weights(
     fmt, act = WeightFormat(format), Activation(activation)
     if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0] or w13.shape[2] != w2.shape[1]:
         raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} must be [E, N13, H] and [E, H, I]")
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not w.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {w.dtype}")
     num_experts, n13, hidden = w13.shape
     inter = w2.shape[2]
     if n13 != (2 * inter if act is Activation.SILU else inter):
@@ -628,6 +634,7 @@ def experts_forward(
     """
     tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale, check_ids=False)
     out = _check_out(out, (ids.shape[0], weights.hidden_size), _device(tokens))
+    bounds = None if _capturing(ids) else id_bounds(topk_ids)  # of the ids as given (int64 too); no sync
     backend = _pick_backend(backend, tokens, weights)
     if backend == "reference":
         return out.copy_(experts_forward_ref(tokens, ids, w, weights))
@@ -638,6 +645,5 @@ def experts_forward(
     plan = _plan(ids, weights.first_expert, weights.num_local)
     y = (_gemms_fp8 if backend == "fp8" else _gemms_bf16)(tokens, plan, weights)
     _unpermute(y, plan, w, weights.b2, out)
-    if not _capturing(ids):
-        check_id_bounds(id_bounds(ids), weights.num_experts)
+    check_id_bounds(bounds, weights.num_experts)
     return out

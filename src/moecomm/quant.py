@@ -135,6 +135,34 @@ class QuantizedTensor:
     global_scale: Tensor | None
     swizzled: bool = False
 
+    def __post_init__(self):
+        """Check that data and scales have the dtypes and shapes of ``format`` (raises ``ValueError``)."""
+        fmt = QuantFormat(self.format)
+        object.__setattr__(self, "format", fmt)
+        d, s = self.data, self.scales
+        if not (isinstance(d, Tensor) and isinstance(s, Tensor) and d.dim() == 2 and s.dim() == 2):
+            raise ValueError(f"QuantizedTensor: data and scales must be 2-D tensors, got {_describe(d)}, {_describe(s)}")
+        packed = fmt in (QuantFormat.NVFP4, QuantFormat.MXFP4)
+        hidden = d.shape[1] * (2 if packed else 1)
+        data_dtype, scale_dtype, block = {
+            QuantFormat.NVFP4: (torch.uint8, torch.float8_e4m3fn, NVFP4_BLOCK),
+            QuantFormat.MXFP4: (torch.uint8, torch.uint8, MXFP4_BLOCK),
+            QuantFormat.FP8_TOKEN: (torch.float8_e4m3fn, torch.float32, hidden),
+            QuantFormat.FP8_GROUP: (torch.float8_e4m3fn, torch.float32, None),
+        }[fmt]
+        rows, cols = d.shape[0], (hidden // block if block else s.shape[1])
+        if self.swizzled:
+            if fmt is not QuantFormat.NVFP4:
+                raise ValueError(f"QuantizedTensor: only NVFP4 scales come swizzled, not {fmt.value}")
+            rows, cols = _round_up(rows, 128), _round_up(cols, 4)
+        ok_cols = s.shape[1] == cols and (block or (cols > 0 and hidden % cols == 0))
+        if d.dtype != data_dtype or s.dtype != scale_dtype or s.shape[0] != rows or not ok_cols:
+            raise ValueError(
+                f"QuantizedTensor({fmt.value}): data must be {data_dtype} [rows, {'hidden/2' if packed else 'hidden'}]"
+                f" and scales {scale_dtype} [{rows}, {cols if block else 'hidden/group'}]; got {_describe(d)} and "
+                f"{_describe(s)}"
+            )
+
     @property
     def rows(self) -> int:
         """Number of rows (tokens)."""
@@ -196,6 +224,8 @@ def _check_out(out, expected: list[tuple[tuple[int, ...], torch.dtype]], device:
             )
         if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
             raise ValueError(f"{name}: out[{i}] must have unit stride along dim 1, got strides {t.stride()}")
+        if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) < t.shape[1]:
+            raise ValueError(f"{name}: out[{i}] has overlapping rows (strides {t.stride()}, shape {list(t.shape)})")
     return tuple(out)
 
 

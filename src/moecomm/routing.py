@@ -31,7 +31,8 @@ def _check_logits(router_logits: torch.Tensor, k: int) -> None:
 
 def _finish(weights: torch.Tensor, ids: torch.Tensor, renormalize: bool, scale: float = 1.0):
     if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        # + 1e-20 as DeepSeek-V3's MoEGate: sigmoid scores that underflow to 0 must not give 0/0 = NaN
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     if scale != 1.0:
         weights = weights * scale
     return ids.to(torch.int32), weights.float().contiguous()
@@ -176,7 +177,20 @@ def normalize_topk(
         raise ValueError(f"topk_ids on {topk_ids.device} but topk_weights on {topk_weights.device}")
     if num_experts is not None:
         check_id_bounds(id_bounds(topk_ids), num_experts)
-    return topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous()
+    return ids_int32(topk_ids).contiguous(), topk_weights.float().contiguous()
+
+
+def ids_int32(topk_ids: torch.Tensor) -> torch.Tensor:
+    """Integer ids as int32 without wrapping: ids outside the int32 range become -1 (no sync).
+
+    -1 is out of every expert range, so the range check of :func:`check_id_bounds` reports it instead of
+    a wrapped id silently picking a real expert (``2**32 + 1`` would wrap to 1).
+    """
+    if topk_ids.dtype == torch.int32:
+        return topk_ids
+    info = torch.iinfo(torch.int32)
+    fits = (topk_ids >= info.min) & (topk_ids <= info.max)
+    return torch.where(fits, topk_ids, -1).to(torch.int32)
 
 
 def id_bounds(topk_ids: torch.Tensor) -> torch.Tensor | None:
