@@ -289,6 +289,7 @@ def dispatch(
         ``bf16 [sizes[rank], hidden]``: this rank's tokens.
     topk_ids, topk_weights : Tensor
         ``int32 (or int64) [sizes[rank], topk]`` global expert ids and ``float32 [sizes[rank], topk]``.
+        int64 ids outside the int32 range travel as -1, which the experts' range check reports.
     sizes : list[int]
         Tokens per rank, the same list on every rank (see :func:`moecomm.collectives.gather_sizes`).
     strategy : Strategy or str
@@ -301,8 +302,9 @@ def dispatch(
     pack : bool
         Quantized strategies: one packed message (default) or four tensors in one NCCL group.
     validate : bool
-        Exchange metadata (sizes, hidden, topk, strategy, global scale) first and raise on EVERY rank
-        when ranks disagree or any rank's input is bad. Syncs with the host; not under graph capture.
+        Exchange metadata (sizes, hidden, topk, strategy, wire format, pack, NVFP4 global scale) first and
+        raise on EVERY rank when ranks disagree or any rank's input is bad. Syncs with the host; not
+        under graph capture.
 
     Returns
     -------
