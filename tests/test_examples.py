@@ -12,3 +12,11 @@ def test_quickstart_runs():
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "relative error vs one process" in run.stdout and run.stdout.strip().endswith("ok")
+
+
+def test_quickstart_under_torchrun():
+    # launch() runs in place under torchrun (env:// init): each of the 2 processes is one rank
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(EXAMPLES / "quickstart.py")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.splitlines().count("ok") == 2 and run.stdout.count("relative error vs one process") == 1
