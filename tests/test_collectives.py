@@ -14,7 +14,7 @@ import torch.distributed as dist
 from moecomm import all_gatherv, check_consistency, reduce_scatterv
 from moecomm.collectives import all_gatherv_ref, gather_sizes, reduce_scatterv_ref
 from moecomm.launch import RankError, launch, rank_device
-from moecomm.testing import assert_close
+from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of
 
 # (trailing shape, dtype) of the tensors gathered together in one call; None is a hole in the list.
 GATHER_SPECS = [
@@ -128,13 +128,6 @@ def test_gloo_battery(world_size):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _error_of(fn):
-    try:
-        fn()
-    except (ValueError, TypeError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
 
 def _error_cases():
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -142,26 +135,26 @@ def _error_cases():
     sizes = [r + 1 for r in range(world)]
     results = {
         # Every rank sees these locally: no validate needed.
-        "sizes too short": _error_of(lambda: all_gatherv(x, sizes[:-1])),
-        "negative size": _error_of(lambda: all_gatherv(x, [-1] + sizes[1:])),
-        "non-integer size": _error_of(lambda: all_gatherv(x, [1.5] + sizes[1:])),
-        "tensor sizes": _error_of(lambda: all_gatherv(x, torch.tensor(sizes))),
-        "rs rows": _error_of(lambda: reduce_scatterv(torch.randn(sum(sizes) + 1, 4), sizes)),
-        "rs dtype": _error_of(lambda: reduce_scatterv(torch.ones(sum(sizes), 4, dtype=torch.int32), sizes)),
-        "rs out shape": _error_of(lambda: reduce_scatterv(torch.randn(sum(sizes), 4), sizes,
+        "sizes too short": error_of(lambda: all_gatherv(x, sizes[:-1])),
+        "negative size": error_of(lambda: all_gatherv(x, [-1] + sizes[1:])),
+        "non-integer size": error_of(lambda: all_gatherv(x, [1.5] + sizes[1:])),
+        "tensor sizes": error_of(lambda: all_gatherv(x, torch.tensor(sizes))),
+        "rs rows": error_of(lambda: reduce_scatterv(torch.randn(sum(sizes) + 1, 4), sizes)),
+        "rs dtype": error_of(lambda: reduce_scatterv(torch.ones(sum(sizes), 4, dtype=torch.int32), sizes)),
+        "rs out shape": error_of(lambda: reduce_scatterv(torch.randn(sum(sizes), 4), sizes,
                                                           out=torch.empty(rank + 2, 4))),
-        "out dtype": _error_of(lambda: all_gatherv(x, sizes, out=torch.empty(sum(sizes), 4, dtype=torch.half))),
-        "not a tensor": _error_of(lambda: all_gatherv([x, "ids"], sizes)),
+        "out dtype": error_of(lambda: all_gatherv(x, sizes, out=torch.empty(sum(sizes), 4, dtype=torch.half))),
+        "not a tensor": error_of(lambda: all_gatherv([x, "ids"], sizes)),
         # Only one rank is wrong or ranks disagree: validate=True makes every rank raise.
-        "rows on rank 1 only": _error_of(
+        "rows on rank 1 only": error_of(
             lambda: all_gatherv(torch.randn(99 if rank == 1 else rank + 1, 4), sizes, validate=True)),
-        "sizes disagree": _error_of(
+        "sizes disagree": error_of(
             lambda: all_gatherv(x, sizes if rank else [1] + [s + 1 for s in sizes[1:]], validate=True)),
-        "dtype disagrees": _error_of(lambda: all_gatherv(x.double() if rank == 0 else x, sizes, validate=True)),
-        "trailing disagrees": _error_of(
+        "dtype disagrees": error_of(lambda: all_gatherv(x.double() if rank == 0 else x, sizes, validate=True)),
+        "trailing disagrees": error_of(
             lambda: all_gatherv(torch.randn(rank + 1, 5 if rank == 2 else 4), sizes, validate=True)),
-        "None disagrees": _error_of(lambda: all_gatherv([x, None if rank else x], sizes, validate=True)),
-        "rs rows one rank": _error_of(
+        "None disagrees": error_of(lambda: all_gatherv([x, None if rank else x], sizes, validate=True)),
+        "rs rows one rank": error_of(
             lambda: reduce_scatterv(torch.randn(sum(sizes) + (rank == 0), 4), sizes, validate=True)),
     }
     # The group is still usable after all those errors: no half-started collective.
@@ -172,9 +165,7 @@ def _error_cases():
 
 def test_errors_raise_on_every_rank():
     results = launch(_error_cases, 3, backend="gloo", timeout=120)
-    for case in results[0]:
-        for rank, res in enumerate(results):
-            assert res[case] is not None, f"{case}: rank {rank} did not raise"
+    assert_raised_on_every_rank(results)
     assert "rank 1" in results[0]["rows on rank 1 only"] and "99 rows" in results[0]["rows on rank 1 only"]
     assert "disagree on sizes" in results[2]["sizes disagree"]
     assert "len(sizes) = 2" in results[0]["sizes too short"]
@@ -292,14 +283,14 @@ def _validate_covers_out_and_types():
     x = torch.randn(2 + rank, 4)
     sizes = [2, 3, 4]
     results = {
-        "bad out on rank 1": _error_of(lambda: all_gatherv(
+        "bad out on rank 1": error_of(lambda: all_gatherv(
             x, sizes, out=torch.empty(9, 5 if rank == 1 else 4), validate=True)),
-        "a list to reduce_scatterv on rank 2": _error_of(lambda: reduce_scatterv(
+        "a list to reduce_scatterv on rank 2": error_of(lambda: reduce_scatterv(
             [torch.ones(9, 4)] if rank == 2 else torch.ones(9, 4), sizes, validate=True)),
-        "gather_sizes: float on rank 0": _error_of(lambda: gather_sizes(2.7 if rank == 0 else 3)),
-        "gather_sizes: negative on rank 2": _error_of(lambda: gather_sizes(-1 if rank == 2 else 3)),
-        "sizes as a dict": _error_of(lambda: all_gatherv(x, {0: 2, 1: 3, 2: 4})),
-        "unknown op": _error_of(lambda: check_consistency(x, sizes, op="allgatherv")),
+        "gather_sizes: float on rank 0": error_of(lambda: gather_sizes(2.7 if rank == 0 else 3)),
+        "gather_sizes: negative on rank 2": error_of(lambda: gather_sizes(-1 if rank == 2 else 3)),
+        "sizes as a dict": error_of(lambda: all_gatherv(x, {0: 2, 1: 3, 2: 4})),
+        "unknown op": error_of(lambda: check_consistency(x, sizes, op="allgatherv")),
     }
     # numpy integers are integers
     import numpy as np
@@ -310,8 +301,6 @@ def _validate_covers_out_and_types():
 
 def test_validate_covers_out_and_types():
     results = launch(_validate_covers_out_and_types, 3, backend="gloo", timeout=120)
-    for case in results[0]:
-        for rank, res in enumerate(results):
-            assert res[case] is not None, f"{case}: rank {rank} did not raise"
+    assert_raised_on_every_rank(results)
     assert "rank 1" in results[0]["bad out on rank 1"]
     assert "[0]" in results[1]["gather_sizes: float on rank 0"]

@@ -18,7 +18,7 @@ from moecomm.dispatch import (
 from moecomm.launch import launch, rank_device
 from moecomm.moe import experts_forward_ref, make_expert_weights, topk_softmax
 from moecomm.quant import QuantFormat, nvfp4_global_scale
-from moecomm.testing import assert_close
+from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of
 
 HIDDEN, INTER, TOPK = 128, 32, 3
 # Tolerance vs the float32 single-process reference: bf16 partial outputs, summed in bf16 across ranks.
@@ -147,13 +147,6 @@ def test_crossover_from_measurements(tmp_path):
     assert table["2"] == {"agrs-nvfp4": 64, "agrs-fp8": None} and table["4"]["agrs-fp8"] == 8 and "default" in table
 
 
-def _error_of(fn):
-    try:
-        fn()
-    except (ValueError, TypeError) as e:
-        return str(e)
-    return None
-
 
 def _with_id(ids, value):
     ids = ids.clone()
@@ -171,35 +164,35 @@ def _errors():
     ids, w = topk_softmax(torch.randn(n, 2 * world), 2)
     odd = torch.randn(n, HIDDEN - 8).bfloat16()
     return {
-        "hidden not divisible by the block": _error_of(lambda: moe_forward(
+        "hidden not divisible by the block": error_of(lambda: moe_forward(
             odd, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=1.0)),
-        "fp32 hidden": _error_of(lambda: moe_forward(x.float(), ids, w, mine, sizes=sizes, strategy="agrs")),
-        "int16 ids": _error_of(lambda: moe_forward(x, ids.short(), w, mine, sizes=sizes, strategy="agrs")),
-        "missing global scale": _error_of(lambda: moe_forward(x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4")),
-        "non-finite global scale": _error_of(lambda: moe_forward(
+        "fp32 hidden": error_of(lambda: moe_forward(x.float(), ids, w, mine, sizes=sizes, strategy="agrs")),
+        "int16 ids": error_of(lambda: moe_forward(x, ids.short(), w, mine, sizes=sizes, strategy="agrs")),
+        "missing global scale": error_of(lambda: moe_forward(x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4")),
+        "non-finite global scale": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=float("inf"))),
-        "global scale disagrees": _error_of(lambda: moe_forward(
+        "global scale disagrees": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=1.0 + rank, validate=True)),
-        "wire format differs from the experts'": _error_of(lambda: moe_forward(
+        "wire format differs from the experts'": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", expert_input_format=QuantFormat.NVFP4)),
-        "numpy hidden on rank 1": _error_of(lambda: moe_forward(
+        "numpy hidden on rank 1": error_of(lambda: moe_forward(
             x.float().numpy() if rank == 1 else x, ids, w, mine, sizes=sizes, strategy="agrs", validate=True)),
-        "two-element global scale on rank 0": _error_of(lambda: moe_forward(
+        "two-element global scale on rank 0": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4",
             global_scale=torch.tensor([2.0, 2.0]) if rank == 0 else 2.0, validate=True)),
-        "FP8 flavour disagrees": _error_of(lambda: moe_forward(
+        "FP8 flavour disagrees": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", validate=True,
             expert_input_format=QuantFormat.FP8_TOKEN if rank == 0 else QuantFormat.FP8_GROUP)),
-        "pack disagrees": _error_of(lambda: moe_forward(
+        "pack disagrees": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", pack=rank != 2, validate=True)),
-        "experts not split over the ranks": _error_of(lambda: moe_forward(
+        "experts not split over the ranks": error_of(lambda: moe_forward(
             x, ids, w, make_expert_weights(w13, w2), sizes=sizes, strategy="agrs")),
-        "experts' hidden size on rank 2": _error_of(lambda: moe_forward(
+        "experts' hidden size on rank 2": error_of(lambda: moe_forward(
             x, ids, w, make_expert_weights(w13[..., :64], w2[:, :64], ep_size=world, ep_rank=rank) if rank == 2
             else mine, sizes=sizes, strategy="agrs", validate=True)),
-        "int64 id past int32": _error_of(lambda: moe_forward(
+        "int64 id past int32": error_of(lambda: moe_forward(
             x, _with_id(ids.long(), 2**32 + 1), w, mine, sizes=sizes, strategy="agrs")),
-        "rows on one rank": _error_of(lambda: moe_forward(
+        "rows on one rank": error_of(lambda: moe_forward(
             x[: n - (rank == 1)], ids[: n - (rank == 1)], w[: n - (rank == 1)], mine, sizes=sizes,
             strategy="agrs", validate=True)),
     }
@@ -207,9 +200,7 @@ def _errors():
 
 def test_bad_input_raises_on_every_rank():
     results = launch(_errors, 3, backend="gloo", timeout=120)
-    for case in results[0]:
-        for rank, res in enumerate(results):
-            assert res[case] is not None, f"{case}: rank {rank} did not raise"
+    assert_raised_on_every_rank(results)
     assert "global_scale" in results[0]["global scale disagrees"]
     assert "rank 1" in results[2]["rows on one rank"]
     assert "experts consume nvfp4" in results[0]["wire format differs from the experts'"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["assert_close", "rel_error"]
+__all__ = ["assert_close", "rel_error", "error_of", "assert_raised_on_every_rank"]
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -34,3 +34,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rel: float, na
     if not err <= rel:
         worst = (actual.double() - expected.double()).abs().flatten().argmax().item()
         raise AssertionError(f"{name}: relative error {err:.3e} > {rel:.1e} (worst at flat index {worst})")
+
+
+def error_of(fn) -> str | None:
+    """The message of the ``ValueError`` / ``TypeError`` that ``fn()`` raises, or None if it returns.
+
+    For multi-rank error tests: each rank collects its messages and returns them to the caller.
+    """
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def assert_raised_on_every_rank(results: list[dict[str, str | None]]) -> None:
+    """``results[rank][case]`` from :func:`error_of`: raise ``AssertionError`` unless every rank raised in every case."""
+    for case in results[0]:
+        for rank, res in enumerate(results):
+            if res[case] is None:
+                raise AssertionError(f"{case}: rank {rank} did not raise")
