@@ -108,11 +108,15 @@ def _e4m3_value(code):
 def _e2m1_code_scaled(a, s):
     """e2m1 code (0..7) of fp32 ``a / s`` (RNE, saturating) without dividing: thresholds ``t * s``.
 
-    ``s`` broadcasts (one per block); NaN ``s`` makes every comparison false (code 0).
+    The code counts the thresholds passed: ``> 0.25, >= 0.75, > 1.25, >= 1.75, > 2.5, >= 3.5, > 5`` (times
+    ``s``; ``>`` where a tie rounds down to the even code, ``>=`` where it rounds up). They are increasing,
+    so a binary search finds the count with three comparisons. ``s`` broadcasts (one per block); a NaN
+    ``s`` makes every comparison false (code 0).
     """
-    c = (a > 0.25 * s).to(tl.int32) + (a >= 0.75 * s).to(tl.int32) + (a > 1.25 * s).to(tl.int32)
-    c += (a >= 1.75 * s).to(tl.int32) + (a > 2.5 * s).to(tl.int32) + (a >= 3.5 * s).to(tl.int32)
-    return c + (a > 5.0 * s).to(tl.int32)
+    hi = a >= 1.75 * s
+    mid = a >= tl.where(hi, 3.5 * s, 0.75 * s)
+    lo = a > tl.where(hi, tl.where(mid, 5.0 * s, 2.5 * s), tl.where(mid, 1.25 * s, 0.25 * s))
+    return hi.to(tl.int32) * 4 + mid.to(tl.int32) * 2 + lo.to(tl.int32)
 
 
 @triton.jit
