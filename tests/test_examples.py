@@ -18,5 +18,7 @@ def test_quickstart_under_torchrun():
     # launch() runs in place under torchrun (env:// init): each of the 2 processes is one rank
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           str(EXAMPLES / "quickstart.py")], capture_output=True, text=True, timeout=300)
+    # exit code 0: both processes passed their checks (torchrun fails if any rank fails); the two
+    # processes' prints may interleave, so only rank 0's message is looked for
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.splitlines().count("ok") == 2 and run.stdout.count("relative error vs one process") == 1
+    assert run.stdout.count("relative error vs one process") == 1
