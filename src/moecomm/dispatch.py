@@ -331,6 +331,12 @@ def dispatch(
         lambda: _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format),
         lambda: _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack),
         group, validate)
+    return _dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, expert_input_format, group, pack)
+
+
+def _dispatch(hidden, topk_ids, topk_weights, sizes: list[int], strategy: Strategy, global_scale,
+              expert_input_format, group, pack: bool):
+    """:func:`dispatch` after its checks (``sizes`` already a checked list)."""
     topk_ids = ids_int32(topk_ids)  # out-of-range int64 ids become -1: the experts' range check reports them
     rank = dist.get_rank(group)
     handle = DispatchHandle(strategy, tuple(sizes), rank, group)
@@ -446,25 +452,24 @@ def moe_forward(
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     strategy = Strategy(strategy)
 
-    def prepare() -> Strategy:
+    def prepare() -> tuple[Strategy, list[int]]:
         _check_experts(weights, hidden, rank, world)
         resolved = strategy
         if strategy == Strategy.AUTO:
             resolved = choose_strategy(expert_input_format, sum(_check_sizes(sizes, world)), world_size=world,
                                        ep_size=world, allow_quantized=allow_quantized)
-        _validate(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format)
+        checked = _validate(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format)
         chosen.append(resolved)
-        return resolved
+        return resolved, checked
 
-    chosen: list[Strategy] = []
-    strategy = run_checks(
+    chosen: list[Strategy] = []  # the resolved strategy, for the agreement (which runs after prepare)
+    strategy, checked_sizes = run_checks(
         "moe_forward", prepare,
         lambda: {**_agreement(hidden, topk_ids, sizes, chosen[0], global_scale, expert_input_format, pack),
                  "num_experts": weights.num_experts},
         group, validate)
-    tokens, ids, tw, handle = dispatch(hidden, topk_ids, topk_weights, sizes=sizes, strategy=strategy,
-                                       global_scale=global_scale, expert_input_format=expert_input_format,
-                                       group=group, pack=pack)
+    tokens, ids, tw, handle = _dispatch(hidden, topk_ids, topk_weights, checked_sizes, strategy, global_scale,
+                                        expert_input_format, group, pack)
     after_gather_format = expert_input_format if isinstance(tokens, torch.Tensor) else None
     partial = experts_forward(tokens, ids, tw, weights, input_format=after_gather_format,
                               global_scale=global_scale if after_gather_format == QuantFormat.NVFP4 else None)
