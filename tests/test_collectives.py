@@ -12,7 +12,15 @@ import torch
 import torch.distributed as dist
 
 from moecomm import all_gatherv, check_consistency, reduce_scatterv
-from moecomm.collectives import all_gatherv_ref, gather_sizes, reduce_scatterv_ref
+from moecomm.collectives import (
+    VALIDATE_ENV,
+    Algorithm,
+    all_gatherv_ref,
+    choose_algorithm,
+    gather_sizes,
+    reduce_scatterv_ref,
+    size_pattern,
+)
 from moecomm.launch import RankError, launch, rank_device
 from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of
 
@@ -51,7 +59,7 @@ def _noncontiguous(t):
     return nc
 
 
-def _gather_case(seed, sizes, noncontig, use_out):
+def _gather_case(seed, sizes, noncontig, use_out, algorithm="auto"):
     rank, device = dist.get_rank(), rank_device()
     per_rank = [_rank_inputs(seed, r, n, GATHER_SPECS) for r, n in enumerate(sizes)]
     mine = [None if t is None else (_noncontiguous(t) if noncontig else t).to(device)
@@ -60,7 +68,7 @@ def _gather_case(seed, sizes, noncontig, use_out):
     if use_out:  # poisoned outputs: every byte must be written
         out = [None if t is None else _rand((sum(sizes), *t.shape[1:]), t.dtype, torch.Generator()).to(device)
                for t in per_rank[rank]]
-    got = all_gatherv(mine, sizes, out=out)
+    got = all_gatherv(mine, sizes, out=out, algorithm=algorithm)
     if use_out:
         assert all(g is o for g, o in zip(got, out))
     for i, spec in enumerate(GATHER_SPECS):
@@ -69,10 +77,10 @@ def _gather_case(seed, sizes, noncontig, use_out):
             continue
         expected = torch.cat([per_rank[r][i] for r in range(len(sizes))])
         assert got[i].dtype == expected.dtype and got[i].shape == expected.shape, (i, got[i].shape)
-        assert torch.equal(got[i].cpu().view(torch.uint8), expected.view(torch.uint8)), f"tensor {i} differs"
+        assert torch.equal(got[i].cpu().view(torch.uint8), expected.view(torch.uint8)), f"{algorithm}: tensor {i} differs"
 
 
-def _reduce_case(seed, sizes, dtype, use_out):
+def _reduce_case(seed, sizes, dtype, use_out, algorithm="auto"):
     rank, device = dist.get_rank(), rank_device()
     total = sum(sizes)
     inputs = [torch.randn((total, 5, 3), generator=torch.Generator().manual_seed(seed + r)).to(dtype)
@@ -81,9 +89,9 @@ def _reduce_case(seed, sizes, dtype, use_out):
     start = sum(sizes[:rank])
     expected = expected[start : start + sizes[rank]]
     out = torch.full((sizes[rank], 5, 3), float("nan"), dtype=dtype, device=device) if use_out else None
-    got = reduce_scatterv(inputs[rank].to(device), sizes, out=out)
+    got = reduce_scatterv(inputs[rank].to(device), sizes, out=out, algorithm=algorithm)
     assert got.dtype == dtype and (not use_out or got is out)
-    assert_close(got.cpu().double(), expected, rel=REDUCE_TOL[dtype], name=f"reduce_scatterv {dtype}")
+    assert_close(got.cpu().double(), expected, rel=REDUCE_TOL[dtype], name=f"reduce_scatterv {algorithm} {dtype}")
     assert_close(reduce_scatterv_ref(inputs[rank].to(device), sizes).cpu().double(), expected,
                  rel=REDUCE_TOL[dtype], name="reduce_scatterv_ref")
 
@@ -99,6 +107,12 @@ def _size_patterns(world, rng):
     ]
 
 
+def _algorithms(op):
+    """Every explicit algorithm of ``op`` on this backend (symm needs CUDA)."""
+    algos = ["broadcast", "padded"] + (["allreduce"] if op == "reduce_scatterv" else [])
+    return algos + (["symm"] if dist.get_backend() == "nccl" else [])
+
+
 def _battery(seed):
     world = dist.get_world_size()
     rng = random.Random(seed)
@@ -106,8 +120,12 @@ def _battery(seed):
         # Every rank draws the same patterns from the shared seed, so sizes agree.
         for noncontig, use_out in [(False, False), (True, False), (False, True)]:
             _gather_case(seed, sizes, noncontig, use_out)
+        for algorithm in _algorithms("all_gatherv"):
+            _gather_case(seed, sizes, False, True, algorithm)
         for dtype in REDUCE_TOL:
             _reduce_case(seed, sizes, dtype, use_out=dtype == torch.bfloat16)
+            for algorithm in _algorithms("reduce_scatterv"):
+                _reduce_case(seed, sizes, dtype, True, algorithm)
         # single tensor in, single tensor out; the padded reference agrees
         t = _rank_inputs(seed, dist.get_rank(), sizes[dist.get_rank()], [((4,), torch.float32)])[0]
         t = t.to(rank_device())
@@ -169,6 +187,71 @@ def test_errors_raise_on_every_rank():
     assert "rank 1" in results[0]["rows on rank 1 only"] and "99 rows" in results[0]["rows on rank 1 only"]
     assert "disagree on sizes" in results[2]["sizes disagree"]
     assert "len(sizes) = 2" in results[0]["sizes too short"]
+
+
+def test_choose_algorithm_reads_the_measured_table(monkeypatch):
+    import moecomm.collectives as c
+
+    assert size_pattern([4, 4]) == "balanced" and size_pattern([0, 4]) == "idle" and size_pattern([1, 4]) == "skewed"
+    assert size_pattern([0, 0]) == "balanced"
+    # Without a measured table: the native equal-size collective for equal sizes, else a broadcast per root.
+    monkeypatch.setattr(c, "_TABLES", {})
+    monkeypatch.setattr(c.json, "load", lambda f: {"tables": {}})
+    assert choose_algorithm("all_gatherv", [8, 8], 100) == Algorithm.PADDED
+    assert choose_algorithm("reduce_scatterv", [0, 8], 100) == Algorithm.BROADCAST
+    # A table: per pattern, the nearest measured byte count on a log scale wins; graphed has its own.
+    table = {"tables": {"all_gatherv": {"2": {
+        "eager": {"skewed": [[1000, "broadcast"], [1_000_000, "padded"], [100_000_000, "symm"]]},
+        "graphed": {"skewed": [[1000, "symm"]]},
+    }}}}
+    monkeypatch.setattr(c, "_TABLES", {})
+    monkeypatch.setattr(c.json, "load", lambda f: table)
+    for total_bytes, expected in [(1, "broadcast"), (31_000, "broadcast"), (32_000, "padded"),
+                                  (9_000_000, "padded"), (11_000_000, "symm"), (10**12, "symm")]:
+        assert choose_algorithm("all_gatherv", [1, 2], total_bytes // 3) == Algorithm(expected), total_bytes
+    assert choose_algorithm("all_gatherv", [1, 2], 10, capturing=True) == Algorithm.SYMM
+    assert choose_algorithm("all_gatherv", [2, 2], 10**6) == Algorithm.PADDED  # no balanced points: default
+    assert choose_algorithm("all_gatherv", [1, 2, 3], 10) == Algorithm.BROADCAST  # no world size 3
+
+
+def _membership_and_env():
+    rank = dist.get_rank()
+    pair = dist.new_group([0, 1])  # every rank takes part in creating it; rank 2 is not a member
+    x = torch.randn(2, 4)
+    results = {}
+    if rank == 2:
+        results["not a member: all_gatherv"] = error_of(lambda: all_gatherv(x, [2, 2], group=pair))
+        results["not a member: reduce_scatterv"] = error_of(lambda: reduce_scatterv(x, [1, 1], group=pair))
+        results["not a member: gather_sizes"] = error_of(lambda: gather_sizes(2, group=pair))
+    else:
+        assert torch.equal(all_gatherv(x, [2, 2], group=pair, algorithm="broadcast"),
+                           all_gatherv_ref(x, [2, 2], group=pair))
+    # MOECOMM_VALIDATE=1: ranks that disagree on sizes raise on every rank without validate=True
+    import os
+
+    os.environ[VALIDATE_ENV] = "1"
+    try:
+        sizes = [2, 2, 2] if rank else [2, 2, 3]
+        results["env validate"] = error_of(lambda: all_gatherv(x, sizes))
+        results["env validate rs"] = error_of(lambda: reduce_scatterv(torch.randn(6, 4), [2, 3, 1] if rank else [2, 2, 2]))
+    finally:
+        del os.environ[VALIDATE_ENV]
+    results["symm on gloo"] = error_of(lambda: all_gatherv(x, [2, 2, 2], algorithm="symm"))
+    results["allreduce gather"] = error_of(lambda: all_gatherv(x, [2, 2, 2], algorithm="allreduce"))
+    results["unknown algorithm"] = error_of(lambda: all_gatherv(x, [2, 2, 2], algorithm="ring"))
+    return results
+
+
+def test_non_members_and_environment_validation():
+    results = launch(_membership_and_env, 3, backend="gloo", timeout=120)
+    assert "not a member" in results[2]["not a member: all_gatherv"]
+    assert "not a member" in results[2]["not a member: reduce_scatterv"]
+    assert "not a member" in results[2]["not a member: gather_sizes"]
+    for r in range(3):
+        assert "disagree on sizes" in results[r]["env validate"], results[r]
+        assert "disagree on sizes" in results[r]["env validate rs"]
+        assert "symm" in results[r]["symm on gloo"] and "reduce_scatterv only" in results[r]["allreduce gather"]
+        assert "'ring' is not a valid Algorithm" in results[r]["unknown algorithm"]
 
 
 # ---------------------------------------------------------------------------------------------------
