@@ -16,7 +16,7 @@ from moecomm.dispatch import (
     wire_bytes_per_token,
 )
 from moecomm.launch import launch, rank_device
-from moecomm.moe import experts_forward_ref, make_expert_weights, topk_softmax
+from moecomm.moe import experts_forward, experts_forward_ref, make_expert_weights, topk_softmax
 from moecomm.quant import QuantFormat, nvfp4_global_scale
 from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of
 
@@ -33,6 +33,10 @@ def _problem(seed, sizes, num_experts):
     x[:, 5] *= 8  # an outlier channel
     logits = torch.randn(total, num_experts, generator=gen)
     ids, w = topk_softmax(logits, TOPK)
+    masked = torch.rand(total, TOPK, generator=gen) < 0.2  # masked slots (-1), and every 4th row whole
+    masked[::4] = True
+    ids = torch.where(masked, -1, ids)
+    w = torch.where(masked, torch.rand(total, TOPK, generator=gen) * 9, w)  # a masked slot's weight is unread
     w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
     w2 = torch.randn(num_experts, HIDDEN, INTER, generator=gen) / INTER**0.5
     return x, ids, w, w13, w2
@@ -76,6 +80,12 @@ def _contracts(seed, sizes_list):
         out = moe_forward(*args, sizes=sizes, strategy=Strategy.AGRS_FP8, expert_input_format=QuantFormat.FP8_TOKEN)
         after = moe_forward(*args, sizes=sizes, strategy=Strategy.AGRS, expert_input_format=QuantFormat.FP8_TOKEN)
         assert torch.equal(out, after)
+        # The layouts of the gathered rows (padded: masked padding rows) and the collectives' algorithms agree
+        for algorithm in ("broadcast", "padded"):
+            for strategy, fmt in [(Strategy.AGRS, None), (Strategy.AGRS_NVFP4, QuantFormat.NVFP4)]:
+                got = moe_forward(*args, sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt,
+                                  algorithm=algorithm)
+                assert_close(got.float(), outs[strategy].float(), rel=TOL, name=f"{strategy.value} {algorithm}")
         # Unquantized experts: allreduce and agrs agree to bf16 rounding of the cross-rank sums.
         assert_close(outs[Strategy.ALLREDUCE].float(), outs[Strategy.AGRS].float(), rel=TOL, name="allreduce vs agrs")
     return "ok"
@@ -191,7 +201,9 @@ def _errors():
             x, ids, w, make_expert_weights(w13[..., :64], w2[:, :64], ep_size=world, ep_rank=rank) if rank == 2
             else mine, sizes=sizes, strategy="agrs", validate=True)),
         "int64 id past int32": error_of(lambda: moe_forward(
-            x, _with_id(ids.long(), 2**32 + 1), w, mine, sizes=sizes, strategy="agrs")),
+            x, _with_id(ids.long(), 2**32 + 1), w, mine, sizes=sizes, strategy="agrs", validate=True)),
+        "id -2 on rank 1": error_of(lambda: moe_forward(
+            x, _with_id(ids, -2) if rank == 1 else ids, w, mine, sizes=sizes, strategy="agrs-fp8", validate=True)),
         "rows on one rank": error_of(lambda: moe_forward(
             x[: n - (rank == 1)], ids[: n - (rank == 1)], w[: n - (rank == 1)], mine, sizes=sizes,
             strategy="agrs", validate=True)),
@@ -206,7 +218,43 @@ def test_bad_input_raises_on_every_rank():
     assert "experts consume nvfp4" in results[0]["wire format differs from the experts'"]
     assert "wire format" in results[1]["FP8 flavour disagrees"] and "pack" in results[0]["pack disagrees"]
     assert "ep_size=3" in results[0]["experts not split over the ranks"]
-    assert "topk_ids must be in [0, 6)" in results[1]["int64 id past int32"]
+    assert "topk_ids must be in [0, 6) or -1" in results[1]["int64 id past int32"]
+    assert "rank 1: topk_ids must be in [0, 6) or -1 (a masked slot), got values in [-2" in results[0]["id -2 on rank 1"]
+
+
+def _padded_layout_and_deferred_errors():
+    from moecomm import errors
+    from moecomm.dispatch import combine, dispatch
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for sizes in ([3, 0, 5], [3, 2, 5]):
+        n, start = sizes[rank], sum(sizes[:rank])
+        x, ids, w, w13, w2 = _problem(11, sizes, 4 * world)
+        mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
+        args = (x[start : start + n], ids[start : start + n], w[start : start + n])
+        tokens, gids, gw, handle = dispatch(*args, sizes=sizes, strategy="agrs-fp8", algorithm="padded")
+        pad = max(sizes)
+        assert handle.padded_rows == pad and handle.rows == pad * world and gids.shape == (pad * world, TOPK)
+        for r in range(world):  # rank r's rows, then its padding rows: every slot masked
+            s = sum(sizes[:r])
+            assert torch.equal(gids[r * pad : r * pad + sizes[r]], ids[s : s + sizes[r]])
+            assert (gids[r * pad + sizes[r] : (r + 1) * pad] == -1).all()
+        out = combine(experts_forward(tokens, gids, gw, mine), handle)
+        compact = moe_forward(*args, mine, sizes=sizes, strategy="agrs-fp8", algorithm="broadcast")
+        assert_close(out.float(), compact.float(), rel=TOL, name=f"padded layout {sizes}")
+        # an id out of range on rank 1 only: no rank raises in the step, every rank raises in check_errors
+        bad = _with_id(args[1], 4 * world) if rank == 1 and n else args[1]
+        moe_forward(args[0], bad, args[2], mine, sizes=sizes, strategy="agrs")
+        results[str(sizes)] = error_of(lambda: errors.check_errors(every_rank=True))
+    return results
+
+
+def test_padded_layout_and_deferred_errors():
+    results = launch(_padded_layout_and_deferred_errors, 3, backend="gloo", timeout=120)
+    assert [r["[3, 0, 5]"] for r in results] == [None] * 3  # rank 1 has no token to spoil
+    for r in results:
+        assert "rank 1: topk_ids outside [-1, num_experts) reached the experts" in r["[3, 2, 5]"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,6 +263,7 @@ def test_bad_input_raises_on_every_rank():
 
 
 def _graph_vs_eager(seed):
+    from moecomm.collectives import gather_sizes
     from moecomm.dispatch import GraphedMoE
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -233,13 +282,14 @@ def _graph_vs_eager(seed):
             gen = torch.Generator().manual_seed(seed * 7 + step * 31 + rank)
             x = torch.randn(n, HIDDEN, generator=gen).bfloat16().to(device)
             ids, w = topk_softmax(torch.randn(n, num_experts, generator=gen).to(device), TOPK)
-            got = graphed(x, ids, w).clone()
-            # eager on the same padded bucket: identical work, so identical bytes
-            bucket = graphed.bucket_for(n)
+            sizes = gather_sizes(n)
+            got = graphed(x, ids, w, sizes=sizes).clone()
+            assert torch.equal(got, graphed(x, ids, w))  # the bucket found by the all-reduce is the same
+            # eager on the same padded bucket, padding rows masked: identical work, so identical bytes
+            bucket = graphed.bucket_for(n, sizes)
             pad = bucket - n
             xp = torch.cat([x, x.new_zeros(pad, HIDDEN)])
-            pad_ids = (torch.arange(bucket * TOPK, device=device, dtype=torch.int32) % num_experts).view(bucket, TOPK)
-            idp = torch.cat([ids, pad_ids[n:]])
+            idp = torch.cat([ids, ids.new_full((pad, TOPK), -1)])
             wp = torch.cat([w, w.new_zeros(pad, TOPK)])
             eager = moe_forward(xp, idp, wp, mine, sizes=[bucket] * world, strategy=strategy, global_scale=gs,
                                 expert_input_format=fmt)[:n]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 import pytest
 import torch
@@ -213,9 +214,11 @@ def test_normalize_topk():
     ids64 = torch.tensor([[0, 3], [7, 1]])
     ids, w = normalize_topk(ids64, torch.ones(2, 2, dtype=torch.bfloat16), num_experts=8)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32 and ids.tolist() == ids64.tolist()
-    for bad in (torch.tensor([[0, 8]]), torch.tensor([[-1, 0]])):
-        with pytest.raises(ValueError, match=r"\[0, 8\)"):
+    for bad in (torch.tensor([[0, 8]]), torch.tensor([[-2, 0]]), torch.tensor([[2**32 + 1, 0]])):
+        with pytest.raises(ValueError, match=r"\[0, 8\) or -1"):
             normalize_topk(bad, torch.ones(1, 2), num_experts=8)
+    masked, _ = normalize_topk(torch.tensor([[-1, 0]]), torch.ones(1, 2), num_experts=8)  # -1: a masked slot
+    assert masked.tolist() == [[-1, 0]]
     with pytest.raises(ValueError, match="integer"):
         normalize_topk(torch.zeros(2, 2), torch.ones(2, 2))
     with pytest.raises(ValueError, match="floating"):
@@ -490,10 +493,10 @@ def test_errors():
     ids, tw = _route(5, 8, 2)
     bad_ids = ids.clone()
     bad_ids[2, 1] = 8
-    with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        experts_forward(x, bad_ids, tw, weights)
-    with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        experts_forward_ref(x, -ids - 1, tw, weights)
+    with pytest.raises(ValueError, match=r"\[0, 8\) or -1"):
+        experts_forward(x, bad_ids, tw, weights, validate=True)
+    with pytest.raises(ValueError, match=r"\[0, 8\) or -1"):
+        experts_forward_ref(x, -ids - 2, tw, weights, validate=True)
     with pytest.raises(ValueError, match="backend"):
         experts_forward(x, ids, tw, weights, backend="cutlass")
     with pytest.raises(ValueError, match="FP8_TOKEN tokens and FP8_CHANNEL"):
@@ -524,7 +527,7 @@ def _plan_case(act=Activation.SILU, bias=False, num_tokens=37, k=3, device="cpu"
     w13, w2, b13, b2 = _weights(8, act, bias=bias, device=device)
     weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=1, activation=act, b13=b13, b2=b2)
     ids, tw = _route(num_tokens, 8, k)
-    plan = moe._plan(ids.to(device), weights.first_expert, weights.num_local)
+    plan = moe._plan(ids.to(device), weights.first_expert, weights.num_local, 8)
     m = int(plan.end)
     assert 0 < m < num_tokens * k  # some padding rows
     return weights, plan, tw.to(device), m
@@ -543,8 +546,8 @@ def _distinct_ids(num_tokens, k, num_experts, exclude=(), device="cpu"):
     return pool[picks].to(device=device, dtype=torch.int32)
 
 
-def _check_plan(ids, first, num_local):
-    got = _moe_triton.plan(ids, first, num_local)
+def _check_plan(ids, first, num_local, num_experts):
+    got = _moe_triton.plan(ids, first, num_local, num_experts)
     for name, a, b in zip(("src_rows", "row_expert", "offs", "inv"), got, moe._plan_torch(ids, first, num_local)):
         assert torch.equal(a, b), name
 
@@ -552,7 +555,7 @@ def _check_plan(ids, first, num_local):
 @pytest.mark.parametrize("num_tokens,k,num_experts,first,num_local", PLAN_CASES)
 def test_triton_plan(num_tokens, k, num_experts, first, num_local):
     exclude = (6, 7) if first == 6 else ()
-    _check_plan(_distinct_ids(num_tokens, k, num_experts, exclude), first, num_local)
+    _check_plan(_distinct_ids(num_tokens, k, num_experts, exclude), first, num_local, num_experts)
 
 
 def _check_permute_kernels(tokens, plan, m):
@@ -663,8 +666,8 @@ def test_gpu_input_format_contract(dsv3, tfmt):
 def test_gpu_kernels_match_torch(act):
     """The compiled kernels vs the torch steps, incl. row-strided quantized tokens and biases."""
     weights, plan, tw, m = _plan_case(act, bias=True, num_tokens=300, k=8, device="cuda")
-    _check_plan(_distinct_ids(16384, 8, 256, device="cuda"), 32, 32)  # EP 8
-    _check_plan(_distinct_ids(4096, 8, 256, device="cuda"), 0, 256)  # no EP: 512 histogram bins
+    _check_plan(_distinct_ids(16384, 8, 256, device="cuda"), 32, 32, 256)  # EP 8
+    _check_plan(_distinct_ids(4096, 8, 256, device="cuda"), 0, 256, 256)  # no EP: 512 histogram bins
     x = _tokens(300, device="cuda")
     for tfmt in [None, *_moe_triton._PERMUTE_FORMATS]:
         tokens = _quantize(x, tfmt)
@@ -739,3 +742,80 @@ def test_grouped_topk_weights_stay_finite_when_sigmoid_underflows():
     ids, w = grouped_topk(torch.full((2, 16), -200.0), 4, e_score_correction_bias=torch.zeros(16),
                           n_group=4, topk_group=2)
     assert torch.isfinite(w).all() and ids.shape == (2, 4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masked slots (topk_ids == -1) and the deferred id check
+# ----------------------------------------------------------------------------------------------------
+
+
+def _mask_patterns(num_tokens, k, gen):
+    """Boolean ``[T, k]`` masks: random slots, whole rows, everything, nothing."""
+    random_slots = torch.rand(num_tokens, k, generator=gen) < 0.4
+    rows = torch.zeros(num_tokens, k, dtype=torch.bool)
+    rows[::3] = True
+    return {"random slots": random_slots, "whole rows": rows, "all": torch.ones(num_tokens, k, dtype=torch.bool),
+            "none": torch.zeros(num_tokens, k, dtype=torch.bool)}
+
+
+MASK_CASES = [("grouped", WeightFormat.BF16, None), ("grouped", WeightFormat.NVFP4, QuantFormat.NVFP4),
+              ("grouped", WeightFormat.FP8_BLOCK, QuantFormat.FP8_GROUP),
+              ("fp8", WeightFormat.FP8_CHANNEL, QuantFormat.FP8_TOKEN)]
+
+
+@pytest.mark.parametrize("backend,wfmt,tfmt", MASK_CASES, ids=_fid)
+def test_masked_slots_add_exactly_zero(backend, wfmt, tfmt):
+    """A -1 slot gives the same bits as that slot pointing at a real expert (local or not) with weight 0,
+    whatever weight the -1 slot carries (NaN included). The float32 oracle agrees to float32 rounding: its
+    CPU GEMM is not bitwise invariant to the number of rows, which the weight-0 slots change."""
+    gen = torch.Generator().manual_seed(torch.seed() % (1 << 31))
+    w13, w2, b13, b2 = _weights(8, bias=True)
+    weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=1, format=wfmt, b13=b13, b2=b2)
+    x = _quantize(_tokens(40), tfmt)
+    ids, tw = _route(40, 8, 3, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    for name, mask in _mask_patterns(40, 3, gen).items():
+        masked_ids = torch.where(mask, -1, ids)
+        junk = torch.where(torch.rand(40, 3, generator=gen) < 0.5, float("nan"), 7.0)
+        got = experts_forward(x, masked_ids, torch.where(mask, junk, tw), weights, backend=backend)
+        want = experts_forward(x, ids, torch.where(mask, 0.0, tw), weights, backend=backend)
+        assert torch.equal(got, want), name
+        if name == "all":
+            assert not got.any()
+        ref = experts_forward_ref(x, masked_ids, torch.where(mask, junk, tw), weights)
+        assert_close(ref, experts_forward_ref(x, ids, torch.where(mask, 0.0, tw), weights), rel=REF_TOL, name=name)
+        assert_close(got.float(), ref, rel=FP8_TOL if backend == "fp8" else BF16_TOL, name=name)
+
+
+def test_masked_slots_in_the_triton_plan():
+    """The counting sort treats -1 as nobody's expert and flags only ids outside [-1, E)."""
+    from moecomm import errors
+
+    ids = _distinct_ids(300, 8, 16)
+    ids[torch.rand(300, 8) < 0.3] = -1
+    errors.check_errors()  # nothing pending
+    _check_plan(ids, 4, 4, 16)
+    errors.check_errors()  # -1 is no error
+    ids[5, 2], ids[9, 0] = 16, -7
+    _check_plan(ids, 4, 4, 16)
+    with pytest.raises(ValueError, match=r"outside \[-1, num_experts\).*values in \[-7, 16\]"):
+        errors.check_errors()
+    errors.check_errors()  # cleared by the check
+
+
+@pytest.mark.parametrize("backend", ["grouped", "reference"])
+def test_bad_ids_are_reported_without_a_sync(backend):
+    from moecomm import errors
+
+    w13, w2, _, _ = _weights(8)
+    weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=1)
+    x = _tokens(6)
+    ids, tw = _route(6, 8, 2)
+    for bad_value, shown in [(8, "[8, 8]"), (-2, "[-2, -2]"), (2**40, "[-2147483648, -2147483648]")]:
+        bad = ids.long().clone()
+        bad[3, 1] = bad_value
+        out = experts_forward(x, bad, tw, weights, backend=backend)  # no raise: no host read of the ids
+        skipped = experts_forward(x, torch.where(bad == bad_value, -1, bad), tw, weights, backend=backend)
+        assert torch.equal(out, skipped)  # the bad slot is skipped like a masked one
+        with pytest.raises(ValueError, match=re.escape(shown)):
+            errors.check_errors()
+    errors.check_errors()

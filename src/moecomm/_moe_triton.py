@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moecomm import quant
+from moecomm import errors, quant
 from moecomm.quant import QuantFormat, QuantizedTensor
 
 __all__ = ["plan", "permute_supported", "permute_dequant", "gather_rows", "activation", "unpermute"]
@@ -80,12 +80,22 @@ def _pair_keys(ids_ptr, num_pairs, first, num_local, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, num_pairs, first, num_local, num_blocks, BLOCK: tl.constexpr, KEYS: tl.constexpr):
+def _count_kernel(
+    ids_ptr, counts_ptr, err_ptr, num_pairs, first, num_local, num_experts, num_blocks,
+    BLOCK: tl.constexpr, KEYS: tl.constexpr,
+):
     """``counts[key, block]`` (key-major) of each block of pairs; lanes past the end count in the last
-    bin, ``KEYS - 1 > num_local``, which no pair's key uses."""
-    _, valid, key, _ = _pair_keys(ids_ptr, num_pairs, first, num_local, BLOCK)
+    bin, ``KEYS - 1 > num_local``, which no pair's key uses. Ids outside ``[-1, num_experts)`` set bit 0
+    of ``err[0]`` and widen ``[err[1], err[2]]`` (moecomm.errors); they sort with other ranks' experts."""
+    i, valid, key, _ = _pair_keys(ids_ptr, num_pairs, first, num_local, BLOCK)
     counts = tl.histogram(tl.where(valid, key, KEYS - 1), KEYS)
     tl.store(counts_ptr + tl.arange(0, KEYS) * num_blocks + tl.program_id(0), counts)
+    ids = tl.load(ids_ptr + i, mask=valid, other=0)
+    bad = valid & ((ids < -1) | (ids >= num_experts))
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        tl.atomic_or(err_ptr, 1)
+        tl.atomic_min(err_ptr + 1, tl.min(tl.where(bad, ids, 2147483647), axis=0))
+        tl.atomic_max(err_ptr + 2, tl.max(tl.where(bad, ids, -2147483648), axis=0))
 
 
 @triton.jit
@@ -114,17 +124,20 @@ def _place_kernel(
 _PLAN_BLOCK = 128
 
 
-def plan(ids: torch.Tensor, first: int, num_local: int):
+def plan(ids: torch.Tensor, first: int, num_local: int, num_experts: int):
     """Sort the ``T * k`` pairs of ``ids`` (int32 ``[T, k]``, contiguous) by local expert, stably.
 
     Returns ``(src_rows [R], row_expert [R], offs [E_local], inv [T, k])`` int32, as ``moecomm.moe._plan``.
-    Two launches and one cumsum (``torch.sort`` costs more host time than all of them).
+    Two launches and one cumsum (``torch.sort`` costs more host time than all of them). Ids outside
+    ``[-1, num_experts)`` are flagged in ``moecomm.errors.error_buffer`` (no sync).
     """
     num_pairs, k = ids.numel(), ids.shape[1]
     blocks = triton.cdiv(num_pairs, _PLAN_BLOCK)
     keys = triton.next_power_of_2(num_local + 2)  # keys 0..num_local, and a spare last bin
     counts = torch.empty(keys, blocks, dtype=torch.int32, device=ids.device)
-    _count_kernel[(blocks,)](ids, counts, num_pairs, first, num_local, blocks, BLOCK=_PLAN_BLOCK, KEYS=keys)
+    err = errors.error_buffer(ids.device)
+    _count_kernel[(blocks,)](ids, counts, err, num_pairs, first, num_local, num_experts, blocks,
+                             BLOCK=_PLAN_BLOCK, KEYS=keys)
     ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32)
     src_rows = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)
     row_expert, inv = torch.empty_like(src_rows), torch.empty_like(src_rows)

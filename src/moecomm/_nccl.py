@@ -27,9 +27,9 @@ __all__ = ["Communicator", "communicator", "available", "DISABLE_ENV"]
 
 DISABLE_ENV = "MOECOMM_TORCH_NCCL"  # "1": use torch.distributed's ProcessGroupNCCL instead of this binding
 
-_UINT8, _FLOAT16, _FLOAT32, _BFLOAT16 = 1, 6, 7, 9  # ncclDataType_t
+_UINT8, _INT32, _FLOAT16, _FLOAT32, _BFLOAT16 = 1, 2, 6, 7, 9  # ncclDataType_t
 _SUM = 0  # ncclRedOp_t
-_REDUCE_TYPES = {torch.float16: _FLOAT16, torch.float32: _FLOAT32, torch.bfloat16: _BFLOAT16}
+_REDUCE_TYPES = {torch.int32: _INT32, torch.float16: _FLOAT16, torch.float32: _FLOAT32, torch.bfloat16: _BFLOAT16}
 
 
 class _UniqueId(ctypes.Structure):

@@ -56,6 +56,7 @@ __all__ = [
     "Algorithm",
     "all_gatherv",
     "reduce_scatterv",
+    "all_reduce",
     "choose_algorithm",
     "check_consistency",
     "check_agreement",
@@ -401,7 +402,7 @@ class _TorchComm:
 
     def _summed(self, t: torch.Tensor) -> torch.Tensor:
         """A buffer to sum ``t`` in: float32 on gloo for 16-bit dtypes (gloo sums them poorly), else a copy."""
-        return t.float() if not self.nccl and t.dtype != torch.float32 else t.clone()
+        return t.float() if not self.nccl and t.dtype in (torch.bfloat16, torch.float16) else t.clone()
 
     def reduce(self, out: torch.Tensor | None, inp: torch.Tensor, root: int) -> None:
         acc = self._summed(inp)
@@ -664,6 +665,19 @@ def reduce_scatterv(
     flat = tensor.view(tensor.shape[0], -1)
     _REDUCE[algo](flat, sizes, out.view(out.shape[0], flat.shape[1]), rank, world, group)
     return out
+
+
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum the contiguous ``tensor`` (bf16, fp16, fp32 or int32) over the ranks of ``group``, in place, through
+    the same communication layer as :func:`all_gatherv` (the classic DP baseline's all-reduce). Returns
+    ``tensor``. Raises ``ValueError`` for another dtype, a non-contiguous tensor or a rank outside the group."""
+    rank, world = _world(group)
+    if tensor.dtype not in (*REDUCE_DTYPES, torch.int32) or not tensor.is_contiguous():
+        raise ValueError(f"rank {rank}: all_reduce needs a contiguous bf16/fp16/fp32/int32 tensor, got "
+                         f"{tensor.dtype} {tuple(tensor.shape)} strides {tensor.stride()}")
+    if world > 1 and tensor.numel():
+        _comm(group, rank, world, tensor.device).all_reduce(tensor)
+    return tensor
 
 
 def _prepare_reduce(tensor, sizes, out, group):

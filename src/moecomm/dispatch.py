@@ -3,31 +3,42 @@
 With attention data-parallel, rank ``r`` holds ``sizes[r]`` tokens. One MoE layer step is
 
     dispatch: every rank receives every rank's tokens (+ topk_ids, topk_weights)
-    experts:  each rank runs its local experts on all tokens -> partial [sum(sizes), hidden]
+    experts:  each rank runs its local experts on all tokens -> partial [rows, hidden]
     combine:  partials are summed over ranks and each rank keeps its own rows
 
 Strategies (:class:`Strategy`), all kept runnable:
 
-- ``allreduce``: the classic DP gather (SGLang/vLLM DP attention): pad to ``sum(sizes)``, each rank
-  writes its rows at its offset into a zero buffer, all-reduce; all-reduce the experts' output, slice.
-- ``agrs``: bf16 allgatherv of hidden states, ids and weights (one NCCL group); reducescatterv.
+- ``allreduce``: the classic DP gather (SGLang/vLLM DP attention): each rank writes its rows at its
+  offset into a zero buffer of ``sum(sizes)`` rows, all-reduce; all-reduce the experts' output, slice.
+- ``agrs``: bf16 allgatherv of hidden states, ids and weights (one message); reducescatterv.
 - ``agrs-nvfp4``: quantize to NVFP4 with the layer's static global scale BEFORE the gather, gather
   packed values and LINEAR block scales (swizzling, where a kernel wants it, happens after the gather:
   per-rank swizzled scales cannot be concatenated); reducescatterv in bf16.
 - ``agrs-fp8``: the same with FP8 e4m3, per-128-group scales (DeepSeek-V3 / DeepEP) or per-token.
 
-Quantized strategies send each rank's rows as ONE message: the quantizer writes straight into a
-``uint8 [rows, row_bytes]`` buffer laid out ``payload | block scales | topk_ids | topk_weights``
-(:func:`message_layout`), so a dispatch is one allgatherv of one tensor and no copies of the payload.
-``pack=False`` sends the four tensors separately in one NCCL group instead (for measurement).
+Every ``agrs*`` strategy sends each rank's rows as ONE message: a ``uint8 [rows, row_bytes]`` buffer laid
+out ``payload | block scales | topk_ids | topk_weights`` (:func:`message_layout`), which the quantizer
+writes straight into, so a dispatch is one allgatherv of one tensor. ``pack=False`` sends the tensors
+separately in one NCCL group instead (for measurement).
+
+Two layouts of the gathered rows. *Compact*: ``sum(sizes)`` rows, rank ``r``'s at ``sum(sizes[:r])``.
+*Padded*: every rank sends ``max(sizes)`` rows, the rows past its own carry ``topk_ids = -1`` (masked
+slots: the experts skip them, :mod:`moecomm.moe`), and the gather is the native equal-size all-gather
+with no compaction copy; rank ``r``'s rows start at ``r * max(sizes)``. The padded layout is used where
+the collectives' algorithm choice (:func:`moecomm.collectives.choose_algorithm`) picks ``padded`` for
+the message, or when asked (``algorithm="padded"``); :class:`DispatchHandle` records it for the combine.
 
 Quantization is row-local, so quantizing before the gather gives the same bytes as quantizing after
 it: ``agrs-nvfp4`` is bit-identical to ``agrs`` with experts that quantize their input to NVFP4
 (``expert_input_format``), and likewise for FP8. ``strategy="auto"`` therefore changes no numerics.
+
+No function here reads a device value on the host unless ``validate=True`` (or ``MOECOMM_VALIDATE=1``):
+expert ids outside ``[-1, num_experts)`` are reported by :func:`moecomm.errors.check_errors`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -38,11 +49,22 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from moecomm import errors
 from moecomm._enum import ChoiceEnum
-from moecomm.collectives import REDUCE_DTYPES, _check_sizes, all_gatherv, reduce_scatterv, run_checks
+from moecomm.collectives import (
+    REDUCE_DTYPES,
+    Algorithm,
+    _check_sizes,
+    _world,
+    all_gatherv,
+    all_reduce,
+    choose_algorithm,
+    reduce_scatterv,
+    run_checks,
+)
 from moecomm.moe import ExpertWeights, experts_forward
-from moecomm.routing import ids_int32
 from moecomm.quant import QuantFormat, QuantizedTensor, quantize, row_bytes
+from moecomm.routing import ids_int32
 
 __all__ = [
     "Strategy",
@@ -82,8 +104,11 @@ _FORMAT_DTYPES = {
 }
 
 
-def _wire_format(strategy: Strategy, expert_input_format: QuantFormat | None) -> QuantFormat:
-    """The format on the wire: the experts' own FP8 flavour where they have one, else the strategy's default."""
+def _wire_format(strategy: Strategy, expert_input_format: QuantFormat | None) -> QuantFormat | None:
+    """The format on the wire (None: bf16): the experts' own FP8 flavour where they have one, else the
+    strategy's default."""
+    if strategy not in _STRATEGY_FORMAT:
+        return None
     if strategy == Strategy.AGRS_FP8 and expert_input_format in (QuantFormat.FP8_GROUP, QuantFormat.FP8_TOKEN):
         return expert_input_format
     return _STRATEGY_FORMAT[strategy]
@@ -98,32 +123,41 @@ def _wire_format(strategy: Strategy, expert_input_format: QuantFormat | None) ->
 class MessageLayout:
     """Byte columns of one token's message row: ``payload | scales | topk_ids | topk_weights | pad``."""
 
-    fmt: QuantFormat
+    fmt: QuantFormat | None  # None: bf16 payload, no scales
     hidden: int
     topk: int
-    payload: slice  # quantized values
-    scales: slice  # block scales, linear layout
+    payload: slice  # quantized values (bf16 values for fmt None)
+    scales: slice  # block scales, linear layout (empty for fmt None)
     ids: slice  # int32 [topk]
     weights: slice  # float32 [topk]
     row_bytes: int  # padded to MESSAGE_ALIGN
 
-    def views(self, buf: torch.Tensor) -> tuple[QuantizedTensor, torch.Tensor, torch.Tensor]:
-        """Split a ``uint8 [rows, row_bytes]`` buffer into (quantized tokens, topk_ids, topk_weights) views."""
+    def views(self, buf: torch.Tensor) -> tuple[torch.Tensor | QuantizedTensor, torch.Tensor, torch.Tensor]:
+        """Split a ``uint8 [rows, row_bytes]`` buffer into (tokens, topk_ids, topk_weights) row-strided views:
+        tokens bf16 ``[rows, hidden]`` for fmt None, else a QuantizedTensor without global scale."""
+        ids = buf[:, self.ids].view(torch.int32)
+        weights = buf[:, self.weights].view(torch.float32)
+        if self.fmt is None:
+            return buf[:, self.payload].view(torch.bfloat16), ids, weights
         data_dtype, scale_dtype = _FORMAT_DTYPES[self.fmt]
         data = buf[:, self.payload].view(data_dtype)
         scales = buf[:, self.scales].view(scale_dtype)
-        ids = buf[:, self.ids].view(torch.int32)
-        weights = buf[:, self.weights].view(torch.float32)
         return QuantizedTensor(self.fmt, data, scales, None), ids, weights
 
 
-def message_layout(fmt: QuantFormat, hidden: int, topk: int) -> MessageLayout:
-    """The packed message row of one token for ``fmt`` (see :class:`MessageLayout`).
+@functools.lru_cache(maxsize=256)
+def message_layout(fmt: QuantFormat | None, hidden: int, topk: int) -> MessageLayout:
+    """The packed message row of one token for ``fmt`` (None: bf16 tokens), see :class:`MessageLayout`.
 
-    Hidden 7168, top-8: NVFP4 3584 + 448 + 32 + 32 = 4096 B; FP8 per-128 7168 + 224 + 64 = 7456 B.
-    Raises ``ValueError`` when ``hidden`` is not divisible by the format's block.
+    Hidden 7168, top-8: bf16 14336 + 32 + 32 = 14400 B; NVFP4 3584 + 448 + 32 + 32 = 4096 B; FP8 per-128
+    7168 + 224 + 64 = 7456 B. Raises ``ValueError`` when ``hidden`` is not divisible by the format's block.
     """
-    payload, scales = row_bytes(fmt, hidden)
+    if fmt is None:
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
+            raise ValueError(f"hidden = {hidden!r} must be a positive int")
+        payload, scales = 2 * hidden, 0
+    else:
+        payload, scales = row_bytes(fmt, hidden)
     a, b = payload, payload + scales
     c, d = b + 4 * topk, b + 8 * topk
     rb = -(-d // MESSAGE_ALIGN) * MESSAGE_ALIGN
@@ -134,20 +168,16 @@ def wire_bytes_per_token(strategy: Strategy | str, hidden: int, topk: int,
                          expert_input_format: QuantFormat | None = None) -> int:
     """Bytes one token occupies in the dispatch message plus in the combine message.
 
-    Dispatch: bf16 ``2*hidden`` + int32 ids + fp32 weights (``8*topk``) for ``allreduce`` / ``agrs``;
-    the packed :func:`message_layout` row for quantized strategies. Combine: ``2*hidden`` (bf16).
-    ``allreduce`` moves these bytes for every token of the global batch on every rank (and an
-    all-reduce moves about twice the bytes of an all-gather on the bus); ``agrs`` strategies
-    gather each token once. Hidden 7168: bf16 14336 B, NVFP4 4032 B, FP8 per-128 7392 B of payload
-    and scales per token.
+    Dispatch: the packed :func:`message_layout` row (bf16 ``2*hidden`` + int32 ids + fp32 weights for
+    ``allreduce`` / ``agrs``). Combine: ``2*hidden`` (bf16). ``allreduce`` moves these bytes for every
+    token of the global batch on every rank (and an all-reduce moves about twice the bytes of an
+    all-gather on the bus); ``agrs`` strategies gather each token once (padded layouts add the padding
+    rows). Hidden 7168: bf16 14336 B, NVFP4 4032 B, FP8 per-128 7392 B of payload and scales per token.
     """
     strategy = Strategy(strategy)
-    if strategy in (Strategy.ALLREDUCE, Strategy.AGRS):
-        dispatch_bytes = 2 * hidden + 8 * topk
-    elif strategy == Strategy.AUTO:
+    if strategy == Strategy.AUTO:
         raise ValueError("wire_bytes_per_token needs a concrete strategy, not 'auto'")
-    else:
-        dispatch_bytes = message_layout(_wire_format(strategy, expert_input_format), hidden, topk).row_bytes
+    dispatch_bytes = message_layout(_wire_format(strategy, expert_input_format), hidden, topk).row_bytes
     return dispatch_bytes + 2 * hidden
 
 
@@ -156,6 +186,7 @@ def wire_bytes_per_token(strategy: Strategy | str, hidden: int, topk: int,
 # ----------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def _crossover(world_size: int) -> dict[str, int | None]:
     """Per quantized strategy, the smallest ``sum(sizes)`` from which it pays at this world size (None: never).
 
@@ -201,12 +232,39 @@ def choose_strategy(
 
 @dataclass(frozen=True)
 class DispatchHandle:
-    """What combine needs from dispatch: the strategy that ran, the per-rank sizes and the group."""
+    """What combine needs from dispatch.
+
+    ``padded_rows``: rows per rank of the padded layout (rank ``r``'s rows start at ``r * padded_rows``),
+    or None for the compact layout (rank ``r``'s rows start at ``sum(sizes[:r])``).
+    """
 
     strategy: Strategy
     sizes: tuple[int, ...]
     rank: int
     group: dist.ProcessGroup | None
+    padded_rows: int | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows of the gathered tokens and of the experts' partial output."""
+        return len(self.sizes) * self.padded_rows if self.padded_rows is not None else sum(self.sizes)
+
+
+_SCALES: dict = {}
+
+
+def _global_scale(global_scale, device: torch.device) -> torch.Tensor:
+    """The NVFP4 global scale as an fp32 0-dim tensor on ``device``; Python numbers are cached per value, so
+    no host-to-device copy (which waits for the stream) happens per call."""
+    if isinstance(global_scale, torch.Tensor):
+        if global_scale.device == device and global_scale.dtype == torch.float32:
+            return global_scale.reshape(())
+        return global_scale.detach().to(device=device, dtype=torch.float32).reshape(())
+    key = (float(global_scale), device)
+    gs = _SCALES.get(key)
+    if gs is None:
+        gs = _SCALES[key] = torch.tensor(float(global_scale), dtype=torch.float32, device=device)
+    return gs
 
 
 def _check_global_scale(global_scale, rank: int) -> None:
@@ -226,9 +284,9 @@ def _check_global_scale(global_scale, rank: int) -> None:
         raise ValueError(f"rank {rank}: global_scale must be finite and > 0, got {value}")
 
 
-def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format) -> list[int]:
-    """Local checks of a dispatch; returns the sizes as a list. Raises ValueError/TypeError."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format):
+    """Local checks of a dispatch; returns ``(sizes as a list, rank, world)``. Raises ValueError/TypeError."""
+    rank, world = _world(group)
     for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"rank {rank}: {name} must be a tensor, got {type(t).__name__}")
@@ -244,26 +302,34 @@ def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, gro
     if topk_ids.dtype not in (torch.int32, torch.int64) or topk_weights.dtype != torch.float32:
         raise ValueError(f"rank {rank}: topk_ids must be int32/int64 and topk_weights float32, got "
                          f"{topk_ids.dtype} and {topk_weights.dtype}")
-    if strategy in _STRATEGY_FORMAT:
-        fmt = _wire_format(strategy, expert_input_format)
+    if topk_ids.device != hidden.device or topk_weights.device != hidden.device:
+        raise ValueError(f"rank {rank}: hidden, topk_ids and topk_weights must be on one device, got "
+                         f"{hidden.device}, {topk_ids.device}, {topk_weights.device}")
+    fmt = _wire_format(strategy, expert_input_format)
+    if fmt is not None:
         if expert_input_format is not None and QuantFormat(expert_input_format) != fmt:
             raise ValueError(f"rank {rank}: {strategy.value} sends {fmt.value} tokens but the experts consume "
                              f"{QuantFormat(expert_input_format).value}: the experts would see other values than "
                              f"their own quantizer's; use strategy 'auto' or the matching one")
-        message_layout(fmt, hidden.shape[1], topk_ids.shape[1])  # raises on a bad hidden size
         if fmt == QuantFormat.NVFP4:
             _check_global_scale(global_scale, rank)
-    return sizes
+    message_layout(fmt, hidden.shape[1], topk_ids.shape[1])  # raises on a bad hidden size
+    return sizes, rank, world
 
 
-def _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack) -> dict:
-    """What every rank must agree on for one dispatch (exchanged by ``validate=True``; reads a CUDA global
-    scale on the host)."""
-    fmt = _wire_format(strategy, expert_input_format) if strategy in _STRATEGY_FORMAT else None
+def _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack, algorithm,
+               num_experts=None) -> dict:
+    """What every rank must agree on for one dispatch (exchanged by validation, which may sync: it reads a
+    CUDA global scale and checks the ids on the host)."""
+    fmt = _wire_format(strategy, expert_input_format)
+    if topk_ids.numel() and num_experts is None:  # dispatch alone: at least no id below -1
+        errors.check_ids(topk_ids, 2**31 - 1, dist.get_rank())
+    elif num_experts is not None:
+        errors.check_ids(topk_ids, num_experts, dist.get_rank())
     return {
         "sizes": list(sizes), "hidden": tuple(hidden.shape[1:]), "topk": tuple(topk_ids.shape[1:]),
         "strategy": strategy.value, "wire format": None if fmt is None else fmt.value,
-        "pack": pack if fmt is not None else None,
+        "pack": pack if strategy != Strategy.ALLREDUCE else None, "algorithm": str(algorithm),
         "global_scale": float(global_scale) if fmt == QuantFormat.NVFP4 else None,
     }
 
@@ -279,6 +345,7 @@ def dispatch(
     expert_input_format: QuantFormat | None = None,
     group: dist.ProcessGroup | None = None,
     pack: bool = True,
+    algorithm: Algorithm | str = Algorithm.AUTO,
     validate: bool = False,
 ):
     """Move every rank's tokens to every rank: the first half of an EP MoE layer step.
@@ -288,10 +355,13 @@ def dispatch(
     hidden : Tensor
         ``bf16 [sizes[rank], hidden]``: this rank's tokens.
     topk_ids, topk_weights : Tensor
-        ``int32 (or int64) [sizes[rank], topk]`` global expert ids and ``float32 [sizes[rank], topk]``.
-        int64 ids outside the int32 range travel as -1, which the experts' range check reports.
+        ``int32 (or int64) [sizes[rank], topk]`` global expert ids (-1: a masked slot) and
+        ``float32 [sizes[rank], topk]``. int64 ids outside the int32 range travel as -2**31, which the
+        experts report (:func:`moecomm.errors.check_errors`).
     sizes : list[int]
-        Tokens per rank, the same list on every rank (see :func:`moecomm.collectives.gather_sizes`).
+        Tokens per rank, the SAME list on every rank (take it from
+        :func:`moecomm.collectives.gather_sizes` or shared DP metadata); ranks that disagree corrupt
+        each other's rows unless validation is on.
     strategy : Strategy or str
         A concrete strategy (``"auto"`` is resolved by :func:`moe_forward`).
     global_scale : fp32 tensor (1 element) or float
@@ -300,69 +370,97 @@ def dispatch(
         The format the experts consume; picks the FP8 flavour on the wire (per-128 group by default).
     group : ProcessGroup, optional
     pack : bool
-        Quantized strategies: one packed message (default) or four tensors in one NCCL group.
+        One packed message (default) or the tensors separately in one NCCL group.
+    algorithm : Algorithm or str
+        The allgatherv algorithm (:mod:`moecomm.collectives`); ``"auto"`` picks per call. Where it is (or
+        resolves to) ``"padded"`` the gathered rows come in the padded layout (module docstring).
     validate : bool
-        Exchange metadata (sizes, hidden, topk, strategy, wire format, pack, NVFP4 global scale) first and
-        raise on EVERY rank when ranks disagree or any rank's input is bad. Syncs with the host; not
-        under graph capture.
+        Exchange metadata (sizes, hidden, topk, strategy, wire format, pack, algorithm, NVFP4 global scale)
+        and check the ids (none below -1) first, and raise on EVERY rank when ranks disagree or any rank's
+        input is bad. Syncs with the host; not under graph capture. Also on with ``MOECOMM_VALIDATE=1``.
 
     Returns
     -------
     tokens : Tensor or QuantizedTensor
-        ``[sum(sizes), hidden]`` bf16, or quantized (values and LINEAR block scales, possibly
-        row-strided views of the gathered message).
+        ``[handle.rows, hidden]`` bf16, or quantized (values and LINEAR block scales): row-strided views
+        of the gathered message.
     topk_ids, topk_weights : Tensor
-        ``int32 [sum(sizes), topk]``, ``float32 [sum(sizes), topk]``.
+        ``int32 [handle.rows, topk]``, ``float32 [handle.rows, topk]``; padding rows carry ids -1.
     handle : DispatchHandle
-        For :func:`combine`.
+        For :func:`combine`; ``handle.rows`` is ``sum(sizes)`` (compact) or
+        ``world_size * max(sizes)`` (padded layout).
 
     Raises
     ------
     ValueError
-        Before any communication: bad ``sizes``, row counts, dtypes or dims; a hidden size not
-        divisible by the format's block; a missing or non-finite global scale; with ``validate``,
-        ranks that disagree (e.g. on the global scale).
+        Before any communication: bad ``sizes``, row counts, dtypes, dims or devices; a hidden size not
+        divisible by the format's block; a missing or non-finite global scale; a rank outside the group;
+        with validation, ranks that disagree (e.g. on the global scale) or ids below -1.
     """
     strategy = Strategy(strategy)
     if strategy == Strategy.AUTO:
         raise ValueError("dispatch needs a concrete strategy; moe_forward resolves 'auto'")
-    sizes = run_checks(
+    sizes, rank, world = run_checks(
         "dispatch",
         lambda: _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format),
-        lambda: _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack),
+        lambda: _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack, algorithm),
         group, validate)
-    return _dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, expert_input_format, group, pack)
+    return _dispatch(hidden, topk_ids, topk_weights, sizes, rank, world, strategy, global_scale,
+                     expert_input_format, group, pack, algorithm)
 
 
-def _dispatch(hidden, topk_ids, topk_weights, sizes: list[int], strategy: Strategy, global_scale,
-              expert_input_format, group, pack: bool):
+def _padded_rows(sizes: list[int], row_bytes: int, algorithm, device: torch.device) -> int | None:
+    """``max(sizes)`` where the message travels in the padded layout, else None (module docstring)."""
+    pad = max(sizes)
+    if all(s == pad for s in sizes):
+        return None  # equal sizes: compact and padded are the same rows
+    algorithm = Algorithm(algorithm)
+    if algorithm == Algorithm.AUTO:
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        algorithm = choose_algorithm("all_gatherv", sizes, row_bytes, capturing=capturing)
+    return pad if algorithm == Algorithm.PADDED else None
+
+
+def _dispatch(hidden, topk_ids, topk_weights, sizes: list[int], rank: int, world: int, strategy: Strategy,
+              global_scale, expert_input_format, group, pack: bool, algorithm):
     """:func:`dispatch` after its checks (``sizes`` already a checked list)."""
-    topk_ids = ids_int32(topk_ids)  # out-of-range int64 ids become -1: the experts' range check reports them
-    rank = dist.get_rank(group)
-    handle = DispatchHandle(strategy, tuple(sizes), rank, group)
+    topk_ids = ids_int32(topk_ids)
     if strategy == Strategy.ALLREDUCE:
+        handle = DispatchHandle(strategy, tuple(sizes), rank, group)
         return (*_gather_by_allreduce(hidden, topk_ids, topk_weights, sizes, rank, group), handle)
-    if strategy == Strategy.AGRS:
-        return (*all_gatherv([hidden, topk_ids, topk_weights], sizes, group), handle)
     fmt = _wire_format(strategy, expert_input_format)
-    gs = None
-    if fmt == QuantFormat.NVFP4:
-        gs = torch.as_tensor(global_scale, dtype=torch.float32, device=hidden.device).reshape(())
+    gs = _global_scale(global_scale, hidden.device) if fmt == QuantFormat.NVFP4 else None
+    n = hidden.shape[0]
     if not pack:
-        q = quantize(hidden, fmt, global_scale=gs)
-        data, scales, ids, weights = all_gatherv([q.data, q.scales, topk_ids, topk_weights], sizes, group)
-        return QuantizedTensor(fmt, data, scales, gs), ids, weights, handle
+        if fmt is None:
+            tensors = [hidden, topk_ids, topk_weights]
+        else:
+            q = quantize(hidden, fmt, global_scale=gs)
+            tensors = [q.data, q.scales, topk_ids, topk_weights]
+        gathered = all_gatherv(tensors, sizes, group, algorithm=algorithm)
+        tokens = gathered[0] if fmt is None else QuantizedTensor(fmt, gathered[0], gathered[1], gs)
+        return tokens, gathered[-2], gathered[-1], DispatchHandle(strategy, tuple(sizes), rank, group)
     layout = message_layout(fmt, hidden.shape[1], topk_ids.shape[1])
-    send = torch.empty((hidden.shape[0], layout.row_bytes), dtype=torch.uint8, device=hidden.device)
-    q_view, ids_view, weights_view = layout.views(send)
-    quantize(hidden, fmt, global_scale=gs, out=(q_view.data, q_view.scales))
+    padded = _padded_rows(sizes, layout.row_bytes, algorithm, hidden.device) if world > 1 else None
+    rows = n if padded is None else padded
+    send = torch.empty((rows, layout.row_bytes), dtype=torch.uint8, device=hidden.device)
+    tokens_view, ids_view, weights_view = layout.views(send[:n])
+    if fmt is None:
+        tokens_view.copy_(hidden)
+    else:
+        quantize(hidden, fmt, global_scale=gs, out=(tokens_view.data, tokens_view.scales))
     ids_view.copy_(topk_ids)
     weights_view.copy_(topk_weights)
     if layout.row_bytes > layout.weights.stop:
-        send[:, layout.weights.stop :].zero_()  # no uninitialised bytes on the wire
-    recv = all_gatherv(send, sizes, group)
-    q, ids, weights = layout.views(recv)
-    return QuantizedTensor(fmt, q.data, q.scales, gs), ids, weights, handle
+        send[:n, layout.weights.stop :].zero_()  # no uninitialised bytes on the wire
+    if rows > n:  # padding rows: zero bytes, masked slots
+        send[n:].zero_()
+        send[n:, layout.ids].view(torch.int32).fill_(-1)
+    recv = all_gatherv(send, sizes if padded is None else [padded] * world, group, algorithm=algorithm)
+    tokens, ids, weights = layout.views(recv)
+    if fmt is not None:
+        tokens = QuantizedTensor(fmt, tokens.data, tokens.scales, gs)
+    return tokens, ids, weights, DispatchHandle(strategy, tuple(sizes), rank, group, padded)
 
 
 def _gather_by_allreduce(hidden, topk_ids, topk_weights, sizes, rank, group):
@@ -377,34 +475,43 @@ def _gather_by_allreduce(hidden, topk_ids, topk_weights, sizes, rank, group):
     buf[start : start + hidden.shape[0]] = hidden
     meta[start : start + hidden.shape[0], :k] = topk_ids
     meta[start : start + hidden.shape[0], k:] = topk_weights.view(torch.int32)
-    dist.all_reduce(buf, group=group)
-    dist.all_reduce(meta, group=group)
+    all_reduce(buf, group)
+    all_reduce(meta, group)
     return buf, meta[:, :k], meta[:, k:].view(torch.float32)
 
 
-def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
+            algorithm: Algorithm | str = Algorithm.AUTO) -> torch.Tensor:
     """Sum the experts' partial outputs over ranks and return this rank's rows.
 
-    ``partial``: ``bf16 [sum(sizes), hidden]`` from the local experts. Returns ``bf16 [sizes[rank], hidden]``:
-    reducescatterv for ``agrs*`` strategies, all-reduce + slice for ``allreduce`` (which sums ``partial`` in
-    place).
-    Raises ``ValueError`` when ``partial`` does not have ``sum(sizes)`` rows.
+    ``partial``: ``bf16 [handle.rows, hidden]`` from the local experts. Returns ``bf16 [sizes[rank], hidden]``:
+    reducescatterv (``algorithm``, :mod:`moecomm.collectives`) for ``agrs*`` strategies, all-reduce + slice
+    for ``allreduce`` (which sums ``partial`` in place). In the padded layout the result is a view of the
+    first ``sizes[rank]`` rows of a ``[max(sizes), hidden]`` buffer (or written to ``out``).
+    Raises ``ValueError`` when ``partial`` does not have ``handle.rows`` rows or ``out`` is not
+    ``[sizes[rank], hidden]`` of ``partial``'s dtype.
     """
     sizes, rank = list(handle.sizes), handle.rank
-    if not isinstance(partial, torch.Tensor) or partial.dim() != 2 or partial.shape[0] != sum(sizes):
-        raise ValueError(f"rank {rank}: partial must be [sum(sizes) = {sum(sizes)}, hidden], got "
+    if not isinstance(partial, torch.Tensor) or partial.dim() != 2 or partial.shape[0] != handle.rows:
+        raise ValueError(f"rank {rank}: partial must be [{handle.rows}, hidden] (the dispatched rows), got "
                          f"{getattr(partial, 'shape', type(partial).__name__)}")
-    if handle.strategy != Strategy.ALLREDUCE:
-        return reduce_scatterv(partial, sizes, handle.group, out=out)
     if partial.dtype not in REDUCE_DTYPES:
         raise ValueError(f"rank {rank}: partial must be one of {REDUCE_DTYPES}, got {partial.dtype}")
-    if out is not None and (out.dtype != partial.dtype or out.shape != (sizes[rank], partial.shape[1])):
-        raise ValueError(f"rank {rank}: out must be {partial.dtype} [{sizes[rank]}, {partial.shape[1]}], got "
+    n = sizes[rank]
+    if out is not None and (out.dtype != partial.dtype or out.shape != (n, partial.shape[1])):
+        raise ValueError(f"rank {rank}: out must be {partial.dtype} [{n}, {partial.shape[1]}], got "
                          f"{out.dtype} {tuple(out.shape)}")
-    dist.all_reduce(partial, group=handle.group)  # in place, as the classic DP path does
-    start = sum(sizes[: handle.rank])
-    rows = partial[start : start + sizes[handle.rank]]
-    return rows if out is None else out.copy_(rows)
+    if handle.strategy == Strategy.ALLREDUCE:
+        all_reduce(partial, handle.group)  # in place, as the classic DP path does
+        start = sum(sizes[:rank])
+        rows = partial[start : start + n]
+        return rows if out is None else out.copy_(rows)
+    if handle.padded_rows is None:
+        return reduce_scatterv(partial, sizes, handle.group, out=out, algorithm=algorithm)
+    pad = handle.padded_rows
+    mine = reduce_scatterv(partial, [pad] * len(sizes), handle.group,
+                           out=out if out is not None and n == pad else None, algorithm=algorithm)
+    return mine[:n] if out is None else (mine if mine is out else out.copy_(mine[:n]))
 
 
 def _check_experts(weights: ExpertWeights, hidden, rank: int, world: int) -> None:
@@ -433,26 +540,31 @@ def moe_forward(
     expert_input_format: QuantFormat | None = None,
     group: dist.ProcessGroup | None = None,
     pack: bool = True,
+    algorithm: Algorithm | str = Algorithm.AUTO,
     validate: bool = False,
     allow_quantized: bool | None = None,
 ) -> torch.Tensor:
     """One EP MoE layer step for DP attention: dispatch, local experts, combine.
 
-    ``hidden`` ``bf16 [sizes[rank], hidden]``, ``topk_ids`` / ``topk_weights`` ``[sizes[rank], topk]``;
-    ``weights`` are this rank's experts (:func:`moecomm.moe.make_expert_weights` with
-    ``ep_size = world_size``). ``expert_input_format``: the format the experts quantize their input to
-    (None: bf16 experts); with ``agrs`` it is applied after the gather, with a quantized strategy
-    before it -- the same bytes either way. ``strategy="auto"`` resolves through
-    :func:`choose_strategy` (``allow_quantized`` or ``MOECOMM_DISABLE_QUANTIZED_DISPATCH=1`` switch the
-    quantized path off). Returns ``bf16 [sizes[rank], hidden]``: this rank's rows of the sum over all
-    ranks' experts. Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's
-    share of an EP split over the group or their hidden size differs; ``validate=True`` also compares
-    ``num_experts`` across ranks.
+    ``hidden`` ``bf16 [sizes[rank], hidden]``, ``topk_ids`` / ``topk_weights`` ``[sizes[rank], topk]``
+    (``topk_ids == -1``: a masked slot, no expert); ``weights`` are this rank's experts
+    (:func:`moecomm.moe.make_expert_weights` with ``ep_size = world_size``). ``sizes`` must be the same
+    list on every rank (:func:`moecomm.collectives.gather_sizes`). ``expert_input_format``: the format
+    the experts quantize their input to (None: bf16 experts); with ``agrs`` it is applied after the
+    gather, with a quantized strategy before it -- the same bytes either way. ``strategy="auto"`` resolves
+    through :func:`choose_strategy` (``allow_quantized`` or ``MOECOMM_DISABLE_QUANTIZED_DISPATCH=1``
+    switch the quantized path off); ``algorithm`` is the collectives' algorithm of the dispatch and the
+    combine (``"auto"``: per call). Returns ``bf16 [sizes[rank], hidden]``: this rank's rows of the sum
+    over all ranks' experts. Never reads a device value on the host unless validating.
+
+    Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
+    split over the group or their hidden size differs; ``validate=True`` also compares ``num_experts``
+    across ranks and checks the ids against it on the host, on every rank.
     """
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
     strategy = Strategy(strategy)
 
-    def prepare() -> tuple[Strategy, list[int]]:
+    def prepare():
+        rank, world = _world(group)
         _check_experts(weights, hidden, rank, world)
         resolved = strategy
         if strategy == Strategy.AUTO:
@@ -463,17 +575,18 @@ def moe_forward(
         return resolved, checked
 
     chosen: list[Strategy] = []  # the resolved strategy, for the agreement (which runs after prepare)
-    strategy, checked_sizes = run_checks(
+    strategy, (checked_sizes, rank, world) = run_checks(
         "moe_forward", prepare,
-        lambda: {**_agreement(hidden, topk_ids, sizes, chosen[0], global_scale, expert_input_format, pack),
+        lambda: {**_agreement(hidden, topk_ids, sizes, chosen[0], global_scale, expert_input_format, pack,
+                              algorithm, weights.num_experts),
                  "num_experts": weights.num_experts},
         group, validate)
-    tokens, ids, tw, handle = _dispatch(hidden, topk_ids, topk_weights, checked_sizes, strategy, global_scale,
-                                        expert_input_format, group, pack)
+    tokens, ids, tw, handle = _dispatch(hidden, topk_ids, topk_weights, checked_sizes, rank, world, strategy,
+                                        global_scale, expert_input_format, group, pack, algorithm)
     after_gather_format = expert_input_format if isinstance(tokens, torch.Tensor) else None
     partial = experts_forward(tokens, ids, tw, weights, input_format=after_gather_format,
                               global_scale=global_scale if after_gather_format == QuantFormat.NVFP4 else None)
-    return combine(partial, handle)
+    return combine(partial, handle, algorithm=algorithm)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -484,12 +597,11 @@ def moe_forward(
 class GraphedMoE:
     """:func:`moe_forward` captured in one CUDA graph per token bucket; all ranks replay the same bucket.
 
-    A graph fixes every tensor size and every collective's counts, so all ranks must replay a graph of
-    the same bucket: :meth:`__call__` takes the maximum live token count over the ranks (one small
-    all-reduce, a host sync), picks the smallest bucket that holds it, pads every rank's rows to that
-    bucket (zero hidden rows, routing weight 0 and ``topk_ids = (arange(bucket * topk) % num_experts)``
-    for the padding rows, which add exactly 0) and replays. With equal
-    sizes the dispatch runs the native ``all_gather_into_tensor`` / ``reduce_scatter_tensor``.
+    A graph fixes every tensor size and every collective's counts, so all ranks replay a graph of the
+    same bucket: the smallest captured bucket that holds the largest live token count of any rank. Each
+    rank's rows are padded to the bucket with masked slots (``topk_ids = -1``), which the experts skip:
+    the padding costs its bytes on the wire and its rows in the permute, no expert work. With equal
+    sizes the dispatch and the combine are the native equal-size collectives.
 
     Parameters
     ----------
@@ -509,62 +621,77 @@ class GraphedMoE:
     def __init__(self, weights: ExpertWeights, *, hidden_size: int, topk: int, buckets: Sequence[int],
                  strategy: Strategy | str = Strategy.AUTO, global_scale: torch.Tensor | None = None,
                  expert_input_format: QuantFormat | None = None, group: dist.ProcessGroup | None = None):
-        if not buckets or any(int(b) != b or b < 1 for b in buckets):
+        if not buckets or any(isinstance(b, bool) or int(b) != b or b < 1 for b in buckets):
             raise ValueError(f"buckets must be positive integers, got {buckets}")
         self.buckets = sorted(set(int(b) for b in buckets))
         self.group = group
         self.topk = topk
+        self.rank, self.world_size = _world(group)
         device = torch.device("cuda", torch.cuda.current_device())
-        world = dist.get_world_size(group)
         self._graphs = {}
         for bucket in self.buckets:
             hidden = torch.zeros(bucket, hidden_size, dtype=torch.bfloat16, device=device)
-            ids = (torch.arange(bucket * topk, device=device, dtype=torch.int32) % weights.num_experts).view(bucket, topk)
+            ids = torch.full((bucket, topk), -1, device=device, dtype=torch.int32)
             tw = torch.zeros(bucket, topk, dtype=torch.float32, device=device)
-            pad_ids = ids.clone()
 
             def step(hidden=hidden, ids=ids, tw=tw, bucket=bucket):
-                return moe_forward(hidden, ids, tw, weights, sizes=[bucket] * world, strategy=strategy,
+                return moe_forward(hidden, ids, tw, weights, sizes=[bucket] * self.world_size, strategy=strategy,
                                    global_scale=global_scale, expert_input_format=expert_input_format,
                                    group=group)
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: kernels compiled, communicators created
+            with torch.cuda.stream(side):  # warm-up: kernels compiled, communicators and buffers created
                 step()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = step()
-            self._graphs[bucket] = (graph, hidden, ids, tw, pad_ids, out)
+            self._graphs[bucket] = (graph, hidden, ids, tw, out)
+        self._live = dict.fromkeys(self.buckets, 0)  # rows of each bucket's static ids that are not -1
 
-    def bucket_for(self, num_tokens: int) -> int:
-        """The bucket all ranks replay for this rank's ``num_tokens`` (collective: call on every rank)."""
-        device = torch.device("cuda", torch.cuda.current_device())
-        n = torch.tensor([num_tokens], device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.group)
-        most = int(n.item())
+    def bucket_for(self, num_tokens: int, sizes: Sequence[int] | None = None) -> int:
+        """The bucket all ranks replay: the smallest that holds ``max(sizes)``.
+
+        With ``sizes`` (the same list on every rank, e.g. the engine's DP metadata or :func:`gather_sizes`)
+        nothing is communicated and the host never waits. Without it, the maximum of ``num_tokens`` over the
+        ranks is taken with one small all-reduce, read on the host (a sync; collective: call on every rank).
+        """
+        if sizes is not None:
+            sizes = _check_sizes(sizes, self.world_size)
+            if sizes[self.rank] != num_tokens:
+                raise ValueError(f"rank {self.rank}: {num_tokens} tokens but sizes[{self.rank}] = "
+                                 f"{sizes[self.rank]}")
+            most = max(sizes)
+        else:
+            n = torch.tensor([num_tokens], device=torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.group)
+            most = int(n.item())
         for b in self.buckets:
             if b >= most:
                 return b
         raise ValueError(f"a rank has {most} tokens, more than the largest captured bucket "
                          f"{self.buckets[-1]}: capture a larger bucket or run eagerly")
 
-    def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
+                 sizes: Sequence[int] | None = None) -> torch.Tensor:
         """Replay on this rank's ``bf16 [n, hidden]`` tokens; returns ``bf16 [n, hidden]``.
 
-        The result is a view of the graph's static output, overwritten by the next call.
+        ``sizes``: every rank's token count, the same list on every rank; with it the replay never waits for
+        the GPU (:meth:`bucket_for`). The result is a view of the graph's static output, overwritten by the
+        next call.
         """
         n = hidden.shape[0]
         if topk_ids.shape != (n, self.topk) or topk_weights.shape != (n, self.topk):
             raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
                              f"must be [{n}, {self.topk}]")
-        graph, s_hidden, s_ids, s_tw, pad_ids, out = self._graphs[self.bucket_for(n)]
+        bucket = self.bucket_for(n, sizes)
+        graph, s_hidden, s_ids, s_tw, out = self._graphs[bucket]
         s_hidden[:n].copy_(hidden)
-        s_hidden[n:].zero_()
-        s_ids[:n].copy_(topk_ids)
-        s_ids[n:].copy_(pad_ids[n:])
+        s_ids[:n].copy_(ids_int32(topk_ids))
         s_tw[:n].copy_(topk_weights)
-        s_tw[n:].zero_()
+        if self._live[bucket] > n:  # rows a larger call wrote: masked again (their hidden / weights are unread)
+            s_ids[n : self._live[bucket]].fill_(-1)
+        self._live[bucket] = n
         graph.replay()
         return out[:n]

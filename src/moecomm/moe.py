@@ -43,10 +43,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moecomm import _moe_triton, quant
+from moecomm import _moe_triton, errors, quant
 from moecomm._enum import ChoiceEnum
 from moecomm.quant import QuantFormat, QuantizedTensor
-from moecomm.routing import check_id_bounds, grouped_topk, id_bounds, normalize_topk, topk_softmax
+from moecomm.routing import grouped_topk, normalize_topk, topk_softmax
 
 __all__ = [
     "topk_softmax",
@@ -299,10 +299,6 @@ def _device(tokens: torch.Tensor | QuantizedTensor) -> torch.device:
     return tokens.data.device if isinstance(tokens, QuantizedTensor) else tokens.device
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    """Whether ``t``'s work is being captured in a CUDA graph (no host reads of device values then)."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
 
 def _token_hidden(tokens: torch.Tensor | QuantizedTensor) -> int:
     if isinstance(tokens, QuantizedTensor):
@@ -319,9 +315,9 @@ def _prepare(
     input_format: QuantFormat | str | None,
     global_scale: torch.Tensor | None,
     *,
-    check_ids: bool = True,
+    validate: bool,
 ) -> tuple[torch.Tensor | QuantizedTensor, torch.Tensor, torch.Tensor]:
-    """Validate (the id range too, with a sync, if ``check_ids``), quantize bf16 tokens when
+    """Validate (the id range too, with a sync, if ``validate``), quantize bf16 tokens when
     ``input_format`` asks, normalise the routing."""
     if isinstance(tokens, QuantizedTensor):
         if global_scale is not None:
@@ -334,7 +330,7 @@ def _prepare(
         tokens = quant.quantize(tokens, QuantFormat(input_format), global_scale=global_scale)
     elif global_scale is not None:
         raise ValueError("global_scale given without input_format")
-    ids, w = normalize_topk(topk_ids, topk_weights, num_experts=weights.num_experts if check_ids else None)
+    ids, w = normalize_topk(topk_ids, topk_weights, num_experts=weights.num_experts if validate else None)
     rows = tokens.rows if isinstance(tokens, QuantizedTensor) else tokens.shape[0]
     if rows != ids.shape[0] or _token_hidden(tokens) != weights.hidden_size:
         raise ValueError(
@@ -372,16 +368,20 @@ def experts_forward_ref(
     *,
     input_format: QuantFormat | str | None = None,
     global_scale: torch.Tensor | None = None,
+    validate: bool = False,
 ) -> torch.Tensor:
     """The oracle: float32 math on dequantized tokens and weights, one loop step per local expert.
 
-    Same inputs, checks and semantics as :func:`experts_forward` (see there and the module docstring);
-    returns float32 ``[T, H]``. Quantized tokens are used at their float32 dequantized values.
+    Same inputs, checks and semantics as :func:`experts_forward` (see there and the module docstring),
+    masked slots (-1) and the deferred id check included; returns float32 ``[T, H]``. Quantized tokens
+    are used at their float32 dequantized values.
     """
-    tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale)
+    tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale,
+                              validate=validate)
     out = torch.zeros(ids.shape[0], weights.hidden_size, dtype=torch.float32, device=_device(tokens))
     if ids.shape[0] == 0:
         return out
+    errors.record_bad_ids(ids, weights.num_experts)
     x = _dequantize_tokens(tokens, torch.float32)
     w13, w2 = weights.dequantize(torch.float32)
     for e in range(weights.num_local):
@@ -435,10 +435,15 @@ def _plan_torch(ids: torch.Tensor, first: int, num_local: int) -> tuple[torch.Te
     return (order // k).to(torch.int32), sorted_key, offs, inv
 
 
-def _plan(ids: torch.Tensor, first: int, num_local: int) -> _Plan:
-    """Sort the pairs by local expert: a Triton counting sort on CUDA, ``torch.sort`` elsewhere (same result)."""
-    make = _moe_triton.plan if ids.is_cuda else _plan_torch
-    src_rows, row_expert, offs, inv = make(ids, first, num_local)
+def _plan(ids: torch.Tensor, first: int, num_local: int, num_experts: int) -> _Plan:
+    """Sort the pairs by local expert: a Triton counting sort on CUDA, ``torch.sort`` elsewhere (same result).
+    Masked slots (-1) and ids outside ``[-1, num_experts)`` sort with other ranks' experts; the latter
+    are flagged for :func:`moecomm.errors.check_errors` (no sync)."""
+    if ids.is_cuda:
+        src_rows, row_expert, offs, inv = _moe_triton.plan(ids, first, num_local, num_experts)
+    else:
+        errors.record_bad_ids(ids, num_experts)
+        src_rows, row_expert, offs, inv = _plan_torch(ids, first, num_local)
     return _Plan(src_rows=src_rows, row_expert=row_expert, offs=offs, inv=inv, local_ids=ids - first)
 
 
@@ -529,8 +534,7 @@ def _gemms_fp8(tokens: QuantizedTensor, plan: _Plan, weights: ExpertWeights) -> 
     a_scale = tokens.scales[:, 0][plan.src_rows.long()]
     h = _fp8_grouped_mm(a, a_scale, weights.w13, weights.w13_scale, plan.offs)
     act = _act(h, plan, weights)
-    if not _capturing(act):  # quantize the M computed rows only (one host read), not all T * k
-        act = act[: int(plan.end)]
+    # All T * k rows: M = plan.end lives on the device (no host read); rows past it are never read
     aq, aq_scale = quant.quantize_fp8(act, group_size=None)
     return _fp8_grouped_mm(aq, aq_scale.view(-1), weights.w2, weights.w2_scale, plan.offs)
 
@@ -586,6 +590,7 @@ def experts_forward(
     global_scale: torch.Tensor | None = None,
     backend: str = "auto",
     out: torch.Tensor | None = None,
+    validate: bool = False,
 ) -> torch.Tensor:
     """This rank's experts on all tokens: the partial MoE output (formula in the module docstring).
 
@@ -595,7 +600,9 @@ def experts_forward(
         :class:`moecomm.quant.QuantizedTensor` of T rows (NVFP4, MXFP4, FP8_TOKEN or FP8_GROUP; its data
         and scales may be row-strided views of a gathered byte buffer).
     topk_ids : Tensor ``[T, k]`` integer (int64 is normalised to int32), global expert ids in
-        ``[0, weights.num_experts)``; ids of other ranks' experts are skipped.
+        ``[0, weights.num_experts)``, or -1 for a masked slot (no expert: no GEMM row, no weight read,
+        adds exactly 0 whatever its weight; vLLM's and SGLang's convention for padding and EP maps).
+        Ids of other ranks' experts are skipped.
     topk_weights : Tensor ``[T, k]`` floating, used in float32.
     weights : ExpertWeights of this rank.
     input_format : QuantFormat or None. With bf16 ``tokens``: quantize them first with
@@ -607,6 +614,9 @@ def experts_forward(
         QuantizedTensor, which carries its own).
     backend : ``"auto"``, ``"grouped"``, ``"fp8"`` or ``"reference"`` (module docstring).
     out : bf16 Tensor ``[T, H]`` or None, written and returned.
+    validate : bool. Check the id range on the host now (one sync) and raise ``ValueError``. By default
+        ids outside ``[-1, num_experts)`` are skipped like other ranks' experts and reported later by
+        :func:`moecomm.errors.check_errors` (no sync).
 
     Returns
     -------
@@ -618,32 +628,26 @@ def experts_forward(
     Notes
     -----
     Intermediate buffers have ``T * k`` rows (as vLLM's fused_moe), of which the GEMMs and kernels
-    compute only the ``M`` rows of local pairs, so the step has static shapes and can be captured in a
-    CUDA graph. Host reads of device values, all skipped while capturing: the range check of
-    ``topk_ids`` (min and max read back after all work is queued; ``out`` is unspecified if it raises;
-    under capture out-of-range ids contribute nothing), and on the ``"fp8"`` backend ``M``, so that only
-    M activation rows are re-quantized.
+    compute only the ``M`` rows of local pairs, so the step has static shapes, never reads a device
+    value on the host and can be captured in a CUDA graph.
 
     Raises
     ------
     ValueError
-        On shape / dtype mismatches, ids outside ``[0, num_experts)``, an unknown backend, or
-        ``backend="fp8"`` with other formats.
+        On shape / dtype mismatches, tensors on different devices, an unknown backend, or
+        ``backend="fp8"`` with other formats; with ``validate``, ids outside ``[-1, num_experts)``.
     TypeError
         If ``tokens`` is neither a tensor nor a QuantizedTensor.
     """
-    tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale, check_ids=False)
+    tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale,
+                              validate=validate)
     out = _check_out(out, (ids.shape[0], weights.hidden_size), _device(tokens))
-    bounds = None if _capturing(ids) else id_bounds(topk_ids)  # of the ids as given (int64 too); no sync
     backend = _pick_backend(backend, tokens, weights)
     if backend == "reference":
         return out.copy_(experts_forward_ref(tokens, ids, w, weights))
     if ids.shape[0] == 0:
         return out
-    # The id range is read back only after all work is queued, so the GPU never waits for the host;
-    # out-of-range ids count as other ranks' experts meanwhile (no memory is touched through them).
-    plan = _plan(ids, weights.first_expert, weights.num_local)
+    plan = _plan(ids, weights.first_expert, weights.num_local, weights.num_experts)
     y = (_gemms_fp8 if backend == "fp8" else _gemms_bf16)(tokens, plan, weights)
     _unpermute(y, plan, w, weights.b2, out)
-    check_id_bounds(bounds, weights.num_experts)
     return out

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["topk_softmax", "grouped_topk", "normalize_topk", "id_bounds", "check_id_bounds"]
+from moecomm.errors import check_ids
+
+__all__ = ["topk_softmax", "grouped_topk", "normalize_topk", "ids_int32"]
 
 
 def _check_logits(router_logits: torch.Tensor, k: int) -> None:
@@ -150,8 +152,8 @@ def normalize_topk(
     ----------
     topk_ids : Tensor ``[num_tokens, k]``, any integer dtype (int64 from ``torch.topk`` is fine).
     topk_weights : Tensor ``[num_tokens, k]``, any floating dtype.
-    num_experts : int or None. When given, every id must be in ``[0, num_experts)``; checking reads
-        the ids' min and max on the host (one device synchronisation on a GPU).
+    num_experts : int or None. When given, every id must be in ``[0, num_experts)`` or be -1 (a masked
+        slot); checking reads the ids' min and max on the host (one device synchronisation on a GPU).
 
     Returns
     -------
@@ -176,35 +178,18 @@ def normalize_topk(
     if topk_ids.device != topk_weights.device:
         raise ValueError(f"topk_ids on {topk_ids.device} but topk_weights on {topk_weights.device}")
     if num_experts is not None:
-        check_id_bounds(id_bounds(topk_ids), num_experts)
+        check_ids(topk_ids, num_experts)
     return ids_int32(topk_ids).contiguous(), topk_weights.float().contiguous()
 
 
 def ids_int32(topk_ids: torch.Tensor) -> torch.Tensor:
-    """Integer ids as int32 without wrapping: ids outside the int32 range become -1 (no sync).
+    """Integer ids as int32 without wrapping: ids outside the int32 range become -2**31 (no sync).
 
-    -1 is out of every expert range, so the range check of :func:`check_id_bounds` reports it instead of
-    a wrapped id silently picking a real expert (``2**32 + 1`` would wrap to 1).
+    -2**31 is below -1, so it stays an error that :func:`moecomm.errors.check_errors` reports, instead of
+    a wrapped id silently picking a real expert (``2**32 + 1`` would wrap to 1) or becoming a masked slot.
     """
     if topk_ids.dtype == torch.int32:
         return topk_ids
     info = torch.iinfo(torch.int32)
     fits = (topk_ids >= info.min) & (topk_ids <= info.max)
-    return torch.where(fits, topk_ids, -1).to(torch.int32)
-
-
-def id_bounds(topk_ids: torch.Tensor) -> torch.Tensor | None:
-    """``[min, max]`` of the ids on their device (no sync), or None when there are none."""
-    return torch.stack(torch.aminmax(topk_ids)) if topk_ids.numel() else None
-
-
-def check_id_bounds(bounds: torch.Tensor | None, num_experts: int) -> None:
-    """Raise ``ValueError`` unless ``bounds`` (from :func:`id_bounds`) lie in ``[0, num_experts)``.
-
-    Reads the two values on the host: one device synchronisation on a GPU.
-    """
-    if bounds is None:
-        return
-    lo, hi = bounds.tolist()
-    if lo < 0 or hi >= num_experts:
-        raise ValueError(f"topk_ids must be in [0, {num_experts}), got values in [{lo}, {hi}]")
+    return torch.where(fits, topk_ids, info.min).to(torch.int32)

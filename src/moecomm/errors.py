@@ -1,0 +1,101 @@
+"""Errors found on the device without a host sync, raised later by :func:`check_errors`.
+
+The hot path (``dispatch``, ``experts_forward``, ``moe_forward``, a ``GraphedMoE`` replay) never reads a
+device value on the host: a range check of ``topk_ids`` that raised at once would make the host wait
+for the GPU on every layer. Instead, an expert id outside ``[-1, num_experts)`` (``-1`` is a masked
+slot) is treated like another rank's expert, so it touches no memory and adds nothing, and the kernel
+that sees it sets a flag in a small per-device error buffer, together with the smallest and largest
+such id. :func:`check_errors` reads the buffers (one sync), clears them and raises ``ValueError``.
+Call it where a sync is cheap: after a step, before returning results, or in tests. With
+``validate=True`` the public calls check the ids on the host instead and raise at once.
+
+The buffers are created on first use on a device; under CUDA-graph capture the kernels write to the
+buffer that existed at capture time (warm up before capturing, which moecomm's graph paths do).
+
+This is the convention of torch's own deferred device asserts (``torch._assert_async``) without their
+cost: a failed device assert kills the CUDA context; a flag leaves the process usable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ID_OUT_OF_RANGE", "check_errors", "error_buffer", "record_bad_ids", "check_ids"]
+
+ID_OUT_OF_RANGE = 1  # bit 0: a topk_id outside [-1, num_experts) reached the experts
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_BUFFERS: dict[torch.device, torch.Tensor] = {}
+
+
+def error_buffer(device: torch.device) -> torch.Tensor:
+    """int32 ``[3]`` on ``device``: ``[error bits, smallest bad id, largest bad id]`` (created on first use)."""
+    buf = _BUFFERS.get(device)
+    if buf is None:
+        buf = torch.tensor([0, _INT32_MAX, _INT32_MIN], dtype=torch.int32, device=device)
+        _BUFFERS[device] = buf
+    return buf
+
+
+def record_bad_ids(ids: torch.Tensor, num_experts: int) -> None:
+    """Flag ids outside ``[-1, num_experts)`` in :func:`error_buffer` with torch ops (no sync).
+
+    The CUDA path does the same inside the expert sort kernel (``moecomm._moe_triton.plan``).
+    """
+    if ids.numel() == 0:
+        return
+    buf = error_buffer(ids.device)
+    flat = ids.reshape(-1)
+    bad = (flat < -1) | (flat >= num_experts)
+    buf[0] |= bad.any().to(torch.int32) * ID_OUT_OF_RANGE
+    buf[1] = torch.minimum(buf[1], torch.where(bad, flat, _INT32_MAX).amin().to(torch.int32))
+    buf[2] = torch.maximum(buf[2], torch.where(bad, flat, _INT32_MIN).amax().to(torch.int32))
+
+
+def check_ids(ids: torch.Tensor, num_experts: int, rank: int | None = None) -> None:
+    """Raise ``ValueError`` now unless every id is in ``[-1, num_experts)`` (reads min and max: one sync)."""
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    if lo < -1 or hi >= num_experts:
+        where = "" if rank is None else f"rank {rank}: "
+        raise ValueError(f"{where}topk_ids must be in [0, {num_experts}) or -1 (a masked slot), got values in "
+                         f"[{lo}, {hi}]")
+
+
+def check_errors(*, group=None, every_rank: bool = False) -> None:
+    """Raise ``ValueError`` if a device kernel of this process flagged an error since the last check.
+
+    Reads and clears the error buffers of every device this process used (a host sync).
+
+    Parameters
+    ----------
+    group : ProcessGroup, optional
+        With ``every_rank``: the ranks that check together (default: the world).
+    every_rank : bool
+        Exchange the result over ``group`` so that every rank raises when any rank saw an error (a
+        collective: call it on every rank of the group).
+
+    Raises
+    ------
+    ValueError
+        ``"rank R: topk_ids outside [-1, num_experts) reached the experts (values in [lo, hi]) ..."``.
+        int64 ids outside the int32 range appear as -2147483648.
+    """
+    import torch.distributed as dist
+
+    messages = []
+    for device, buf in _BUFFERS.items():
+        bits, lo, hi = buf.tolist()
+        if bits:
+            buf.copy_(torch.tensor([0, _INT32_MAX, _INT32_MIN], dtype=torch.int32))
+        if bits & ID_OUT_OF_RANGE:
+            messages.append(f"topk_ids outside [-1, num_experts) reached the experts on {device} (values in "
+                            f"[{lo}, {hi}]); they were skipped like another rank's experts")
+    rank = dist.get_rank(group) if dist.is_initialized() else None
+    error = ValueError(f"rank {rank}: " + "; ".join(messages) if rank is not None else "; ".join(messages))
+    if every_rank:
+        from moecomm.collectives import check_agreement
+
+        check_agreement("check_errors", {}, group, error if messages else None)
+    elif messages:
+        raise error
