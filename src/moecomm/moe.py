@@ -37,13 +37,14 @@ Hopper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from moecomm import _moe_triton, quant
+from moecomm._device import common_device
 from moecomm._enum import ChoiceEnum
 from moecomm.quant import QuantFormat, QuantizedTensor
 from moecomm.routing import check_id_bounds, grouped_topk, id_bounds, normalize_topk, topk_softmax
@@ -299,6 +300,19 @@ def _device(tokens: torch.Tensor | QuantizedTensor) -> torch.device:
     return tokens.data.device if isinstance(tokens, QuantizedTensor) else tokens.device
 
 
+def _check_devices(name: str, tokens, topk_ids, topk_weights, weights: ExpertWeights) -> None:
+    """Raise ``ValueError`` naming each tensor's device unless the tokens (data, scales and global scale of
+    a QuantizedTensor), the routing and the expert weights share one: the kernels run there. The
+    ``global_scale`` argument may be a CPU tensor or a number; ``quant.quantize`` moves it."""
+    if isinstance(tokens, QuantizedTensor):
+        parts = {"tokens.data": tokens.data, "tokens.scales": tokens.scales, "tokens.global_scale": tokens.global_scale}
+    else:
+        parts = {"tokens": tokens}
+    parts.update(topk_ids=topk_ids, topk_weights=topk_weights)
+    parts.update({f"weights.{f.name}": getattr(weights, f.name) for f in fields(weights)})
+    common_device(name, **parts)
+
+
 def _capturing(t: torch.Tensor) -> bool:
     """Whether ``t``'s work is being captured in a CUDA graph (no host reads of device values then)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -378,6 +392,7 @@ def experts_forward_ref(
     Same inputs, checks and semantics as :func:`experts_forward` (see there and the module docstring);
     returns float32 ``[T, H]``. Quantized tokens are used at their float32 dequantized values.
     """
+    _check_devices("experts_forward_ref", tokens, topk_ids, topk_weights, weights)
     tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale)
     out = torch.zeros(ids.shape[0], weights.hidden_size, dtype=torch.float32, device=_device(tokens))
     if ids.shape[0] == 0:
@@ -627,11 +642,13 @@ def experts_forward(
     Raises
     ------
     ValueError
-        On shape / dtype mismatches, ids outside ``[0, num_experts)``, an unknown backend, or
+        On shape / dtype mismatches, tensors (tokens and their scales, routing, expert weights) on
+        different devices, ids outside ``[0, num_experts)``, an unknown backend, or
         ``backend="fp8"`` with other formats.
     TypeError
         If ``tokens`` is neither a tensor nor a QuantizedTensor.
     """
+    _check_devices("experts_forward", tokens, topk_ids, topk_weights, weights)
     tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale, check_ids=False)
     out = _check_out(out, (ids.shape[0], weights.hidden_size), _device(tokens))
     bounds = None if _capturing(ids) else id_bounds(topk_ids)  # of the ids as given (int64 too); no sync
