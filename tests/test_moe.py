@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import re
@@ -518,6 +519,24 @@ def test_errors():
         experts_forward(x, ids, tw, weights, global_scale=q.global_scale)
 
 
+def test_tensors_on_different_devices_raise():
+    weights = make_expert_weights(*_weights(8)[:2], ep_size=2, ep_rank=1)
+    x = _tokens(5)
+    q = _quantize(x, QuantFormat.NVFP4)
+    ids, tw = _route(5, 8, 2)
+    meta = torch.device("meta")
+    cases = [
+        ((x, ids.to(meta), tw.to(meta), weights), "topk_ids on meta"),
+        ((dataclasses.replace(q, scales=q.scales.to(meta)), ids, tw, weights), "tokens.scales on meta"),
+        ((dataclasses.replace(q, global_scale=q.global_scale.to(meta)), ids, tw, weights), "tokens.global_scale on meta"),
+        ((x, ids, tw, dataclasses.replace(weights, w2=weights.w2.to(meta))), "weights.w2 on meta"),
+    ]
+    for fn in (experts_forward, experts_forward_ref):
+        for args, where in cases:
+            with pytest.raises(ValueError, match=f"{fn.__name__}: tensors must be on one device, .*{where}"):
+                fn(*args)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels (interpreter on CPU) vs their torch versions
 # ----------------------------------------------------------------------------------------------------
@@ -598,6 +617,52 @@ def test_triton_unpermute(bias):
     got = _moe_triton.unpermute(y, plan.inv, tw, weights.b2, plan.local_ids, torch.empty(37, H, dtype=torch.bfloat16))
     expect = moe._unpermute_torch(y, plan, tw, weights.b2, torch.empty(37, H, dtype=torch.bfloat16))
     assert_close(got, expect, rel=0)
+
+
+def test_every_kernel_launch_runs_in_the_device_guard_of_its_tensors(monkeypatch):
+    """Each Triton launch (recorded by wrapping the kernels) happens inside ``device_guard`` (recorded by a
+    stand-in) of the device of all its tensor arguments. Triton on the CPU tensors via the interpreter."""
+    guards, launches = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        guards.append(device)
+        try:
+            yield
+        finally:
+            guards.pop()
+
+    class Recorded:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+                launches.append((self.name, guards[-1] if guards else None, devices))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    kernels = {name for name in vars(_moe_triton) if name.endswith("_kernel")}
+    for name in kernels:
+        monkeypatch.setattr(_moe_triton, name, Recorded(name, getattr(_moe_triton, name)))
+    monkeypatch.setattr(_moe_triton, "device_guard", recording_guard)
+    # every entry point, as the CUDA path of experts_forward calls them
+    weights, _, tw, _ = _plan_case(bias=True)
+    ids, _ = _route(37, 8, 3)
+    src_rows, row_expert, offs, inv = _moe_triton.plan(ids, weights.first_expert, weights.num_local, 8)
+    end, rows = offs[-1:], src_rows.shape[0]
+    x = _tokens(37)
+    _moe_triton.permute_dequant(_quantize(x, QuantFormat.NVFP4), src_rows, end)
+    _moe_triton.gather_rows(x, src_rows, end)
+    h = torch.randn(rows, weights.w13.shape[1]).bfloat16()
+    _moe_triton.activation(h, weights.b13, row_expert, end, gated=True)
+    y = torch.randn(rows, H).bfloat16()
+    _moe_triton.unpermute(y, inv, tw, weights.b2, ids - weights.first_expert, torch.empty(37, H, dtype=torch.bfloat16))
+    assert {name for name, _, _ in launches} == kernels
+    for name, guard, devices in launches:
+        assert devices == {guard}, (name, guard, devices)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -727,6 +792,26 @@ def test_gpu_no_local_tokens(dsv3, backend):
     assert not experts_forward(q, elsewhere, tw, w, backend=backend).any()
     empty = quant.quantize(x[:0], QuantFormat.FP8_TOKEN)
     assert experts_forward(empty, ids[:0], tw[:0], w, backend=backend).shape == (0, DSV3["hidden"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("tfmt", [None, QuantFormat.NVFP4, QuantFormat.FP8_TOKEN], ids=_fid)
+def test_gpu_inputs_on_another_gpu_than_the_current_one(tfmt):
+    """With cuda:0 current and every input on cuda:1, the kernels run on cuda:1 and give cuda:0's result."""
+
+    def run(device):
+        w13, w2, b13, b2 = _weights(8, bias=True, device=device)
+        weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=1, b13=b13, b2=b2)
+        ids, tw = _route(300, 8, 3)
+        with torch.cuda.device(device):  # the quantizer's device handling is not this test's subject
+            tokens = _quantize(_tokens(300, device=device), tfmt)
+        with torch.cuda.device(0):
+            return experts_forward(tokens, ids.to(device), tw.to(device), weights)
+
+    out = run(torch.device("cuda:1"))
+    assert out.device == torch.device("cuda:1")
+    assert_close(out.cpu(), run(torch.device("cuda:0")).cpu(), rel=0)
 
 
 def test_bad_partition_and_weight_dtypes_raise():

@@ -10,7 +10,8 @@
 Buffers have ``R = T * k`` rows (one per (token, slot) pair, a static size, so that the whole step can be
 captured in a CUDA graph); only rows below ``end = offs[-1]``, the pairs of local experts, are computed.
 Codes are decoded from their bits (e4m3, e2m1), so the kernels need no fp8 support from the backend and
-run under ``TRITON_INTERPRET=1`` on CPU tensors too.
+run under ``TRITON_INTERPRET=1`` on CPU tensors too. Every launch runs in ``device_guard`` of its tensors'
+device (they may be on another GPU than the current one); the callers check that they share one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from moecomm import errors, quant
+from moecomm._device import device_guard
 from moecomm.quant import QuantFormat, QuantizedTensor
 
 __all__ = ["plan", "permute_supported", "permute_dequant", "gather_rows", "activation", "unpermute"]
@@ -135,17 +137,18 @@ def plan(ids: torch.Tensor, first: int, num_local: int, num_experts: int):
     blocks = triton.cdiv(num_pairs, _PLAN_BLOCK)
     keys = triton.next_power_of_2(num_local + 2)  # keys 0..num_local, and a spare last bin
     counts = torch.empty(keys, blocks, dtype=torch.int32, device=ids.device)
-    err = errors.error_buffer(ids.device)
-    _count_kernel[(blocks,)](ids, counts, err, num_pairs, first, num_local, num_experts, blocks,
-                             BLOCK=_PLAN_BLOCK, KEYS=keys)
-    ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32)
     src_rows = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)
     row_expert, inv = torch.empty_like(src_rows), torch.empty_like(src_rows)
     offs = torch.empty(num_local, dtype=torch.int32, device=ids.device)
-    _place_kernel[(blocks,)](
-        ids, counts, ends, src_rows, row_expert, inv, offs, num_pairs, first, num_local, blocks, k,
-        BLOCK=_PLAN_BLOCK, KEYS=keys,
-    )
+    err = errors.error_buffer(ids.device)
+    with device_guard(ids.device):
+        _count_kernel[(blocks,)](ids, counts, err, num_pairs, first, num_local, num_experts, blocks,
+                                 BLOCK=_PLAN_BLOCK, KEYS=keys)
+        ends = torch.cumsum(counts.view(-1), 0, dtype=torch.int32)
+        _place_kernel[(blocks,)](
+            ids, counts, ends, src_rows, row_expert, inv, offs, num_pairs, first, num_local, blocks, k,
+            BLOCK=_PLAN_BLOCK, KEYS=keys,
+        )
     return src_rows, row_expert, offs, inv.view(ids.shape)
 
 
@@ -200,10 +203,11 @@ def _launch_permute(data, scales, gs, src_rows, end, out, width: int, group: int
     if src_rows.shape[0] == 0:
         return
     block = _block(width)
-    _permute_kernel[_row_grid(src_rows.shape[0], out.device)](
-        data, data.stride(0), scales, scales.stride(0), gs, src_rows, end, out, width, group,
-        MODE=mode, BLOCK=block, CHUNKS=triton.cdiv(width, block), num_warps=8 if mode == _NVFP4 else 4,
-    )
+    with device_guard(out.device):
+        _permute_kernel[_row_grid(src_rows.shape[0], out.device)](
+            data, data.stride(0), scales, scales.stride(0), gs, src_rows, end, out, width, group,
+            MODE=mode, BLOCK=block, CHUNKS=triton.cdiv(width, block), num_warps=8 if mode == _NVFP4 else 4,
+        )
 
 
 def permute_supported(tokens: torch.Tensor | QuantizedTensor) -> bool:
@@ -287,10 +291,11 @@ def activation(
         return out
     h = h.contiguous()
     block = _block(inter)
-    _activation_kernel[_row_grid(rows, h.device)](
-        h, h if bias is None else bias.contiguous(), row_expert, end, out.view(torch.uint16), inter, n13,
-        GATED=gated, HAS_BIAS=bias is not None, BLOCK=block, CHUNKS=triton.cdiv(inter, block),
-    )
+    with device_guard(h.device):
+        _activation_kernel[_row_grid(rows, h.device)](
+            h, h if bias is None else bias.contiguous(), row_expert, end, out.view(torch.uint16), inter, n13,
+            GATED=gated, HAS_BIAS=bias is not None, BLOCK=block, CHUNKS=triton.cdiv(inter, block),
+        )
     return out
 
 
@@ -335,8 +340,9 @@ def unpermute(
         return out
     y = y.contiguous()
     block = _block(hidden)
-    _unpermute_kernel[(t, triton.cdiv(hidden, block))](
-        y, inv, weights, y if bias is None else bias.contiguous(), local_ids, out.view(torch.uint16), out.stride(0),
-        hidden, K=k, HAS_BIAS=bias is not None, BLOCK=block,
-    )
+    with device_guard(out.device):
+        _unpermute_kernel[(t, triton.cdiv(hidden, block))](
+            y, inv, weights, y if bias is None else bias.contiguous(), local_ids, out.view(torch.uint16),
+            out.stride(0), hidden, K=k, HAS_BIAS=bias is not None, BLOCK=block,
+        )
     return out

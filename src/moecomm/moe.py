@@ -37,13 +37,14 @@ Hopper.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from moecomm import _moe_triton, errors, quant
+from moecomm._device import common_device
 from moecomm._enum import ChoiceEnum
 from moecomm.quant import QuantFormat, QuantizedTensor
 from moecomm.routing import grouped_topk, normalize_topk, topk_softmax
@@ -299,6 +300,18 @@ def _device(tokens: torch.Tensor | QuantizedTensor) -> torch.device:
     return tokens.data.device if isinstance(tokens, QuantizedTensor) else tokens.device
 
 
+def _check_devices(name: str, tokens, topk_ids, topk_weights, weights: ExpertWeights) -> None:
+    """Raise ``ValueError`` naming each tensor's device unless the tokens (data, scales and global scale of
+    a QuantizedTensor), the routing and the expert weights share one: the kernels run there. The
+    ``global_scale`` argument may be a CPU tensor or a number; ``quant.quantize`` moves it."""
+    if isinstance(tokens, QuantizedTensor):
+        parts = {"tokens.data": tokens.data, "tokens.scales": tokens.scales, "tokens.global_scale": tokens.global_scale}
+    else:
+        parts = {"tokens": tokens}
+    parts.update(topk_ids=topk_ids, topk_weights=topk_weights)
+    parts.update({f"weights.{f.name}": getattr(weights, f.name) for f in fields(weights)})
+    common_device(name, **parts)
+
 
 def _token_hidden(tokens: torch.Tensor | QuantizedTensor) -> int:
     if isinstance(tokens, QuantizedTensor):
@@ -376,6 +389,7 @@ def experts_forward_ref(
     masked slots (-1) and the deferred id check included; returns float32 ``[T, H]``. Quantized tokens
     are used at their float32 dequantized values.
     """
+    _check_devices("experts_forward_ref", tokens, topk_ids, topk_weights, weights)
     tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale,
                               validate=validate)
     out = torch.zeros(ids.shape[0], weights.hidden_size, dtype=torch.float32, device=_device(tokens))
@@ -634,11 +648,13 @@ def experts_forward(
     Raises
     ------
     ValueError
-        On shape / dtype mismatches, tensors on different devices, an unknown backend, or
-        ``backend="fp8"`` with other formats; with ``validate``, ids outside ``[-1, num_experts)``.
+        On shape / dtype mismatches, tensors (tokens and their scales, routing, expert weights) on
+        different devices, an unknown backend, or ``backend="fp8"`` with other formats; with
+        ``validate``, ids outside ``[-1, num_experts)``.
     TypeError
         If ``tokens`` is neither a tensor nor a QuantizedTensor.
     """
+    _check_devices("experts_forward", tokens, topk_ids, topk_weights, weights)
     tokens, ids, w = _prepare(tokens, topk_ids, topk_weights, weights, input_format, global_scale,
                               validate=validate)
     out = _check_out(out, (ids.shape[0], weights.hidden_size), _device(tokens))

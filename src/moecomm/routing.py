@@ -10,6 +10,30 @@ Two routers, both plain torch (they are a few small kernels next to the expert G
   SGLang ``grouped_topk``).
 
 :func:`normalize_topk` validates routing that a caller made itself and brings it to int32 / fp32.
+
+**Ties.** Routing is a function of each row's scores alone, the same on every device and in every batch
+composition: experts (and the groups of :func:`grouped_topk`) rank by score descending, then by id
+ascending, and ``topk_ids`` lists them in that order. ``torch.topk`` breaks ties differently on CPU and
+CUDA, so the ranking is a ``torch.topk`` over keys that are unique within a row: the order-preserving
+bits of the fp32 score (``-0.0`` as ``+0.0``) times the number of candidates, plus the reversed id
+(triton_kernels' ``topk`` packs value bits and index into one key the same way). No host sync.
+
+**Non-finite logits** (the weights are never NaN):
+
+* NaN ranks as ``-inf``, below every number.
+* A slot whose expert has a ``-inf`` or NaN logit is a *masked slot*: ``topk_ids = -1``,
+  ``topk_weights = 0`` (vLLM / SGLang's convention). Such experts fill slots only when fewer than ``k``
+  others are left, so an all ``-inf`` / all NaN row routes to no expert.
+* :func:`topk_softmax`: in a row with ``+inf`` logits the ``+inf`` experts share the probability
+  equally (the limit of the softmax) and rank first; the row's other experts get probability 0 (routed
+  with weight 0, not masked, unless their logit is ``-inf`` or NaN).
+* :func:`grouped_topk`: ``sigmoid(+inf) = 1`` is an ordinary score, the largest, and competes through the
+  correction bias like any other. A ``-inf`` or NaN logit masks its expert whatever its bias. A group
+  ranks by how many of its two best experts are unmasked (2, 1 or 0), then by the sum of their
+  corrected scores, then by group id; slots that fall outside the chosen groups are masked too.
+* Renormalisation divides by ``sum + 1e-20``, so a row of masked slots keeps weights 0.
+
+``e_score_correction_bias`` must be finite (checking it would read it on the host).
 """
 
 from __future__ import annotations
@@ -19,6 +43,8 @@ import torch
 from moecomm.errors import check_ids
 
 __all__ = ["topk_softmax", "grouped_topk", "normalize_topk", "ids_int32"]
+
+_NEG_INF = float("-inf")
 
 
 def _check_logits(router_logits: torch.Tensor, k: int) -> None:
@@ -31,9 +57,29 @@ def _check_logits(router_logits: torch.Tensor, k: int) -> None:
         raise ValueError(f"k={k} must be in [1, num_experts={router_logits.shape[1]}]")
 
 
-def _finish(weights: torch.Tensor, ids: torch.Tensor, renormalize: bool, scale: float = 1.0):
+def _order_bits(x: torch.Tensor) -> torch.Tensor:
+    """fp32 (no NaN) -> int64 in the same order: the bits, with those of negative numbers' magnitude
+    flipped so that they compare as integers; ``-0.0`` first becomes ``+0.0`` (they compare equal)."""
+    bits = torch.where(x == 0, 0.0, x).view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+
+
+def _rank(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 ``[T, k]``: the indices of the ``k`` largest ``keys [T, N]`` (int64, ``|keys| * N < 2**62``),
+    largest first, equal keys in ascending index order. The keys are made unique within a row, so the
+    result does not depend on how ``torch.topk`` breaks ties."""
+    n = keys.shape[1]
+    lower_index_first = torch.arange(n - 1, -1, -1, device=keys.device)
+    return (keys * n + lower_index_first).topk(k, dim=-1).indices
+
+
+def _finish(weights: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, renormalize: bool, scale: float = 1.0):
+    """Mask the slots where ``keep`` is False (id -1, weight 0), renormalise, scale; int32 ids, fp32 weights."""
+    weights = torch.where(keep, weights, 0.0)
+    ids = torch.where(keep, ids, -1)
     if renormalize:
-        # + 1e-20 as DeepSeek-V3's MoEGate: sigmoid scores that underflow to 0 must not give 0/0 = NaN
+        # + 1e-20 as DeepSeek-V3's MoEGate: a sum of 0 (masked slots, sigmoid scores that underflow) must
+        # not give 0/0 = NaN
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     if scale != 1.0:
         weights = weights * scale
@@ -45,19 +91,23 @@ def topk_softmax(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax top-k routing (Mixtral / Qwen-MoE; vLLM ``fused_topk``).
 
-    ``p = softmax(logits)`` over all experts in fp32; keep the ``k`` largest; with ``renormalize`` divide
-    them by their sum so that each token's weights add up to 1.
+    ``p = softmax(logits)`` over all experts in fp32; keep the ``k`` experts of largest logit (so of
+    largest ``p``: ranking the logits themselves keeps the order exact where fp32 ``p`` would round two
+    logits to one value), ties to the lower id; with ``renormalize`` divide their ``p`` by their sum so that
+    each token's weights add up to 1. Non-finite logits follow the module docstring: NaN ranks as
+    ``-inf``, ``+inf`` experts share the probability, slots of ``-inf`` / NaN experts are masked.
 
     Parameters
     ----------
-    router_logits : Tensor ``[num_tokens, num_experts]``, any floating dtype.
+    router_logits : Tensor ``[num_tokens, num_experts]``, any floating dtype (computed in fp32).
     k : int, experts per token, ``1 <= k <= num_experts``.
     renormalize : bool, divide the kept probabilities by their sum.
 
     Returns
     -------
-    topk_ids : Tensor ``[num_tokens, k]`` int32, expert indices, largest weight first.
-    topk_weights : Tensor ``[num_tokens, k]`` float32.
+    topk_ids : Tensor ``[num_tokens, k]`` int32, expert ids by logit descending, then id ascending;
+        -1 for a masked slot (always after the others).
+    topk_weights : Tensor ``[num_tokens, k]`` float32; 0 for a masked slot.
 
     Raises
     ------
@@ -65,9 +115,14 @@ def topk_softmax(
         If ``router_logits`` is not a floating 2-D tensor or ``k`` is out of range.
     """
     _check_logits(router_logits, k)
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, k, dim=-1)
-    return _finish(weights, ids, renormalize)
+    x = router_logits.float()
+    x = torch.where(x.isnan(), _NEG_INF, x)
+    pos_inf = x == float("inf")
+    # rows with +inf logits: softmax of 0 for the +inf experts and -inf for the others (its limit)
+    limit = torch.where(pos_inf.any(dim=-1, keepdim=True), torch.where(pos_inf, 0.0, _NEG_INF), x)
+    probs = torch.softmax(limit, dim=-1)  # NaN in all -inf rows: their slots are all masked
+    ids = _rank(_order_bits(x), k)
+    return _finish(probs.gather(1, ids), ids, x.gather(1, ids) > _NEG_INF, renormalize)
 
 
 def grouped_topk(
@@ -89,6 +144,9 @@ def grouped_topk(
         topk_ids     = top-k of ``c`` over allowed experts
         topk_weights = s[topk_ids] (/ their sum if ``renormalize``) * routed_scaling_factor
 
+    Ties go to the lower group id and the lower expert id; ``-inf`` / NaN logits are masked and a
+    group's rank counts its unmasked best two first (module docstring).
+
     Sources: DeepSeek-V3 technical report (arXiv:2412.19437) section 2.1.2; HF ``modeling_deepseek.py``
     ``MoEGate.forward`` (``topk_method="noaux_tc"``); vLLM / SGLang ``grouped_topk``. HF fills masked experts
     with 0.0 rather than -inf; that differs only when a corrected score of an allowed expert is negative,
@@ -99,7 +157,7 @@ def grouped_topk(
     ----------
     router_logits : Tensor ``[num_tokens, num_experts]``, any floating dtype (computed in fp32).
     k : int, experts per token, at most ``topk_group * num_experts / n_group``.
-    e_score_correction_bias : Tensor ``[num_experts]`` or None (no correction).
+    e_score_correction_bias : Tensor ``[num_experts]`` (finite) or None (no correction).
     n_group : int, number of expert groups; ``num_experts / n_group >= 2``.
     topk_group : int, groups kept per token, ``1 <= topk_group <= n_group``.
     routed_scaling_factor : float, multiplies the final weights.
@@ -107,8 +165,9 @@ def grouped_topk(
 
     Returns
     -------
-    topk_ids : Tensor ``[num_tokens, k]`` int32, largest corrected score first.
-    topk_weights : Tensor ``[num_tokens, k]`` float32.
+    topk_ids : Tensor ``[num_tokens, k]`` int32, by corrected score descending, then id ascending; -1 for
+        a masked slot (always after the others).
+    topk_weights : Tensor ``[num_tokens, k]`` float32; 0 for a masked slot.
 
     Raises
     ------
@@ -125,7 +184,8 @@ def grouped_topk(
             f"topk_group={topk_group} must be in [1, n_group={n_group}] and k={k} at most "
             f"topk_group * group_size = {topk_group * group_size}"
         )
-    scores = torch.sigmoid(router_logits.float())
+    x = router_logits.float()
+    scores = torch.sigmoid(x)
     choice = scores
     if e_score_correction_bias is not None:
         if e_score_correction_bias.shape != (num_experts,):
@@ -134,13 +194,15 @@ def grouped_topk(
                 f"got {tuple(e_score_correction_bias.shape)}"
             )
         choice = scores + e_score_correction_bias.float()
-    grouped = choice.view(num_tokens, n_group, group_size)
-    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, n_group]
-    best_groups = group_scores.topk(topk_group, dim=-1).indices
-    allowed = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
-    masked = grouped.masked_fill(~allowed.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
-    ids = masked.topk(k, dim=-1).indices
-    return _finish(scores.gather(1, ids), ids, renormalize, routed_scaling_factor)
+    unmasked = x > _NEG_INF  # False for -inf and NaN logits
+    grouped = torch.where(unmasked, choice, _NEG_INF).view(num_tokens, n_group, group_size)
+    best2 = grouped.topk(2, dim=-1).values  # values only: they do not depend on how ties are broken
+    counted = best2 > _NEG_INF
+    group_keys = counted.sum(dim=-1) * 2**32 + _order_bits(torch.where(counted, best2, 0.0).sum(dim=-1))
+    allowed = torch.zeros_like(counted[..., 0]).scatter_(1, _rank(group_keys, topk_group), True)
+    keep = (unmasked.view(num_tokens, n_group, group_size) & allowed.unsqueeze(-1)).view(num_tokens, num_experts)
+    ids = _rank(_order_bits(torch.where(keep, choice, _NEG_INF)), k)
+    return _finish(scores.gather(1, ids), ids, keep.gather(1, ids), renormalize, routed_scaling_factor)
 
 
 def normalize_topk(
