@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# The one GPU script: every GPU test, then every benchmark, in one device call.
-#   bash scripts/gpu_check.sh [tests|bench|all]      (results under $OUT, else ./out)
+# The one GPU script: GPU tests and benchmarks, in one device call.
+#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests quant experts coll moe demo all (default: all)
+# Results (logs, JSON, PNG, tables) are packed into $OUT/results.tar.gz after every step (else ./out).
 # Runs from a plain checkout (PYTHONPATH=src, no install), as on the device machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what=${1:-all}
+steps=${*:-all}
 OUT=${OUT:-out}
-R=$(mktemp -d)  # logs and JSON; packed into $OUT/results.tar.gz after every step (at most 8 files come back)
+R=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 mc="python3 -m moecomm.cli"
+n=$(python3 -c "import torch; print(torch.cuda.device_count())")
+want() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, print its tail
   local name=$1 t=$2; shift 2
   echo "=== $name ($(date -u +%H:%M:%S)): $*"
@@ -21,21 +24,21 @@ step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, print its tail
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 } > "$R/env.txt" 2>&1; cat "$R/env.txt"
-if [[ $what == tests || $what == all ]]; then
-  step gpu_tests 240 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests
+want tests && step gpu_tests 300 python3 -m pytest -m gpu -q -rs -x -p no:cacheprovider tests
+want quant && step bench_quant 90 $mc bench quant --json "$R/quant.json"
+want experts && step bench_experts 90 $mc bench experts --json "$R/experts.json"
+if want coll; then
+  step bench_collectives_ws1 90 $mc bench collectives --world-size 1 --rows 1,1024,16384 --json "$R/collectives_ws1.json"
+  [[ $n -gt 1 ]] && step bench_collectives_ws$n 240 $mc bench collectives --world-size "$n" \
+    --json "$R/collectives_ws$n.json" --write-table "$R/collectives_table.json"
 fi
-if [[ $what == bench || $what == all ]]; then
-  n=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  step bench_quant 60 $mc bench quant --json "$R/quant.json"
-  step bench_experts 90 $mc bench experts --json "$R/experts.json"
-  step bench_collectives_ws1 60 $mc bench collectives --world-size 1 --json "$R/collectives_ws1.json"
-  [[ $n -gt 1 ]] && step bench_collectives_ws$n 150 $mc bench collectives --world-size "$n" --json "$R/collectives_ws$n.json"
+if want moe; then
   for ws in $(python3 -c "print(*sorted({1, $n}))"); do
-    step bench_moe_ws$ws 150 $mc bench moe --world-size "$ws" --json "$R/moe_ws$ws.json" --plot "$R/moe_ws$ws.png" \
-      --write-crossover "$R/crossover_ws$ws.json"
+    step bench_moe_ws$ws 240 $mc bench moe --world-size "$ws" --graphs --json "$R/moe_ws$ws.json" \
+      --plot "$R/moe_ws$ws.png" --write-crossover "$R/crossover.json"
   done
-  if [[ -d .carry/site ]]; then  # the demo's model, packed by scripts/pack_minilm_for_device.py
-    python3 scripts/pack_minilm_for_device.py --unpack
-    PYTHONPATH=$PYTHONPATH:$PWD/.carry/site step demo 90 $mc demo --world-size 1 --json "$R/demo.json"
-  fi
+fi
+if want demo && [[ -d .carry/site ]]; then  # the demo's model, packed by scripts/pack_minilm_for_device.py
+  python3 scripts/pack_minilm_for_device.py --unpack
+  PYTHONPATH=$PYTHONPATH:$PWD/.carry/site step demo 90 $mc demo --world-size 1 --json "$R/demo.json"
 fi

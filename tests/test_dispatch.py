@@ -318,3 +318,58 @@ def test_strategies_match_reference_nccl():
         assert launch(_contracts, ws, (seed, _sizes_list(ws, rng) if ws > 1 else [[7], [0]]), backend="nccl",
                       timeout=300) == ["ok"] * ws, (ws, seed)
 
+
+
+def _eager_step_never_syncs(seed):
+    """An eager step reads no device value on the host: torch's sync debug mode "error" raises on any."""
+    from moecomm import errors
+    from moecomm.collectives import gather_sizes
+    from moecomm.dispatch import combine, dispatch
+    from moecomm.moe import WeightFormat
+    from moecomm.quant import quantize
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(4 * world, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
+    w2 = torch.randn(4 * world, HIDDEN, INTER, generator=gen) / INTER**0.5
+    experts = {f: make_expert_weights(w13.to(device), w2.to(device), ep_size=world, ep_rank=rank, format=f)
+               for f in (WeightFormat.BF16, WeightFormat.FP8_CHANNEL)}
+    sizes = gather_sizes(3 + 2 * rank)  # uneven, agreed before the steps
+    x = torch.randn(sizes[rank], HIDDEN, generator=gen).bfloat16().to(device)
+    ids, w = topk_softmax(torch.randn(sizes[rank], 4 * world, generator=gen).to(device), TOPK)
+    ids[0, 0] = -1
+    gs = nvfp4_global_scale(torch.tensor(6.0, device=device))
+    cases = [("allreduce", WeightFormat.FP8_CHANNEL, QuantFormat.FP8_TOKEN, "auto"),
+             ("agrs", WeightFormat.FP8_CHANNEL, QuantFormat.FP8_TOKEN, "auto"),
+             ("agrs-fp8", WeightFormat.FP8_CHANNEL, QuantFormat.FP8_TOKEN, "padded"),
+             ("agrs-nvfp4", WeightFormat.BF16, QuantFormat.NVFP4, "broadcast"),
+             ("auto", WeightFormat.BF16, QuantFormat.FP8_GROUP, "auto")]
+    for strategy, wfmt, fmt, algorithm in cases:
+        kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt, algorithm=algorithm)
+        step = lambda: moe_forward(x, ids, w, experts[wfmt], **kw)  # noqa: E731
+        expected = step()  # warm-up: kernels compiled, communicator and buffers created
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = step()
+            quantize(x, fmt, global_scale=gs if fmt == QuantFormat.NVFP4 else None)
+            if strategy != "auto":
+                tokens, gids, gw, handle = dispatch(x, ids, w, **{k: v for k, v in kw.items() if k != "algorithm"})
+                combine(experts_forward(tokens, gids, gw, experts[wfmt],
+                                        input_format=fmt if isinstance(tokens, torch.Tensor) else None,
+                                        global_scale=gs if fmt == QuantFormat.NVFP4 and isinstance(tokens, torch.Tensor) else None),
+                        handle)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.equal(got, expected), strategy
+    errors.check_errors()
+    return "ok"
+
+
+@pytest.mark.gpu
+def test_eager_step_never_syncs():
+    world = torch.cuda.device_count()
+    seed = random.randrange(1 << 30)
+    for ws in sorted({1, world}):
+        assert launch(_eager_step_never_syncs, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)

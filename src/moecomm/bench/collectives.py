@@ -1,25 +1,42 @@
-"""``moecomm bench collectives``: allgatherv / reducescatterv against the native collectives, nccl-tests style.
+"""``moecomm bench collectives``: allgatherv / reducescatterv, every algorithm and ``auto``, beside torch's own.
 
-For each payload (bf16 hidden rows, NVFP4-sized uint8 rows), size pattern (balanced, skewed) and rows
-per rank, every implementation is timed on all ranks (median over iterations, then the max over ranks).
-Columns follow nccl-tests: ``bytes`` is the gathered (or reduced) tensor's size, ``algbw = bytes / time``
-and ``busbw = algbw * (N-1)/N`` (``2(N-1)/N`` for all-reduce). A value of ``n/a`` marks an
-implementation the backend lacks (gloo has no uneven list all_gather and no reduce_scatter).
+For each payload, size pattern and rows per rank, every implementation is timed on all ranks, eagerly
+(CUDA events around one call, ranks started together by a barrier: host time included) and, on CUDA,
+graphed (one call captured in a CUDA graph and replayed: device time only); each figure is the median over
+iterations, then the maximum over ranks. ``host_us`` is the host time of one ``auto`` call with the GPU
+kept busy ahead of it (CUDA only). ``vs best`` is the time over the fastest implementation of the same
+case and mode: ``auto``'s goal is at most 1.03.
+
+Payloads: ``bf16`` hidden rows (one tensor, 7168 bf16 per row); ``nvfp4-msg`` the packed NVFP4 dispatch
+message (one uint8 tensor, 4096 B per row); ``nvfp4-4t`` the same bytes as four tensors (values, scales,
+ids, weights) in one call. Reduce-scatter runs on the bf16 payload. Patterns: ``balanced`` (every rank
+``rows``), ``skewed`` (the same total, growing with the rank), ``idle`` (rank 0 has none, the same total).
+
+``--write-table PATH`` stores the fastest moecomm algorithm per (collective, world size, mode, pattern,
+bytes) in the format of ``moecomm/data/collectives.json``, which ``algorithm="auto"`` reads.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from moecomm.bench.timing import device_name, int_list, median_time, print_table, write_json
+from moecomm.bench.timing import device_name, graph_time, host_time, int_list, median_time, print_table, write_json
 from moecomm.collectives import all_gather_single, all_gatherv, reduce_scatter_single, reduce_scatterv
 from moecomm.launch import launch, rank_device
 
-PAYLOADS = {"bf16": (torch.bfloat16, 7168), "nvfp4": (torch.uint8, 4032)}  # (dtype, elements per row)
+BF16_HIDDEN = 7168
+NVFP4_MSG = [(4096, torch.uint8)]  # bytes per row of the packed message (hidden 7168, top-8)
+NVFP4_4T = [(3584, torch.uint8), (448, torch.uint8), (8, torch.int32), (8, torch.float32)]
+PAYLOADS = {"bf16": [(BF16_HIDDEN, torch.bfloat16)], "nvfp4-msg": NVFP4_MSG, "nvfp4-4t": NVFP4_4T}
+PATTERNS = ("balanced", "skewed", "idle")
+GATHER_ALGOS = ("broadcast", "padded", "symm", "auto")
+REDUCE_ALGOS = ("broadcast", "padded", "symm", "allreduce", "auto")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,87 +45,155 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per rank, comma-separated (default: 1,16,128,1024,4096,16384 on GPU, 1,16,256 on CPU)")
     p.add_argument("--iters", type=int, default=20, help="timed calls per point (median, then max over ranks)")
     p.add_argument("--json", default=None, help="write the numbers to this path")
+    p.add_argument("--write-table", default=None,
+                   help="merge the measured fastest algorithms into this table (moecomm/data/collectives.json format)")
 
 
 def pattern_sizes(pattern: str, rows: int, world: int) -> list[int]:
-    """Rows per rank: ``balanced`` gives every rank ``rows``; ``skewed`` keeps the total but grows with the rank."""
-    if pattern == "balanced":
+    """Rows per rank with ``rows * world`` in all: ``balanced`` every rank ``rows``; ``skewed`` growing with
+    the rank (weights 1..world); ``idle`` rank 0 none and the others equal shares (balanced at world size 1)."""
+    if pattern == "balanced" or world == 1:
         return [rows] * world
-    weights = [r + 1 for r in range(world)]
-    sizes = [rows * world * w // sum(weights) for w in weights]
-    sizes[-1] += rows * world - sum(sizes)
+    total = rows * world
+    weights = [r + 1 for r in range(world)] if pattern == "skewed" else [0] + [1] * (world - 1)
+    sizes = [total * w // sum(weights) for w in weights]
+    sizes[-1] += total - sum(sizes)
     return sizes
 
 
-def _impls(x: torch.Tensor, sizes: list[int], hidden: int) -> dict[str, tuple[str, Callable | None, int]]:
-    """name -> (kind, fn or None if unsupported, bytes) for one input ``x`` of this rank."""
+def _rand(rows: int, width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(rows, width, device=device).to(dtype)
+    return torch.randint(0, 127, (rows, width), device=device).to(dtype)
+
+
+def _gather_impls(payload: str, sizes: list[int], device) -> dict[str, Callable | None]:
+    """name -> a call (None where the backend lacks it) for one allgatherv of ``payload``."""
     rank, world = dist.get_rank(), dist.get_world_size()
     total, pad = sum(sizes), max(sizes)
-    gloo = dist.get_backend() == "gloo"
-    gathered = x.new_empty((total, hidden))
-    padded_in = x.new_zeros((pad, hidden))
-    padded_out = x.new_empty((pad * world, hidden))
-    parts = list(gathered.split(sizes))
-    uneven = len(set(sizes)) > 1
-    elem = x.element_size()
-    impls = {
-        "allgatherv": ("gather", lambda: all_gatherv(x, sizes, out=gathered), total * hidden * elem),
-        "padded all_gather (equal size)": (
-            "gather",
-            lambda: (padded_in[: x.shape[0]].copy_(x), all_gather_single(padded_out, padded_in)),
-            pad * world * hidden * elem,
-        ),
-        "list all_gather": ("gather", None if gloo and uneven else lambda: dist.all_gather(parts, x),
-                            total * hidden * elem),
+    nccl = dist.get_backend() == "nccl"
+    xs = [_rand(sizes[rank], w, dt, device) for w, dt in PAYLOADS[payload]]
+    outs = [torch.empty(total, w, dtype=dt, device=device) for w, dt in PAYLOADS[payload]]
+    arg = xs[0] if len(xs) == 1 else xs
+    out = outs[0] if len(outs) == 1 else outs
+    impls: dict[str, Callable | None] = {
+        a: (None if a == "symm" and not nccl else (lambda a=a: all_gatherv(arg, sizes, out=out, algorithm=a)))
+        for a in GATHER_ALGOS
     }
-    if x.dtype == torch.uint8:
-        return impls
-    full = torch.randn((total, hidden), device=x.device).to(x.dtype)
-    full_padded = x.new_zeros((pad * world, hidden))
-    own = x.new_empty((sizes[rank], hidden))
-    own_padded = x.new_empty((pad, hidden))
-    start = sum(sizes[:rank])
-    work = full.clone()
-    impls.update({
-        "reducescatterv": ("reduce", lambda: reduce_scatterv(full, sizes, out=own), total * hidden * elem),
-        "padded reduce_scatter (equal size)": (
-            "reduce",
-            None if gloo else lambda: reduce_scatter_single(own_padded, full_padded),
-            pad * world * hidden * elem,
-        ),
-        "all_reduce + slice": (
-            "allreduce",
-            lambda: (work.copy_(full), dist.all_reduce(work), own.copy_(work[start : start + sizes[rank]])),
-            total * hidden * elem,
-        ),
-    })
+    if world == 1:
+        impls["torch copy_"] = lambda: [o.copy_(x) for o, x in zip(outs, xs)]
+    if len(xs) == 1:
+        x, o = xs[0], outs[0]
+        padded_in, padded_out = x.new_zeros((pad, x.shape[1])), x.new_empty((pad * world, x.shape[1]))
+        impls["torch padded all_gather"] = lambda: (padded_in[: x.shape[0]].copy_(x),
+                                                    all_gather_single(padded_out, padded_in))
+        uneven = len(set(sizes)) > 1
+        impls["torch list all_gather"] = None if not nccl and uneven else (
+            lambda: dist.all_gather(list(o.split(sizes)), x))
     return impls
+
+
+def _reduce_impls(sizes: list[int], device) -> dict[str, Callable | None]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    total, pad = sum(sizes), max(sizes)
+    nccl = dist.get_backend() == "nccl"
+    full = _rand(total, BF16_HIDDEN, torch.bfloat16, device)
+    own = torch.empty(sizes[rank], BF16_HIDDEN, dtype=torch.bfloat16, device=device)
+    impls: dict[str, Callable | None] = {
+        a: (None if a == "symm" and not nccl else (lambda a=a: reduce_scatterv(full, sizes, out=own, algorithm=a)))
+        for a in REDUCE_ALGOS
+    }
+    full_padded = _rand(pad * world, BF16_HIDDEN, torch.bfloat16, device)
+    own_padded = torch.empty(pad, BF16_HIDDEN, dtype=torch.bfloat16, device=device)
+    work = full.clone()
+    start = sum(sizes[:rank])
+    impls["torch padded reduce_scatter"] = None if not nccl else (
+        lambda: reduce_scatter_single(own_padded, full_padded))
+    impls["torch all_reduce + slice"] = lambda: (work.copy_(full), dist.all_reduce(work),
+                                                 own.copy_(work[start : start + sizes[rank]]))
+    return impls
+
+
+def _max_over_ranks(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def _rank_main(rows_list: list[int], iters: int) -> list[dict]:
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    cuda = device.type == "cuda"
     results = []
-    for payload, (dtype, hidden) in PAYLOADS.items():
-        for pattern in ("balanced", "skewed"):
+    cases = [("all_gatherv", p) for p in PAYLOADS] + [("reduce_scatterv", "bf16")]
+    for op, payload in cases:
+        row_bytes = sum(w * dt.itemsize for w, dt in PAYLOADS[payload])
+        for pattern in PATTERNS if world > 1 else ("balanced",):
             for rows in rows_list:
                 sizes = pattern_sizes(pattern, rows, world)
-                if dtype == torch.uint8:
-                    x = torch.randint(0, 256, (sizes[rank], hidden), dtype=dtype, device=device)
-                else:
-                    x = torch.randn((sizes[rank], hidden), device=device).to(dtype)
-                for name, (kind, fn, nbytes) in _impls(x, sizes, hidden).items():
-                    t = float("nan")
+                impls = _gather_impls(payload, sizes, device) if op == "all_gatherv" else _reduce_impls(sizes, device)
+                for name, fn in impls.items():
+                    eager = graphed = host = float("nan")
                     if fn is not None:
-                        t = median_time(lambda i: fn(), device, iters=iters, barrier=dist.barrier)
-                        tt = torch.tensor([t], device=device, dtype=torch.float64)
-                        dist.all_reduce(tt, op=dist.ReduceOp.MAX)
-                        t = tt.item()
-                    factor = {"gather": (world - 1) / world, "reduce": (world - 1) / world,
-                              "allreduce": 2 * (world - 1) / world}[kind]
-                    results.append({"payload": payload, "pattern": pattern, "rows_per_rank": rows,
-                                    "sizes": sizes, "impl": name, "bytes": nbytes, "seconds": t,
-                                    "algbw_GBps": nbytes / t / 1e9, "busbw_GBps": nbytes / t / 1e9 * factor})
+                        eager = median_time(lambda i: fn(), device, iters=iters, barrier=dist.barrier)
+                        if cuda:
+                            graphed = graph_time(fn, device, iters, dist.barrier)
+                            if name == "auto":
+                                host = host_time(fn, barrier=dist.barrier)
+                    eager, graphed, host = _max_over_ranks([eager, graphed, host], device)
+                    results.append({"op": op, "payload": payload, "pattern": pattern, "rows_per_rank": rows,
+                                    "sizes": sizes, "impl": name, "bytes": sum(sizes) * row_bytes,
+                                    "eager_s": eager, "graphed_s": graphed, "host_s": host})
+                del impls
+                if cuda:
+                    torch.cuda.empty_cache()
     return results if rank == 0 else []
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """``eager_vs_best`` / ``graphed_vs_best``: each time over the fastest implementation of its case."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["op"], r["payload"], r["pattern"], r["rows_per_rank"]), []).append(r)
+    for rows in groups.values():
+        for mode in ("eager", "graphed"):
+            times = [r[f"{mode}_s"] for r in rows if r[f"{mode}_s"] == r[f"{mode}_s"]]
+            best = min(times) if times else float("nan")
+            for r in rows:
+                r[f"{mode}_vs_best"] = r[f"{mode}_s"] / best
+
+
+def table_entries(results: list[dict], world: int) -> dict:
+    """``op -> mode -> pattern -> [[bytes, fastest moecomm algorithm], ...]`` from one run."""
+    algos = {"all_gatherv": GATHER_ALGOS, "reduce_scatterv": REDUCE_ALGOS}
+    best: dict = {}
+    for r in results:
+        if r["impl"] not in algos[r["op"]] or r["impl"] == "auto" or r["payload"] == "nvfp4-4t":
+            continue
+        for mode in ("eager", "graphed"):
+            t = r[f"{mode}_s"]
+            if t != t:
+                continue
+            key = (r["op"], mode, r["pattern"], r["bytes"])
+            if key not in best or t < best[key][0]:
+                best[key] = (t, r["impl"])
+    table: dict = {}
+    for (op, mode, pattern, nbytes), (_, algo) in sorted(best.items()):
+        table.setdefault(op, {}).setdefault(mode, {}).setdefault(pattern, []).append([nbytes, algo])
+    return table
+
+
+def write_table(path: str, world: int, entries: dict, source: str) -> None:
+    """Merge this world size's entries into ``path`` (the format of ``moecomm/data/collectives.json``)."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        table = {"sources": {}, "tables": {}}
+    for op, modes in entries.items():
+        table["tables"].setdefault(op, {})[str(world)] = modes
+    table["sources"][str(world)] = source
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,16 +202,20 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = gpus >= world
     rows_list = args.rows or ([1, 16, 128, 1024, 4096, 16384] if on_gpu else [1, 16, 256])
     results = launch(_rank_main, world, (rows_list, args.iters), timeout=3600)[0]
+    _add_ratios(results)
     device = torch.device("cuda" if on_gpu else "cpu")
-    rows = []
-    for r in results:
-        nan = r["seconds"] != r["seconds"]
-        rows.append([r["payload"], r["pattern"], r["rows_per_rank"], r["impl"], r["bytes"],
-                     "n/a" if nan else r["seconds"] * 1e6, "n/a" if nan else r["algbw_GBps"],
-                     "n/a" if nan else r["busbw_GBps"]])
+    rows = [[r["op"], r["payload"], r["pattern"], str(r["sizes"]), r["impl"], r["bytes"], r["eager_s"] * 1e6,
+             r["eager_vs_best"], r["graphed_s"] * 1e6, r["graphed_vs_best"], r["host_s"] * 1e6] for r in results]
     print_table(f"collectives, world size {world}, {device_name(device)}",
-                ["payload", "pattern", "rows/rank", "impl", "bytes", "time (us)", "algbw (GB/s)", "busbw (GB/s)"],
-                rows)
+                ["op", "payload", "pattern", "sizes", "impl", "bytes", "eager (us)", "vs best", "graphed (us)",
+                 "vs best", "host (us)"], rows,
+                caption="eager: one call timed with events, host time included; graphed: one call replayed in a CUDA "
+                        "graph (device time); vs best: over the fastest implementation of the case; host: one "
+                        "auto call with the GPU busy ahead. Patterns: balanced = every rank the same rows; skewed = "
+                        "the same total growing with the rank; idle = rank 0 has no rows.")
     if args.json:
         write_json(args.json, device, {"world_size": world, "results": results})
+    if args.write_table:
+        write_table(args.write_table, world, table_entries(results, world),
+                    f"moecomm bench collectives --world-size {world}, {device_name(device)}, {datetime.date.today()}")
     return 0

@@ -2,13 +2,27 @@
 
 Spawns N ranks (NCCL with N GPUs, else gloo CPU ranks with a scaled-down model). GPU shapes are
 DeepSeek-V3/R1's MoE: hidden 7168, 256 routed experts, top-8 (grouped top-k, 8 groups, 4 chosen),
-intermediate 2048, EP = DP = N. Every strategy runs the same bf16 experts; quantized strategies hand
-them NVFP4 / FP8 tokens, which they dequantize in the permute step (docs/experts.md).
+intermediate 2048, EP = DP = N.
+
+Experts (``--experts``), the same for every strategy of a run:
+
+- ``fp8`` (default on sm90): FP8 per-channel weights, FP8 per-token activations, native
+  ``torch._scaled_grouped_mm`` -- what Hopper deployments run. Every strategy's experts consume FP8
+  per-token tokens: ``allreduce`` and ``agrs`` gather bf16 and the experts quantize after the gather;
+  ``agrs-fp8`` quantizes before it, in that format (half the bytes, the same results bit for bit).
+- ``bf16``: bf16 weights; ``allreduce`` / ``agrs`` hand them bf16 tokens, the quantized strategies NVFP4 /
+  FP8 per-128 tokens, which the experts dequantize in their permute step (docs/experts.md).
 
 Stage times are measured one stage at a time (median over iterations, max over ranks): ``quantize`` is
-the quantizer alone, ``dispatch`` the whole dispatch minus ``quantize``, ``experts`` the local experts
-on the gathered tokens, ``combine`` the reduce-scatter (or all-reduce + slice); ``total`` is the whole
-step timed end to end. ``speedup`` is ``total(allreduce) / total`` for the same case.
+the quantizer alone, ``dispatch`` the whole dispatch minus ``quantize``, ``experts`` the local experts on
+the already-gathered tokens (no communication: the floor that overlapping communication aims at),
+``combine`` the reduce-scatter (or all-reduce + slice); ``total`` is the whole step timed end to end.
+``speedup`` is ``total(allreduce) / total`` for the same case. On CUDA, ``host`` columns give the host
+time of one call with the GPU kept busy ahead of it (what an eager step costs the CPU), decode cases.
+
+``--graphs`` also replays the step in CUDA graphs (:class:`moecomm.dispatch.GraphedMoE`, bucket =
+``max(sizes)``, ``sizes`` passed so no all-reduce): the decode cases as balanced / skewed / idle ranks
+with the same total, and the padding tax: one live token per rank replayed in bucket 1 and in bucket 256.
 """
 
 from __future__ import annotations
@@ -22,10 +36,10 @@ import torch
 import torch.distributed as dist
 
 from moecomm.bench.collectives import pattern_sizes
-from moecomm.bench.timing import device_name, int_list, median_time, print_table, write_json
+from moecomm.bench.timing import device_name, host_time, int_list, median_time, print_table, write_json
 from moecomm.dispatch import GraphedMoE, Strategy, combine, dispatch, moe_forward, wire_bytes_per_token
 from moecomm.launch import launch, rank_device
-from moecomm.moe import experts_forward, grouped_topk, make_expert_weights
+from moecomm.moe import WeightFormat, experts_forward, grouped_topk, make_expert_weights
 from moecomm.quant import QuantFormat, nvfp4_global_scale, quantize
 
 
@@ -41,101 +55,135 @@ class Shape:
 
 DEEPSEEK_V3 = Shape(hidden=7168, inter=2048, experts=256, topk=8, n_group=8, topk_group=4)
 SMALL = Shape(hidden=256, inter=128, experts=16, topk=4, n_group=4, topk_group=2)
-# (name, strategy, format the tokens travel in, pack)
-VARIANTS = [
-    ("allreduce", Strategy.ALLREDUCE, None, True),
-    ("agrs", Strategy.AGRS, None, True),
-    ("agrs-nvfp4", Strategy.AGRS_NVFP4, QuantFormat.NVFP4, True),
-    ("agrs-nvfp4/unpacked", Strategy.AGRS_NVFP4, QuantFormat.NVFP4, False),
-    ("agrs-fp8", Strategy.AGRS_FP8, QuantFormat.FP8_GROUP, True),
-]
+# experts -> [(name, strategy, the format the tokens travel in, the format the experts consume, pack)]
+VARIANTS = {
+    "fp8": [
+        ("allreduce", Strategy.ALLREDUCE, None, QuantFormat.FP8_TOKEN, True),
+        ("agrs", Strategy.AGRS, None, QuantFormat.FP8_TOKEN, True),
+        ("agrs-fp8", Strategy.AGRS_FP8, QuantFormat.FP8_TOKEN, QuantFormat.FP8_TOKEN, True),
+    ],
+    "bf16": [
+        ("allreduce", Strategy.ALLREDUCE, None, None, True),
+        ("agrs", Strategy.AGRS, None, None, True),
+        ("agrs-nvfp4", Strategy.AGRS_NVFP4, QuantFormat.NVFP4, QuantFormat.NVFP4, True),
+        ("agrs-nvfp4/unpacked", Strategy.AGRS_NVFP4, QuantFormat.NVFP4, QuantFormat.NVFP4, False),
+        ("agrs-fp8", Strategy.AGRS_FP8, QuantFormat.FP8_GROUP, QuantFormat.FP8_GROUP, True),
+    ],
+}
+VARIANT_NOTES = {
+    "allreduce": "pad to all tokens + all-reduce, all-reduce + slice (the classic DP gather)",
+    "agrs": "bf16 allgatherv + reducescatterv",
+    "agrs-nvfp4": "NVFP4 tokens in one packed message",
+    "agrs-nvfp4/unpacked": "NVFP4 values, scales, ids, weights as four tensors",
+    "agrs-fp8": "FP8 tokens in one packed message, in the experts' FP8 flavour",
+}
+PAD_TAX_BUCKET = 256
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=None, help="ranks (default: all GPUs, else 4 CPU ranks)")
     p.add_argument("--small", action="store_true", help="scaled-down model (default on CPU)")
-    p.add_argument("--prefill", type=int, default=None, help="tokens per rank in the prefill regime (GPU 4096)")
+    p.add_argument("--experts", choices=("fp8", "bf16"), default=None,
+                   help="expert weights and kernels (default: fp8 on sm90+, else bf16)")
+    p.add_argument("--prefill", type=int_list, default=None,
+                   help="tokens per rank in the prefill regime, comma-separated (GPU 4096,8192; CPU 256)")
     p.add_argument("--decode", type=int_list, default=None,
                    help="tokens per rank in the decode regime, comma-separated (GPU 1,16,64,256; CPU 1,16)")
     p.add_argument("--iters", type=int, default=10, help="timed calls per stage (median, then max over ranks)")
     p.add_argument("--graphs", action="store_true",
-                   help="CUDA: also time the decode step replayed as a CUDA graph (GraphedMoE), without launch overhead")
+                   help="CUDA: also replay the decode step in CUDA graphs (skew table and padding tax)")
     p.add_argument("--json", default=None, help="write the numbers to this path")
     p.add_argument("--plot", default=None, help="write a PNG of the stage times to this path")
     p.add_argument("--write-crossover", default=None,
                    help="write the measured auto crossover (data/crossover.json format) to this path")
 
 
-def _cases(world: int, prefill: int, decode: list[int]) -> list[tuple[str, str, list[int]]]:
-    """(regime, pattern, sizes): balanced and skewed, plus one idle rank when there are several ranks."""
+def _cases(world: int, prefill: list[int], decode: list[int]) -> list[tuple[str, str, list[int]]]:
+    """(regime, pattern, sizes): balanced, skewed and idle (same total) when there are several ranks."""
     cases = []
-    for regime, counts in [("prefill", [prefill]), ("decode", decode)]:
+    for regime, counts in [("prefill", prefill), ("decode", decode)]:
         for n in counts:
-            patterns = ["balanced"] if world == 1 else ["balanced", "skewed", "idle"]
-            for pattern in patterns:
-                if pattern == "idle":
-                    sizes = [0] + [n * world // (world - 1)] * (world - 1)
-                else:
-                    sizes = pattern_sizes(pattern, n, world)
+            for pattern in ("balanced", "skewed", "idle") if world > 1 else ("balanced",):
+                sizes = pattern_sizes(pattern, n, world)
                 if (regime, sizes) not in [(c[0], c[2]) for c in cases]:  # tiny counts repeat
                     cases.append((regime, pattern, sizes))
     return cases
 
 
-def _graphed_total(weights, shape: Shape, sizes, x, ids, tw, strategy, gs, fmt, device, iters) -> float:
-    """Seconds per step of the step replayed as a CUDA graph (bucket = max(sizes)); includes the bucket's
-    max-over-ranks all-reduce."""
-    graphed = GraphedMoE(weights, hidden_size=shape.hidden, topk=shape.topk, buckets=[max(max(sizes), 1)],
-                         strategy=strategy, global_scale=gs, expert_input_format=fmt)
-    t = median_time(lambda i: graphed(x, ids, tw), device, iters=iters, barrier=dist.barrier)
-    del graphed
-    return t
-
-
-def _rank_main(shape: Shape, cases, iters: int, graphs: bool = False) -> list[dict]:
-    rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
+def _weights(shape: Shape, experts: str, device):
+    rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator(device=device).manual_seed(1234)  # the same weights on every rank
     w13 = torch.randn(shape.experts, 2 * shape.inter, shape.hidden, device=device, generator=gen,
                       dtype=torch.bfloat16) * shape.hidden**-0.5
     w2 = torch.randn(shape.experts, shape.hidden, shape.inter, device=device, generator=gen,
                      dtype=torch.bfloat16) * shape.inter**-0.5
-    weights = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
-    del w13, w2
+    fmt = WeightFormat.FP8_CHANNEL if experts == "fp8" else WeightFormat.BF16
+    weights = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank, format=fmt)
     bias = torch.randn(shape.experts, device=device, generator=gen) * 0.1
+    return weights, bias
+
+
+def _graphed(weights, shape, sizes, bucket, x, ids, tw, kw, device, iters) -> float:
+    """Seconds per graphed step: bucket ``bucket``, this rank's live rows ``x``; ``sizes`` passed (no sync)."""
+    graphed = GraphedMoE(weights, hidden_size=shape.hidden, topk=shape.topk, buckets=[bucket],
+                         strategy=kw["strategy"], global_scale=kw["global_scale"],
+                         expert_input_format=kw["expert_input_format"])
+    t = median_time(lambda i: graphed(x, ids, tw, sizes=sizes), device, iters=iters, barrier=dist.barrier)
+    del graphed
+    return t
+
+
+def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool) -> list[dict]:
+    rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    cuda = device.type == "cuda"
+    weights, bias = _weights(shape, experts, device)
     gs = nvfp4_global_scale(torch.tensor(4.0 * 5, device=device))  # static: calibrated amax of ~5 sigma
     barrier = dist.barrier
     results = []
-    for regime, pattern, sizes in cases:
+    pad_tax = [("padding", "live 1, bucket 1", [1] * world, 1),
+               ("padding", f"live 1, bucket {PAD_TAX_BUCKET}", [1] * world, PAD_TAX_BUCKET)] if graphs and cuda else []
+    for regime, pattern, sizes in cases + [(r, p, s) for r, p, s, _ in pad_tax]:
+        bucket = next((b for r, p, s, b in pad_tax if (r, p, s) == (regime, pattern, sizes)), max(max(sizes), 1))
         n = sizes[rank]
         x = torch.randn(n, shape.hidden, device=device).to(torch.bfloat16)
         ids, tw = grouped_topk(torch.randn(n, shape.experts, device=device), shape.topk,
                                e_score_correction_bias=bias, n_group=shape.n_group, topk_group=shape.topk_group)
-        for name, strategy, fmt, pack in VARIANTS:
-            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt, pack=pack)
-            t = {}
-            t["quantize"] = 0.0 if fmt is None else median_time(
-                lambda i: quantize(x, fmt, global_scale=gs if fmt == QuantFormat.NVFP4 else None),
-                device, iters=iters, barrier=barrier)
-            t["dispatch"] = median_time(lambda i: dispatch(x, ids, tw, **kw), device, iters=iters,
-                                        barrier=barrier) - t["quantize"]
-            tokens, gids, gtw, handle = dispatch(x, ids, tw, **kw)
-            t["experts"] = median_time(lambda i: experts_forward(tokens, gids, gtw, weights), device,
-                                       iters=iters, barrier=barrier)
-            partial = experts_forward(tokens, gids, gtw, weights)
-            # allreduce sums in place (as moe_forward does); repeated sums only grow the values
-            t["combine"] = median_time(lambda i: combine(partial, handle), device, iters=iters, barrier=barrier)
-            t["total"] = median_time(lambda i: moe_forward(x, ids, tw, weights, **kw), device, iters=iters,
-                                     barrier=barrier)
-            t["total_graphed"] = float("nan")
-            if graphs and regime == "decode" and pack and device.type == "cuda":
-                t["total_graphed"] = _graphed_total(weights, shape, sizes, x, ids, tw, strategy, gs, fmt, device, iters)
+        for name, strategy, wire, consumed, pack in VARIANTS[experts]:
+            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=consumed, pack=pack)
+            t = dict.fromkeys(("quantize", "dispatch", "experts", "combine", "total", "graphed", "host_quantize",
+                               "host_dispatch", "host_combine", "host_total"), float("nan"))
+            if regime != "padding":
+                qkw = dict(global_scale=gs) if wire == QuantFormat.NVFP4 else {}
+                quant_call = (lambda: quantize(x, wire, **qkw)) if wire is not None else None
+                t["quantize"] = 0.0 if wire is None else median_time(lambda i: quant_call(), device, iters=iters,
+                                                                      barrier=barrier)
+                t["dispatch"] = median_time(lambda i: dispatch(x, ids, tw, **kw), device, iters=iters,
+                                            barrier=barrier) - t["quantize"]
+                tokens, gids, gtw, handle = dispatch(x, ids, tw, **kw)
+                after = consumed if isinstance(tokens, torch.Tensor) else None
+                ekw = dict(input_format=after, global_scale=gs if after == QuantFormat.NVFP4 else None)
+                t["experts"] = median_time(lambda i: experts_forward(tokens, gids, gtw, weights, **ekw), device,
+                                           iters=iters, barrier=barrier)
+                partial = experts_forward(tokens, gids, gtw, weights, **ekw)
+                # allreduce sums in place (as moe_forward does); repeated sums only grow the values
+                t["combine"] = median_time(lambda i: combine(partial, handle), device, iters=iters, barrier=barrier)
+                step = lambda: moe_forward(x, ids, tw, weights, **kw)  # noqa: E731
+                t["total"] = median_time(lambda i: step(), device, iters=iters, barrier=barrier)
+                if cuda and regime == "decode":
+                    if quant_call is not None:
+                        t["host_quantize"] = host_time(quant_call, barrier=barrier)
+                    t["host_dispatch"] = host_time(lambda: dispatch(x, ids, tw, **kw), barrier=barrier)
+                    t["host_combine"] = host_time(lambda: combine(partial, handle), barrier=barrier)
+                    t["host_total"] = host_time(step, barrier=barrier)
+            if graphs and cuda and regime != "prefill" and pack:
+                t["graphed"] = _graphed(weights, shape, sizes, bucket, x, ids, tw, kw, device, iters)
             worst = torch.tensor([t[k] for k in sorted(t)], device=device, dtype=torch.float64)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             t = dict(zip(sorted(t), worst.tolist()))
-            per_token = wire_bytes_per_token(strategy, shape.hidden, shape.topk, fmt)
-            results.append({"regime": regime, "pattern": pattern, "sizes": sizes, "strategy": name,
-                            "seconds": t, "wire_bytes_per_token": per_token,
-                            "wire_bytes_per_rank": per_token * sum(sizes)})
+            per_token = wire_bytes_per_token(strategy, shape.hidden, shape.topk, wire)
+            results.append({"regime": regime, "pattern": pattern, "sizes": sizes, "bucket": bucket,
+                            "strategy": name, "seconds": t, "wire_bytes_per_token": per_token,
+                            "wire_bytes_all_tokens": per_token * sum(sizes)})
     return results if rank == 0 else []
 
 
@@ -150,10 +198,11 @@ def crossover(results: list[dict]) -> dict[str, int | None]:
                 points.setdefault(sum(r["sizes"]), {})[r["strategy"]] = r["seconds"]["total"]
         threshold = None
         for c in sorted(points, reverse=True):
-            if points[c][strategy] >= points[c]["agrs"]:
+            if strategy not in points[c] or points[c][strategy] >= points[c]["agrs"]:
                 break
             threshold = c
-        out[strategy] = threshold
+        if any(strategy in p for p in points.values()):
+            out[strategy] = threshold
     return out
 
 
@@ -164,36 +213,46 @@ def write_crossover(path: str, world: int, cross: dict, source: str) -> None:
             table = json.load(f)
     except FileNotFoundError:
         table = {"sources": {}, "min_total_tokens": {"default": {"agrs-nvfp4": 0, "agrs-fp8": 0}}}
-    table["min_total_tokens"][str(world)] = cross
+    table["min_total_tokens"].setdefault(str(world), {}).update(cross)
     table["sources"][str(world)] = source
     with open(path, "w") as f:
         json.dump(table, f, indent=1)
 
 
 def _plot(results: list[dict], path: str, title: str) -> None:
+    """A grid of stacked stage bars, one panel per case in the table's order, legend outside the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = sorted({(r["regime"], r["pattern"], tuple(r["sizes"])) for r in results},
-                   key=lambda c: (c[0] != "prefill", sum(c[2]), c[1]))
-    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 4), squeeze=False)
+    cases = []
+    for r in results:
+        c = (r["regime"], r["pattern"], tuple(r["sizes"]))
+        if r["regime"] != "padding" and c not in cases:
+            cases.append(c)
+    cols = min(4, len(cases))
+    rows_n = -(-len(cases) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.2 * rows_n + 0.8), squeeze=False)
     stages = ["quantize", "dispatch", "experts", "combine"]
-    for ax, case in zip(axes[0], cases):
+    for ax, case in zip(axes.flat, cases):
         rows = [r for r in results if (r["regime"], r["pattern"], tuple(r["sizes"])) == case]
         bottom = [0.0] * len(rows)
         for stage in stages:
             vals = [r["seconds"][stage] * 1e3 for r in rows]
             ax.bar(range(len(rows)), vals, bottom=bottom, label=stage)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_xticks(range(len(rows)), [r["strategy"] for r in rows], rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{case[0]} {case[1]}\nsizes {list(case[2])}", fontsize=8)
-        ax.set_ylabel("ms (stages timed separately)", fontsize=7)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        ax.set_xticks(range(len(rows)), [r["strategy"] for r in rows], rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{case[0]} {case[1]} {list(case[2])}", fontsize=8)
+        ax.set_ylabel("ms", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(cases):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(stages), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(title, fontsize=9, y=0.96)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=110)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,39 +261,51 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = gpus >= world
     small = args.small or not on_gpu
     shape = SMALL if small else DEEPSEEK_V3
-    prefill = args.prefill or (4096 if not small else 256)
+    experts = args.experts or ("fp8" if on_gpu and torch.cuda.get_device_capability() >= (9, 0) else "bf16")
+    prefill = args.prefill or ([4096, 8192] if not small else [256])
     decode = args.decode or ([1, 16, 64, 256] if not small else [1, 16])
-    results = launch(_rank_main, world, (shape, _cases(world, prefill, decode), args.iters, args.graphs),
+    results = launch(_rank_main, world, (shape, experts, _cases(world, prefill, decode), args.iters, args.graphs),
                      timeout=3600)[0]
-    base = {(r["regime"], r["pattern"], tuple(r["sizes"])): r["seconds"]["total"]
-            for r in results if r["strategy"] == "allreduce"}
+    base = {(r["regime"], r["pattern"], tuple(r["sizes"])): r["seconds"] for r in results
+            if r["strategy"] == "allreduce"}
     rows = []
     for r in results:
-        s = r["seconds"]
-        r["speedup_vs_allreduce"] = base[(r["regime"], r["pattern"], tuple(r["sizes"]))] / s["total"]
+        s, b = r["seconds"], base[(r["regime"], r["pattern"], tuple(r["sizes"]))]
+        r["speedup_vs_allreduce"] = b["total"] / s["total"]
+        r["graphed_speedup_vs_allreduce"] = b["graphed"] / s["graphed"]
+        if r["regime"] == "padding":
+            continue
         rows.append([r["regime"], r["pattern"], str(r["sizes"]), r["strategy"], s["quantize"] * 1e6,
                      s["dispatch"] * 1e6, s["experts"] * 1e6, s["combine"] * 1e6, s["total"] * 1e6,
-                     s["total_graphed"] * 1e6,
-                     r["wire_bytes_per_rank"], r["speedup_vs_allreduce"]])
+                     s["total"] / s["experts"], r["speedup_vs_allreduce"], s["host_dispatch"] * 1e6,
+                     s["host_combine"] * 1e6, s["host_total"] * 1e6, r["wire_bytes_all_tokens"]])
     device = torch.device("cuda" if on_gpu else "cpu")
-    title = (f"MoE layer step, world size {world}, {device_name(device)}: hidden {shape.hidden}, intermediate "
-             f"{shape.inter}, {shape.experts} experts, top-{shape.topk}")
-    columns = ["regime", "pattern", "sizes", "strategy", "quantize (us)", "dispatch (us)", "experts (us)",
-               "combine (us)", "total (us)", "graphed (us)", "wire bytes", "speedup vs allreduce"]
-    if not args.graphs:
-        columns.remove("graphed (us)")
-        rows = [row[:9] + row[10:] for row in rows]
-    print_table(title, columns, rows, caption="Stages are timed one at a time; total is the whole step timed end to "
-                "end. Wire bytes: dispatch + combine messages of all tokens (allreduce moves them on every rank).")
-    cross = crossover(results)
+    title = (f"MoE layer step, world size {world}, {device_name(device)}: {experts} experts, hidden {shape.hidden}, "
+             f"intermediate {shape.inter}, {shape.experts} experts, top-{shape.topk}")
+    notes = "; ".join(f"{v[0]} = {VARIANT_NOTES[v[0]]}" for v in VARIANTS[experts])
+    print_table(title, ["regime", "pattern", "sizes", "strategy", "quantize (us)", "dispatch (us)", "experts (us)",
+                        "combine (us)", "total (us)", "total / experts", "speedup vs allreduce", "host dispatch (us)",
+                        "host combine (us)", "host step (us)", "wire bytes (all tokens)"], rows,
+                caption=f"{notes}. Stages timed one at a time; experts = the local experts on the gathered tokens, "
+                        "no communication; total = the whole step end to end; host = host time of one call with the "
+                        "GPU busy ahead. Patterns: balanced = equal sizes; skewed = the same total growing with the "
+                        "rank; idle = rank 0 has no tokens.")
+    if args.graphs and on_gpu:
+        graphed = [[r["regime"], r["pattern"], str(r["sizes"]), r["bucket"], r["strategy"], r["seconds"]["graphed"] * 1e6,
+                    r["graphed_speedup_vs_allreduce"]] for r in results if r["seconds"]["graphed"] == r["seconds"]["graphed"]]
+        print_table(f"graphed step (GraphedMoE, sizes passed), world size {world}",
+                    ["regime", "pattern", "sizes", "bucket", "strategy", "graphed (us)", "speedup vs allreduce"],
+                    graphed, caption="One CUDA-graph replay per step, every rank padded to the bucket with masked "
+                    f"slots. padding = one live token per rank replayed in bucket 1 and in bucket {PAD_TAX_BUCKET}.")
+    cross = crossover([r for r in results if r["regime"] != "padding"])
     if args.write_crossover:
         print(f"crossover measured in this run (min total tokens where the quantized path beats agrs): {cross}")
     if args.json:
-        write_json(args.json, device, {"world_size": world, "shape": shape.__dict__, "results": results,
-                                       "crossover": cross})
+        write_json(args.json, device, {"world_size": world, "experts": experts, "shape": shape.__dict__,
+                                       "results": results, "crossover": cross})
     if args.plot:
         _plot(results, args.plot, title)
     if args.write_crossover:
-        write_crossover(args.write_crossover, world, cross, f"moecomm bench moe --world-size {world}, "
-                        f"{device_name(device)}, {datetime.date.today()}")
+        write_crossover(args.write_crossover, world, cross, f"moecomm bench moe --world-size {world} --experts "
+                        f"{experts}, {device_name(device)}, {datetime.date.today()}")
     return 0

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["median_time", "device_name", "print_table", "write_json", "copy_bandwidth", "int_list", "choice_list"]
+__all__ = ["median_time", "graph_time", "host_time", "device_name", "print_table", "write_json", "copy_bandwidth",
+           "int_list", "choice_list"]
 
 
 def median_time(
@@ -55,6 +56,49 @@ def median_time(
             fn(i)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def graph_time(fn: Callable, device, iters: int, barrier: Callable[[], None] | None = None) -> float:
+    """Seconds per replay of ``fn`` captured in one CUDA graph (device time). ``barrier`` (e.g.
+    ``dist.barrier``) makes the ranks start the timed replays together."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    if barrier is not None:
+        barrier()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3 / iters
+
+
+def host_time(fn: Callable, n: int = 20, barrier: Callable[[], None] | None = None) -> float:
+    """Seconds of host time per call of ``fn`` with the GPU busy far ahead, so that the host never waits for it
+    (CUDA only). ``barrier`` keeps the ranks together around the measurement."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    if barrier is not None:
+        barrier()
+    torch.cuda._sleep(int(4e8))  # about 0.2 s of GPU work queued ahead of the calls
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    if barrier is not None:
+        barrier()
+    return dt
 
 
 def device_name(device: torch.device) -> str:
