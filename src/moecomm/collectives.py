@@ -31,8 +31,9 @@ a few microseconds of host time per call instead of ProcessGroupNCCL's ~46; ``MO
 uses ``torch.distributed`` instead. Calls run on the caller's current CUDA stream; with preallocated
 ``out=`` tensors nothing waits on the host, so they can be captured in a CUDA graph.
 
-Gloo (CPU) runs ``broadcast``, ``padded`` and ``allreduce`` with ``torch.distributed`` ops (16-bit sums
-in float32); ``symm`` needs CUDA.
+Gloo (CPU) runs ``broadcast``, ``padded`` and ``allreduce`` with ``torch.distributed`` ops; its sums
+gather every rank's rows and add them in rank order in float32, so they give the same bits whatever the
+algorithm (a CPU oracle). ``symm`` needs CUDA.
 """
 
 from __future__ import annotations
@@ -400,29 +401,38 @@ class _TorchComm:
             out.copy_(inp)
         dist.broadcast(out, group=self.group, group_src=root)
 
-    def _summed(self, t: torch.Tensor) -> torch.Tensor:
-        """A buffer to sum ``t`` in: float32 on gloo for 16-bit dtypes (gloo sums them poorly), else a copy."""
-        return t.float() if not self.nccl and t.dtype in (torch.bfloat16, torch.float16) else t.clone()
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of ``t``. NCCL: an all-reduce in ``t``'s dtype. Gloo: every rank's ``t``
+        gathered and added in rank order in float32 (int32 for int32), rounded once: the same bits
+        whichever algorithm or chunking asked, as a CPU oracle should be."""
+        if self.nccl:
+            acc = t.clone()
+            dist.all_reduce(acc, group=self.group)
+            return acc
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous(), group=self.group)
+        acc = parts[0].to(torch.int32 if t.dtype == torch.int32 else torch.float32)
+        for p in parts[1:]:
+            acc += p
+        return acc.to(t.dtype)
 
     def reduce(self, out: torch.Tensor | None, inp: torch.Tensor, root: int) -> None:
-        acc = self._summed(inp)
-        dist.reduce(acc, group=self.group, group_dst=root)
+        if self.nccl:
+            acc = inp.clone()
+            dist.reduce(acc, group=self.group, group_dst=root)
+        else:
+            acc = self._sum(inp)
         if out is not None:
             out.copy_(acc)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor) -> None:
         if self.nccl:
             reduce_scatter_single(out, inp, group=self.group)
-            return
-        acc = self._summed(inp)
-        dist.all_reduce(acc, group=self.group)
-        out.copy_(acc.chunk(self.world_size)[self.rank])
+        else:
+            out.copy_(self._sum(inp).chunk(self.world_size)[self.rank])
 
     def all_reduce(self, buf: torch.Tensor) -> None:
-        acc = self._summed(buf) if not self.nccl else buf
-        dist.all_reduce(acc, group=self.group)
-        if acc is not buf:
-            buf.copy_(acc)
+        buf.copy_(self._sum(buf))
 
 
 def _comm(group, rank: int, world: int, device: torch.device):
