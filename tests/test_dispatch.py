@@ -373,3 +373,75 @@ def test_eager_step_never_syncs():
     seed = random.randrange(1 << 30)
     for ws in sorted({1, world}):
         assert launch(_eager_step_never_syncs, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
+
+
+def _chunks_are_exact(seed):
+    """moe_forward in C pipelined chunks equals one piece, bit for bit, for every strategy (experts are
+    row-local; gloo sums in rank order)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rng = random.Random(seed)
+    for sizes in ([rng.randint(0, 9) for _ in range(world)], [0] * (world - 1) + [5], [1] * world):
+        x, ids, w, w13, w2 = (t.to(rank_device()) for t in _problem(seed, sizes, 4 * world))
+        mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
+        gs = nvfp4_global_scale(x.float().abs().max() if sum(sizes) else 0.0)
+        start, n = sum(sizes[:rank]), sizes[rank]
+        args = (x[start : start + n], ids[start : start + n], w[start : start + n], mine)
+        for strategy, fmt in [("allreduce", None), ("agrs", None), ("agrs-nvfp4", QuantFormat.NVFP4),
+                              ("agrs-fp8", QuantFormat.FP8_TOKEN)]:
+            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
+            one = moe_forward(*args, chunks=1, **kw)
+            for chunks in (2, 3, 7):
+                got = moe_forward(*args, chunks=chunks, **kw)
+                assert got.shape == one.shape and torch.equal(got, one), (strategy, sizes, chunks)
+    return "ok"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_chunks_are_bit_identical(world_size):
+    seed = random.randrange(1 << 30)
+    assert launch(_chunks_are_exact, world_size, (seed,), backend="gloo", timeout=300) == ["ok"] * world_size, seed
+
+
+def test_chunks_argument():
+    from moecomm.dispatch import _check_chunks
+
+    assert _check_chunks(3, [4, 4], 2) == 3
+    assert _check_chunks(None, [4, 4], 2) == 1  # nothing measured: no chunking
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="chunks must be a positive int"):
+            _check_chunks(bad, [4, 4], 2)
+
+
+def _chunks_on_gpu(seed):
+    from moecomm.dispatch import GraphedMoE
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    sizes = [37 + 50 * r for r in range(world)]
+    x, ids, w, w13, w2 = (t.to(device) for t in _problem(seed, sizes, 4 * world))
+    mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
+    start, n = sum(sizes[:rank]), sizes[rank]
+    args = (x[start : start + n], ids[start : start + n], w[start : start + n], mine)
+    for strategy, fmt in [("agrs", None), ("agrs-fp8", QuantFormat.FP8_GROUP), ("allreduce", None)]:
+        kw = dict(sizes=sizes, strategy=strategy, expert_input_format=fmt)
+        one = moe_forward(*args, chunks=1, **kw)
+        for chunks in (2, 3):
+            assert torch.equal(moe_forward(*args, chunks=chunks, **kw), one), (strategy, chunks)
+        graphed = GraphedMoE(mine, hidden_size=HIDDEN, topk=TOPK, buckets=[max(sizes)], strategy=strategy,
+                             expert_input_format=fmt, chunks=3)
+        got = graphed(*args[:3], sizes=sizes).clone()
+        pad = max(sizes) - n
+        eager = moe_forward(torch.cat([args[0], args[0].new_zeros(pad, HIDDEN)]),
+                            torch.cat([args[1], args[1].new_full((pad, TOPK), -1)]),
+                            torch.cat([args[2], args[2].new_zeros(pad, TOPK)]), mine,
+                            sizes=[max(sizes)] * world, strategy=strategy, expert_input_format=fmt, chunks=1)[:n]
+        assert torch.equal(got, eager), strategy
+    return "ok"
+
+
+@pytest.mark.gpu
+def test_chunks_on_gpu_eager_and_graphed():
+    world = torch.cuda.device_count()
+    seed = random.randrange(1 << 30)
+    for ws in sorted({1, world}):
+        assert launch(_chunks_on_gpu, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)

@@ -543,6 +543,7 @@ def moe_forward(
     algorithm: Algorithm | str = Algorithm.AUTO,
     validate: bool = False,
     allow_quantized: bool | None = None,
+    chunks: int | None = None,
 ) -> torch.Tensor:
     """One EP MoE layer step for DP attention: dispatch, local experts, combine.
 
@@ -556,6 +557,15 @@ def moe_forward(
     switch the quantized path off); ``algorithm`` is the collectives' algorithm of the dispatch and the
     combine (``"auto"``: per call). Returns ``bf16 [sizes[rank], hidden]``: this rank's rows of the sum
     over all ranks' experts. Never reads a device value on the host unless validating.
+
+    ``chunks``: split every rank's rows into ``chunks`` consecutive pieces (rank ``r``'s chunk ``c`` is its
+    rows ``[n_r * c // chunks, n_r * (c + 1) // chunks)``, so every rank derives all chunk sizes from
+    ``sizes``; a rank may have none in a chunk) and pipeline them on CUDA: the dispatch of chunk ``c + 1``
+    and the combine of chunk ``c - 1`` run on a communication stream while the experts run on chunk ``c``
+    (TensorRT-LLM's chunked MoE; CUDA events, no host sync). The result is bit-identical to ``chunks=1``
+    where the sums over ranks are (two ranks; gloo always): the experts are row-local. ``None`` picks the
+    count measured to pay at this world size and token count (``data/crossover.json``, ``"chunks"``), 1
+    where nothing was measured or overlap does not pay (decode).
 
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
     split over the group or their hidden size differs; ``validate=True`` also compares ``num_experts``
@@ -581,12 +591,93 @@ def moe_forward(
                               algorithm, weights.num_experts),
                  "num_experts": weights.num_experts},
         group, validate)
-    tokens, ids, tw, handle = _dispatch(hidden, topk_ids, topk_weights, checked_sizes, rank, world, strategy,
-                                        global_scale, expert_input_format, group, pack, algorithm)
-    after_gather_format = expert_input_format if isinstance(tokens, torch.Tensor) else None
-    partial = experts_forward(tokens, ids, tw, weights, input_format=after_gather_format,
-                              global_scale=global_scale if after_gather_format == QuantFormat.NVFP4 else None)
-    return combine(partial, handle, algorithm=algorithm)
+    chunks = _check_chunks(chunks, checked_sizes, world)
+    send = functools.partial(_dispatch, rank=rank, world=world, strategy=strategy, global_scale=global_scale,
+                             expert_input_format=expert_input_format, group=group, pack=pack, algorithm=algorithm)
+
+    def compute(tokens, ids, tw):
+        after = expert_input_format if isinstance(tokens, torch.Tensor) else None
+        return experts_forward(tokens, ids, tw, weights, input_format=after,
+                               global_scale=global_scale if after == QuantFormat.NVFP4 else None)
+
+    if chunks == 1 or world == 1:
+        tokens, ids, tw, handle = send(hidden, topk_ids, topk_weights, checked_sizes)
+        return combine(compute(tokens, ids, tw), handle, algorithm=algorithm)
+    return _pipelined(send, compute, hidden, topk_ids, topk_weights, checked_sizes, rank, chunks, algorithm)
+
+
+def _check_chunks(chunks, sizes: list[int], world: int) -> int:
+    """The chunk count: ``chunks`` checked (a positive int), or for None the measured choice."""
+    if chunks is None:
+        table = _crossover(world).get("chunks") or []
+        total = sum(sizes)
+        return max([c for min_tokens, c in table if total >= min_tokens], default=1)
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
+    return chunks
+
+
+_COMM_STREAMS: dict = {}
+CARVEOUT_ENV = "MOECOMM_OVERLAP_SM_CARVEOUT"  # SMs the expert GEMMs leave free while chunks overlap (default 0)
+
+
+def _gathered_tensors(tokens, ids, tw) -> list[torch.Tensor]:
+    return ([tokens.data, tokens.scales] if isinstance(tokens, QuantizedTensor) else [tokens]) + [ids, tw]
+
+
+def _pipelined(send, compute, hidden, topk_ids, topk_weights, sizes: list[int], rank: int, chunks: int,
+               algorithm) -> torch.Tensor:
+    """:func:`moe_forward` in ``chunks`` pieces, the communication overlapping the experts on CUDA.
+
+    Streams (``main`` = the caller's stream, ``comm`` = one side stream per device): every dispatch runs on
+    ``comm`` in chunk order; the experts of chunk ``c`` run on ``main`` after the dispatch of ``c``; the
+    combine of ``c`` runs on ``comm`` after those experts and writes this rank's rows of ``c`` into the
+    output; ``main`` waits for ``comm`` before returning. Tensors made on one stream and used on the other
+    are recorded there (``Tensor.record_stream``), so the caching allocator never reuses their memory while
+    the other stream may still read it. While overlapping, the expert GEMMs may leave SMs to the
+    communication kernels (``MOECOMM_OVERLAP_SM_CARVEOUT``, torch's experimental SM carveout, which its
+    grouped GEMMs honour). On a CPU the chunks run one after another.
+    """
+    n = hidden.shape[0]
+    bounds = [[s * c // chunks for c in range(chunks + 1)] for s in sizes]
+    pieces = [([b[c + 1] - b[c] for b in bounds], slice(bounds[rank][c], bounds[rank][c + 1])) for c in range(chunks)]
+    out = hidden.new_empty((n, hidden.shape[1]))
+    if not hidden.is_cuda:
+        for chunk_sizes, rows in pieces:
+            tokens, ids, tw, handle = send(hidden[rows], topk_ids[rows], topk_weights[rows], chunk_sizes)
+            combine(compute(tokens, ids, tw), handle, out=out[rows], algorithm=algorithm)
+        return out
+    main = torch.cuda.current_stream(hidden.device)
+    comm = _COMM_STREAMS.get(hidden.device)
+    if comm is None:
+        comm = _COMM_STREAMS[hidden.device] = torch.cuda.Stream(hidden.device)
+    comm.wait_stream(main)
+    for t in (hidden, topk_ids, topk_weights, out):
+        t.record_stream(comm)
+    sent = []
+    with torch.cuda.stream(comm):
+        for chunk_sizes, rows in pieces:
+            gathered = send(hidden[rows], topk_ids[rows], topk_weights[rows], chunk_sizes)
+            done = torch.cuda.Event()
+            done.record(comm)
+            sent.append((gathered, done))
+    carveout = int(os.environ.get(CARVEOUT_ENV, "0"))
+    previous = torch._C._get_sm_carveout_experimental()
+    for (_, rows), ((tokens, ids, tw, handle), done) in zip(pieces, sent):
+        main.wait_event(done)
+        for t in _gathered_tensors(tokens, ids, tw):
+            t.record_stream(main)
+        torch._C._set_sm_carveout_experimental(carveout or previous)
+        try:
+            partial = compute(tokens, ids, tw)
+        finally:
+            torch._C._set_sm_carveout_experimental(previous)
+        partial.record_stream(comm)
+        comm.wait_stream(main)
+        with torch.cuda.stream(comm):
+            combine(partial, handle, out=out[rows], algorithm=algorithm)
+    main.wait_stream(comm)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -608,8 +699,8 @@ class GraphedMoE:
     weights : ExpertWeights of this rank.
     hidden_size, topk : int
     buckets : list[int], tokens per rank to capture (e.g. ``[1, 2, 4, ..., 256]`` for decode).
-    strategy, global_scale, expert_input_format, group : as for :func:`moe_forward`; ``"auto"`` is
-        resolved per bucket at capture time (from ``bucket * world_size`` tokens).
+    strategy, global_scale, expert_input_format, group, chunks : as for :func:`moe_forward`; ``"auto"`` and
+        ``chunks=None`` are resolved per bucket at capture time (from ``bucket * world_size`` tokens).
 
     Raises
     ------
@@ -620,7 +711,8 @@ class GraphedMoE:
 
     def __init__(self, weights: ExpertWeights, *, hidden_size: int, topk: int, buckets: Sequence[int],
                  strategy: Strategy | str = Strategy.AUTO, global_scale: torch.Tensor | None = None,
-                 expert_input_format: QuantFormat | None = None, group: dist.ProcessGroup | None = None):
+                 expert_input_format: QuantFormat | None = None, group: dist.ProcessGroup | None = None,
+                 chunks: int | None = None):
         if not buckets or any(isinstance(b, bool) or int(b) != b or b < 1 for b in buckets):
             raise ValueError(f"buckets must be positive integers, got {buckets}")
         self.buckets = sorted(set(int(b) for b in buckets))
@@ -637,7 +729,7 @@ class GraphedMoE:
             def step(hidden=hidden, ids=ids, tw=tw, bucket=bucket):
                 return moe_forward(hidden, ids, tw, weights, sizes=[bucket] * self.world_size, strategy=strategy,
                                    global_scale=global_scale, expert_input_format=expert_input_format,
-                                   group=group)
+                                   group=group, chunks=chunks)
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
