@@ -1,11 +1,11 @@
 """``moecomm bench collectives``: allgatherv / reducescatterv, every algorithm and ``auto``, beside torch's own.
 
 For each payload, size pattern and rows per rank, every implementation is timed on all ranks, eagerly
-(CUDA events around one call, ranks started together by a barrier: host time included) and, on CUDA,
-graphed (one call captured in a CUDA graph and replayed: device time only); each figure is the median over
-iterations, then the maximum over ranks. ``host_us`` is the host time of one ``auto`` call with the GPU
-kept busy ahead of it (CUDA only). ``vs best`` is the time over the fastest implementation of the same
-case and mode: ``auto``'s goal is at most 1.03.
+(calls issued back to back as a serving loop issues them, timed with CUDA events around the loop: host
+time shows where the host cannot keep up) and, on CUDA, graphed (one call captured in a CUDA graph and
+replayed: device time only); each figure is the median of 3 loops, then the maximum over ranks. ``host``
+is the host time to issue one call in those loops. ``vs best`` is the time over the fastest
+implementation of the same case and mode: ``auto``'s goal is at most 1.03.
 
 Payloads: ``bf16`` hidden rows (one tensor, 7168 bf16 per row); ``nvfp4-msg`` the packed NVFP4 dispatch
 message (one uint8 tensor, 4096 B per row); ``nvfp4-4t`` the same bytes as four tensors (values, scales,
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from moecomm.bench.timing import device_name, graph_time, host_time, int_list, median_time, print_table, write_json
+from moecomm.bench.timing import device_name, graph_time, int_list, loop_time, print_table, write_json
 from moecomm.collectives import all_gather_single, all_gatherv, reduce_scatter_single, reduce_scatterv
 from moecomm.launch import launch, rank_device
 
@@ -82,6 +82,12 @@ def _gather_impls(payload: str, sizes: list[int], device) -> dict[str, Callable 
     }
     if world == 1:
         impls["torch copy_"] = lambda: [o.copy_(x) for o, x in zip(outs, xs)]
+    elif nccl and len(xs) == 1 and len(set(sizes)) == 1:
+        from moecomm import _nccl
+
+        if _nccl.available():  # the floor: NCCL itself through the binding, none of moecomm's Python
+            comm = _nccl.communicator(None, device)
+            impls["nccl binding alone"] = lambda: comm.all_gather(outs[0], xs[0])
     if len(xs) == 1:
         x, o = xs[0], outs[0]
         padded_in, padded_out = x.new_zeros((pad, x.shape[1])), x.new_empty((pad * world, x.shape[1]))
@@ -134,11 +140,9 @@ def _rank_main(rows_list: list[int], iters: int) -> list[dict]:
                 for name, fn in impls.items():
                     eager = graphed = host = float("nan")
                     if fn is not None:
-                        eager = median_time(lambda i: fn(), device, iters=iters, barrier=dist.barrier)
+                        eager, host = loop_time(fn, device, iters=iters, barrier=dist.barrier)
                         if cuda:
                             graphed = graph_time(fn, device, iters, dist.barrier)
-                            if name == "auto":
-                                host = host_time(fn, barrier=dist.barrier)
                     eager, graphed, host = _max_over_ranks([eager, graphed, host], device)
                     results.append({"op": op, "payload": payload, "pattern": pattern, "rows_per_rank": rows,
                                     "sizes": sizes, "impl": name, "bytes": sum(sizes) * row_bytes,
@@ -209,9 +213,10 @@ def run(args: argparse.Namespace) -> int:
     print_table(f"collectives, world size {world}, {device_name(device)}",
                 ["op", "payload", "pattern", "sizes", "impl", "bytes", "eager (us)", "vs best", "graphed (us)",
                  "vs best", "host (us)"], rows,
-                caption="eager: one call timed with events, host time included; graphed: one call replayed in a CUDA "
-                        "graph (device time); vs best: over the fastest implementation of the case; host: one "
-                        "auto call with the GPU busy ahead. Patterns: balanced = every rank the same rows; skewed = "
+                caption="eager: calls issued back to back, timed with events around the loop (host time shows where "
+                        "the host is slower than the GPU); graphed: one call replayed in a CUDA graph (device time); "
+                        "vs best: over the fastest implementation of the case; host: host time to issue one call. "
+                        "Patterns: balanced = every rank the same rows; skewed = "
                         "the same total growing with the rank; idle = rank 0 has no rows.")
     if args.json:
         write_json(args.json, device, {"world_size": world, "results": results})

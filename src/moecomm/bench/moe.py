@@ -18,7 +18,7 @@ the quantizer alone, ``dispatch`` the whole dispatch minus ``quantize``, ``exper
 the already-gathered tokens (no communication: the floor that overlapping communication aims at),
 ``combine`` the reduce-scatter (or all-reduce + slice); ``total`` is the whole step timed end to end.
 ``speedup`` is ``total(allreduce) / total`` for the same case. On CUDA, ``host`` columns give the host
-time of one call with the GPU kept busy ahead of it (what an eager step costs the CPU), decode cases.
+time to issue one call in a loop of calls issued back to back (what an eager step costs the CPU), decode cases.
 
 ``--graphs`` also replays the step in CUDA graphs (:class:`moecomm.dispatch.GraphedMoE`, bucket =
 ``max(sizes)``, ``sizes`` passed so no all-reduce): the decode cases as balanced / skewed / idle ranks
@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moecomm.bench.collectives import pattern_sizes
-from moecomm.bench.timing import device_name, host_time, int_list, median_time, print_table, write_json
+from moecomm.bench.timing import device_name, int_list, loop_time, median_time, print_table, write_json
 from moecomm.dispatch import GraphedMoE, Strategy, combine, dispatch, moe_forward, wire_bytes_per_token
 from moecomm.launch import launch, rank_device
 from moecomm.moe import WeightFormat, experts_forward, grouped_topk, make_expert_weights
@@ -92,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=10, help="timed calls per stage (median, then max over ranks)")
     p.add_argument("--graphs", action="store_true",
                    help="CUDA: also replay the decode step in CUDA graphs (skew table and padding tax)")
+    p.add_argument("--chunks", type=int_list, default=None,
+                   help="prefill: also time the step pipelined in these chunk counts, comma-separated, 0 = the "
+                        "automatic choice (default on CUDA: 2,4,0)")
+    p.add_argument("--sm-carveout", type=int, default=0,
+                   help="SMs the expert GEMMs leave to communication while chunks overlap (default 0)")
     p.add_argument("--json", default=None, help="write the numbers to this path")
     p.add_argument("--plot", default=None, help="write a PNG of the stage times to this path")
     p.add_argument("--write-crossover", default=None,
@@ -133,7 +138,13 @@ def _graphed(weights, shape, sizes, bucket, x, ids, tw, kw, device, iters) -> fl
     return t
 
 
-def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool) -> list[dict]:
+def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chunk_list: list[int],
+               sm_carveout: int) -> list[dict]:
+    import os
+
+    from moecomm.dispatch import CARVEOUT_ENV
+
+    os.environ[CARVEOUT_ENV] = str(sm_carveout)
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
     cuda = device.type == "cuda"
     weights, bias = _weights(shape, experts, device)
@@ -152,6 +163,10 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool) -> l
             kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=consumed, pack=pack)
             t = dict.fromkeys(("quantize", "dispatch", "experts", "combine", "total", "graphed", "host_quantize",
                                "host_dispatch", "host_combine", "host_total"), float("nan"))
+            for c in chunk_list if regime == "prefill" and pack else ():
+                ckw = dict(kw, chunks=c or None)
+                t[f"chunks_{c}"] = median_time(lambda i: moe_forward(x, ids, tw, weights, **ckw), device,
+                                               iters=iters, barrier=barrier)
             if regime != "padding":
                 qkw = dict(global_scale=gs) if wire == QuantFormat.NVFP4 else {}
                 quant_call = (lambda: quantize(x, wire, **qkw)) if wire is not None else None
@@ -171,10 +186,10 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool) -> l
                 t["total"] = median_time(lambda i: step(), device, iters=iters, barrier=barrier)
                 if cuda and regime == "decode":
                     if quant_call is not None:
-                        t["host_quantize"] = host_time(quant_call, barrier=barrier)
-                    t["host_dispatch"] = host_time(lambda: dispatch(x, ids, tw, **kw), barrier=barrier)
-                    t["host_combine"] = host_time(lambda: combine(partial, handle), barrier=barrier)
-                    t["host_total"] = host_time(step, barrier=barrier)
+                        t["host_quantize"] = loop_time(quant_call, device, barrier=barrier)[1]
+                    t["host_dispatch"] = loop_time(lambda: dispatch(x, ids, tw, **kw), device, barrier=barrier)[1]
+                    t["host_combine"] = loop_time(lambda: combine(partial, handle), device, barrier=barrier)[1]
+                    t["host_total"] = loop_time(step, device, barrier=barrier)[1]
             if graphs and cuda and regime != "prefill" and pack:
                 t["graphed"] = _graphed(weights, shape, sizes, bucket, x, ids, tw, kw, device, iters)
             worst = torch.tensor([t[k] for k in sorted(t)], device=device, dtype=torch.float64)
@@ -264,8 +279,9 @@ def run(args: argparse.Namespace) -> int:
     experts = args.experts or ("fp8" if on_gpu and torch.cuda.get_device_capability() >= (9, 0) else "bf16")
     prefill = args.prefill or ([4096, 8192] if not small else [256])
     decode = args.decode or ([1, 16, 64, 256] if not small else [1, 16])
-    results = launch(_rank_main, world, (shape, experts, _cases(world, prefill, decode), args.iters, args.graphs),
-                     timeout=3600)[0]
+    chunk_list = args.chunks if args.chunks is not None else ([2, 4, 0] if on_gpu else [2])
+    results = launch(_rank_main, world, (shape, experts, _cases(world, prefill, decode), args.iters, args.graphs,
+                                         chunk_list, args.sm_carveout), timeout=3600)[0]
     base = {(r["regime"], r["pattern"], tuple(r["sizes"])): r["seconds"] for r in results
             if r["strategy"] == "allreduce"}
     rows = []
@@ -287,8 +303,8 @@ def run(args: argparse.Namespace) -> int:
                         "combine (us)", "total (us)", "total / experts", "speedup vs allreduce", "host dispatch (us)",
                         "host combine (us)", "host step (us)", "wire bytes (all tokens)"], rows,
                 caption=f"{notes}. Stages timed one at a time; experts = the local experts on the gathered tokens, "
-                        "no communication; total = the whole step end to end; host = host time of one call with the "
-                        "GPU busy ahead. Patterns: balanced = equal sizes; skewed = the same total growing with the "
+                        "no communication; total = the whole step end to end; host = host time to issue one call in a "
+                        "loop of calls. Patterns: balanced = equal sizes; skewed = the same total growing with the "
                         "rank; idle = rank 0 has no tokens.")
     if args.graphs and on_gpu:
         graphed = [[r["regime"], r["pattern"], str(r["sizes"]), r["bucket"], r["strategy"], r["seconds"]["graphed"] * 1e6,
@@ -297,6 +313,20 @@ def run(args: argparse.Namespace) -> int:
                     ["regime", "pattern", "sizes", "bucket", "strategy", "graphed (us)", "speedup vs allreduce"],
                     graphed, caption="One CUDA-graph replay per step, every rank padded to the bucket with masked "
                     f"slots. padding = one live token per rank replayed in bucket 1 and in bucket {PAD_TAX_BUCKET}.")
+    overlap = []
+    for r in results:
+        s = r["seconds"]
+        if any(k.startswith("chunks_") for k in s):
+            timed = {1: s["total"], **{int(k.split("_")[1]): v for k, v in s.items() if k.startswith("chunks_")}}
+            overlap.append([str(r["sizes"]), r["strategy"], s["experts"] * 1e6] +
+                           [timed.get(c, float("nan")) * 1e6 for c in [1] + chunk_list] +
+                           [min(timed.values()) / s["experts"], timed.get(0, float("nan")) / s["total"]])
+    if overlap:
+        print_table(f"prefill pipelined in chunks (sm carveout {args.sm_carveout}), world size {world}",
+                    ["sizes", "strategy", "experts only (us)"] + [f"chunks={c or 'auto'} (us)" for c in [1] + chunk_list]
+                    + ["best / experts only", "auto / chunks=1"], overlap,
+                    caption="experts only: the same experts on the already-gathered tokens (no communication), the "
+                            "floor that overlapping communication aims at.")
     cross = crossover([r for r in results if r["regime"] != "padding"])
     if args.write_crossover:
         print(f"crossover measured in this run (min total tokens where the quantized path beats agrs): {cross}")

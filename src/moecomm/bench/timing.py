@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["median_time", "graph_time", "host_time", "device_name", "print_table", "write_json", "copy_bandwidth",
+__all__ = ["median_time", "graph_time", "loop_time", "device_name", "print_table", "write_json", "copy_bandwidth",
            "int_list", "choice_list"]
 
 
@@ -82,23 +82,36 @@ def graph_time(fn: Callable, device, iters: int, barrier: Callable[[], None] | N
     return start.elapsed_time(end) * 1e-3 / iters
 
 
-def host_time(fn: Callable, n: int = 20, barrier: Callable[[], None] | None = None) -> float:
-    """Seconds of host time per call of ``fn`` with the GPU busy far ahead, so that the host never waits for it
-    (CUDA only). ``barrier`` keeps the ranks together around the measurement."""
+def loop_time(fn: Callable[[], Any], device: torch.device, *, iters: int = 20, repeats: int = 3,
+              barrier: Callable[[], None] | None = None) -> tuple[float, float]:
+    """``(seconds per call, host seconds per call)`` of ``iters`` calls issued back to back, as a serving loop
+    issues them: the first is timed with CUDA events around the loop (device time, or the host's when it
+    cannot keep the GPU busy), the second with the host clock around the issuing alone. Medians over
+    ``repeats`` loops, after 3 warm-up calls; ``barrier`` starts the ranks' loops together."""
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
-    if barrier is not None:
-        barrier()
-    torch.cuda._sleep(int(4e8))  # about 0.2 s of GPU work queued ahead of the calls
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    dt = (time.perf_counter() - t0) / n
-    torch.cuda.synchronize()
-    if barrier is not None:
-        barrier()
-    return dt
+    cuda = device.type == "cuda"
+    walls, hosts = [], []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        if barrier is not None:
+            barrier()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        t1 = time.perf_counter()
+        if cuda:
+            end.record()
+            end.synchronize()
+            walls.append(start.elapsed_time(end) * 1e-3 / iters)
+        else:
+            walls.append((t1 - t0) / iters)
+        hosts.append((t1 - t0) / iters)
+    return statistics.median(walls), statistics.median(hosts)
 
 
 def device_name(device: torch.device) -> str:
