@@ -197,6 +197,7 @@ def test_choose_algorithm_reads_the_measured_table(monkeypatch):
     # Without a measured table: the native equal-size collective for equal sizes, else a broadcast per root.
     monkeypatch.setattr(c, "_TABLES", {})
     monkeypatch.setattr(c.json, "load", lambda f: {"tables": {}})
+    c._choose.cache_clear()
     assert choose_algorithm("all_gatherv", [8, 8], 100) == Algorithm.PADDED
     assert choose_algorithm("reduce_scatterv", [0, 8], 100) == Algorithm.BROADCAST
     # A table: per pattern, the nearest measured byte count on a log scale wins; graphed has its own.
@@ -206,12 +207,14 @@ def test_choose_algorithm_reads_the_measured_table(monkeypatch):
     }}}}
     monkeypatch.setattr(c, "_TABLES", {})
     monkeypatch.setattr(c.json, "load", lambda f: table)
+    c._choose.cache_clear()
     for total_bytes, expected in [(1, "broadcast"), (31_000, "broadcast"), (32_000, "padded"),
                                   (9_000_000, "padded"), (11_000_000, "symm"), (10**12, "symm")]:
         assert choose_algorithm("all_gatherv", [1, 2], total_bytes // 3) == Algorithm(expected), total_bytes
     assert choose_algorithm("all_gatherv", [1, 2], 10, capturing=True) == Algorithm.SYMM
     assert choose_algorithm("all_gatherv", [2, 2], 10**6) == Algorithm.PADDED  # no balanced points: default
     assert choose_algorithm("all_gatherv", [1, 2, 3], 10) == Algorithm.BROADCAST  # no world size 3
+    c._choose.cache_clear()  # the next test reads the real table
 
 
 def _membership_and_env():

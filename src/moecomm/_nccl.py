@@ -105,7 +105,7 @@ class Communicator:
         self._lib = lib
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream
+        return torch._C._cuda_getCurrentRawStream(self.device.index)  # no Stream object: a few us less per call
 
     def group_start(self) -> None:
         _check(self._lib.ncclGroupStart(), "ncclGroupStart")

@@ -39,6 +39,7 @@ algorithm (a CPU oracle). ``symm`` needs CUDA.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import operator
@@ -100,13 +101,27 @@ def validation_enabled(validate: bool) -> bool:
             or os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() == "DETAIL")
 
 
+_GROUPS: dict = {}  # process group -> (rank, world size, NCCL?), filled on first use
+
+
+def _group_info(group) -> tuple[int, int, bool]:
+    """``(rank, world_size, runs NCCL)`` of ``group`` (cached: these calls cost microseconds each);
+    ``ValueError`` when this process is not a member of it."""
+    key = group if group is not None else dist.group.WORLD
+    info = _GROUPS.get(key)
+    if info is None:
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the process group "
+                             f"it called a moecomm collective of; call it only on the group's ranks")
+        info = _GROUPS[key] = (rank, dist.get_world_size(group), dist.get_backend(group) == "nccl")
+    return info
+
+
 def _world(group) -> tuple[int, int]:
     """``(rank, world_size)`` in ``group``; ``ValueError`` when this process is not a member of it."""
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the process group "
-                         f"it called a moecomm collective of; call it only on the group's ranks")
-    return rank, dist.get_world_size(group)
+    rank, world, _ = _group_info(group)
+    return rank, world
 
 
 def _check_sizes(sizes: Sequence[int], world_size: int) -> list[int]:
@@ -139,16 +154,9 @@ def _as_list(tensors: TensorOrList) -> tuple[list[torch.Tensor | None], bool]:
     return list(tensors), False
 
 
-_BACKENDS: dict = {}
-
-
 def _is_nccl(group) -> bool:
-    """Whether ``group`` runs NCCL (cached per group)."""
-    key = group or dist.group.WORLD
-    nccl = _BACKENDS.get(key)
-    if nccl is None:
-        nccl = _BACKENDS[key] = dist.get_backend(group) == "nccl"
-    return nccl
+    """Whether ``group`` runs NCCL."""
+    return _group_info(group)[2]
 
 
 def _check_rows(ts: list[torch.Tensor | None], rows: int, rank: int, what: str, group) -> None:
@@ -342,6 +350,11 @@ def choose_algorithm(op: str, sizes: Sequence[int], row_bytes: int, *, capturing
     size pattern (:func:`size_pattern`), or without a table ``padded`` for equal sizes, else
     ``broadcast``.
     """
+    return _choose(op, tuple(sizes), row_bytes, capturing)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(op: str, sizes: tuple[int, ...], row_bytes: int, capturing: bool) -> Algorithm:
     pattern = size_pattern(sizes)
     table = _table(op, len(sizes), "graphed" if capturing else "eager")
     if table is None or pattern not in table:
@@ -355,7 +368,7 @@ def choose_algorithm(op: str, sizes: Sequence[int], row_bytes: int, *, capturing
 
 
 def _resolve(algorithm, op: str, sizes: list[int], row_bytes: int, device: torch.device, nccl: bool) -> Algorithm:
-    algorithm = Algorithm(algorithm)
+    algorithm = Algorithm.AUTO if algorithm is Algorithm.AUTO or algorithm == "auto" else Algorithm(algorithm)
     if algorithm == Algorithm.AUTO:
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         algorithm = choose_algorithm(op, sizes, row_bytes, capturing=capturing)
@@ -435,11 +448,22 @@ class _TorchComm:
         buf.copy_(self._sum(buf))
 
 
+_COMMS: dict = {}
+
+
 def _comm(group, rank: int, world: int, device: torch.device):
-    nccl = _is_nccl(group)
-    if nccl and _nccl.available():
-        return _nccl.communicator(group, device)
-    return _TorchComm(group, rank, world, device, nccl)
+    """The communication layer of ``group`` on ``device`` (cached): moecomm's NCCL binding where it is
+    available and not switched off (``MOECOMM_TORCH_NCCL=1``, read on first use), else torch.distributed."""
+    key = (group if group is not None else dist.group.WORLD, device)
+    comm = _COMMS.get(key)
+    if comm is None:
+        nccl = _is_nccl(group)
+        if nccl and _nccl.available():
+            comm = _nccl.communicator(group, device)
+        else:
+            comm = _TorchComm(group, rank, world, device, nccl)
+        _COMMS[key] = comm
+    return comm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,9 +477,11 @@ def _row_bytes(t: torch.Tensor) -> int:
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor as a ``uint8 [rows, row_bytes]`` view (a copy only if ``t`` is not contiguous)."""
-    t = t.contiguous()
-    flat = t.reshape(-1) if t.dim() else t
-    return flat.view(torch.uint8).reshape(t.shape[0], _row_bytes(t))
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dim() != 2:
+        t = t.reshape(t.shape[0], math.prod(t.shape[1:]))
+    return t.view(torch.uint8)
 
 
 def _starts(sizes: list[int]) -> list[int]:

@@ -142,7 +142,7 @@ class MessageLayout:
         data_dtype, scale_dtype = _FORMAT_DTYPES[self.fmt]
         data = buf[:, self.payload].view(data_dtype)
         scales = buf[:, self.scales].view(scale_dtype)
-        return QuantizedTensor(self.fmt, data, scales, None), ids, weights
+        return QuantizedTensor._trusted(self.fmt, data, scales, None), ids, weights
 
 
 @functools.lru_cache(maxsize=256)
@@ -459,7 +459,7 @@ def _dispatch(hidden, topk_ids, topk_weights, sizes: list[int], rank: int, world
     recv = all_gatherv(send, sizes if padded is None else [padded] * world, group, algorithm=algorithm)
     tokens, ids, weights = layout.views(recv)
     if fmt is not None:
-        tokens = QuantizedTensor(fmt, tokens.data, tokens.scales, gs)
+        tokens = QuantizedTensor._trusted(fmt, tokens.data, tokens.scales, gs)
     return tokens, ids, weights, DispatchHandle(strategy, tuple(sizes), rank, group, padded)
 
 

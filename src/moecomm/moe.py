@@ -310,7 +310,9 @@ def _check_devices(name: str, tokens, topk_ids, topk_weights, weights: ExpertWei
         parts = {"tokens": tokens}
     parts.update(topk_ids=topk_ids, topk_weights=topk_weights)
     parts.update({f"weights.{f.name}": getattr(weights, f.name) for f in fields(weights)})
-    common_device(name, **parts)
+    device = _device(tokens)
+    if any(isinstance(t, torch.Tensor) and t.device != device for t in parts.values()):
+        common_device(name, **parts)  # raises, naming each tensor's device
 
 
 def _token_hidden(tokens: torch.Tensor | QuantizedTensor) -> int:

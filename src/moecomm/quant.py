@@ -163,6 +163,16 @@ class QuantizedTensor:
                 f"{_describe(s)}"
             )
 
+    @classmethod
+    def _trusted(cls, format: QuantFormat, data: Tensor, scales: Tensor, global_scale: Tensor | None) -> "QuantizedTensor":
+        """An instance without the checks of ``__post_init__``, for views of buffers moecomm laid out itself
+        (the dispatch message): the checks cost more host time than the rest of a decode-sized dispatch."""
+        obj = object.__new__(cls)
+        for name, value in (("format", format), ("data", data), ("scales", scales), ("global_scale", global_scale),
+                            ("swizzled", False)):
+            object.__setattr__(obj, name, value)
+        return obj
+
     @property
     def rows(self) -> int:
         """Number of rows (tokens)."""
