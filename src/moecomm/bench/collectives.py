@@ -12,6 +12,9 @@ message (one uint8 tensor, 4096 B per row); ``nvfp4-4t`` the same bytes as four 
 ids, weights) in one call. Reduce-scatter runs on the bf16 payload. Patterns: ``balanced`` (every rank
 ``rows``), ``skewed`` (the same total, growing with the rank), ``idle`` (rank 0 has none, the same total).
 
+``nccl binding alone`` (balanced, one tensor, CUDA) is NCCL's all_gather through moecomm's binding with none of
+moecomm's Python: the floor of the host time, left out of ``vs best``.
+
 ``--write-table PATH`` stores the fastest moecomm algorithm per (collective, world size, mode, pattern,
 bytes) in the format of ``moecomm/data/collectives.json``, which ``algorithm="auto"`` reads.
 """
@@ -37,6 +40,7 @@ PAYLOADS = {"bf16": [(BF16_HIDDEN, torch.bfloat16)], "nvfp4-msg": NVFP4_MSG, "nv
 PATTERNS = ("balanced", "skewed", "idle")
 GATHER_ALGOS = ("broadcast", "padded", "symm", "auto")
 REDUCE_ALGOS = ("broadcast", "padded", "symm", "allreduce", "auto")
+FLOOR = "nccl binding alone"  # NCCL's own host time through moecomm's binding: a floor, not an alternative
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,7 +91,7 @@ def _gather_impls(payload: str, sizes: list[int], device) -> dict[str, Callable 
 
         if _nccl.available():  # the floor: NCCL itself through the binding, none of moecomm's Python
             comm = _nccl.communicator(None, device)
-            impls["nccl binding alone"] = lambda: comm.all_gather(outs[0], xs[0])
+            impls[FLOOR] = lambda: comm.all_gather(outs[0], xs[0])
     if len(xs) == 1:
         x, o = xs[0], outs[0]
         padded_in, padded_out = x.new_zeros((pad, x.shape[1])), x.new_empty((pad * world, x.shape[1]))
@@ -160,7 +164,7 @@ def _add_ratios(results: list[dict]) -> None:
         groups.setdefault((r["op"], r["payload"], r["pattern"], r["rows_per_rank"]), []).append(r)
     for rows in groups.values():
         for mode in ("eager", "graphed"):
-            times = [r[f"{mode}_s"] for r in rows if r[f"{mode}_s"] == r[f"{mode}_s"]]
+            times = [r[f"{mode}_s"] for r in rows if r[f"{mode}_s"] == r[f"{mode}_s"] and r["impl"] != FLOOR]
             best = min(times) if times else float("nan")
             for r in rows:
                 r[f"{mode}_vs_best"] = r[f"{mode}_s"] / best

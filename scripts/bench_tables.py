@@ -1,0 +1,74 @@
+"""Markdown tables for docs/benchmarks.md, made from the benchmarks' JSON (never retyped).
+
+    python scripts/bench_tables.py moe FILE.json          # step, graphed skew table, padding tax, chunks
+    python scripts/bench_tables.py collectives FILE.json  # auto vs the fastest, eager and graphed, host time
+"""
+import json
+import sys
+
+
+def _us(v):
+    return "n/a" if v is None else f"{v * 1e6:.0f}"
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def moe(path):
+    results = json.load(open(path))["results"]
+    base = {(r["regime"], str(r["sizes"])): r["seconds"] for r in results if r["strategy"] == "allreduce"}
+    step, graphed, pad, chunks = [], [], [], []
+    for r in results:
+        s, b = r["seconds"], base[(r["regime"], str(r["sizes"]))]
+        if r["regime"] != "padding":
+            step.append([r["regime"], r["pattern"], r["sizes"], r["strategy"], _us(s["experts"]), _us(s["total"]),
+                         f"{s['total'] / s['experts']:.3f}", f"{b['total'] / s['total']:.3f}", _us(s.get("host_dispatch")),
+                         _us(s.get("host_combine")), _us(s.get("host_total"))])
+        if s.get("graphed") is not None:
+            row = [r["pattern"], r["sizes"], r["bucket"], r["strategy"], _us(s["graphed"])]
+            (pad if r["regime"] == "padding" else graphed).append(row)
+        timed = {k: v for k, v in s.items() if k.startswith("chunks_") and v is not None}
+        if timed:
+            chunks.append([r["sizes"], r["strategy"], _us(s["experts"]), _us(s["total"])] +
+                          [f"{_us(v)} ({v / s['total']:.2f}x)" for _, v in sorted(timed.items())])
+    print(_table(["regime", "pattern", "sizes", "strategy", "experts only (us)", "step (us)", "step / experts",
+                  "vs allreduce", "host dispatch (us)", "host combine (us)", "host step (us)"], step))
+    print()
+    print(_table(["pattern", "sizes", "bucket", "strategy", "graphed step (us)"], graphed))
+    print()
+    print(_table(["live tokens", "sizes", "bucket", "strategy", "graphed step (us)"], pad))
+    if chunks:
+        keys = sorted({k for r in results for k, v in r["seconds"].items() if k.startswith("chunks_") and v is not None})
+        print()
+        labels = ["chunks=auto" if k == "chunks_0" else k.replace("_", "=") for k in keys]
+        print(_table(["sizes", "strategy", "experts only (us)", "chunks=1 (us)"] + labels, chunks))
+
+
+FLOOR = "nccl binding alone"  # a host-time floor, not an alternative: excluded from the fastest
+
+
+def collectives(path):
+    results = json.load(open(path))["results"]
+    cases = {}
+    for r in results:
+        cases.setdefault((r["op"], r["payload"], r["pattern"], r["rows_per_rank"]), []).append(r)
+    rows = []
+    for (op, payload, pattern, _), group in cases.items():
+        auto = next(r for r in group if r["impl"] == "auto")
+        row = [op, payload, pattern, auto["sizes"]]
+        for mode in ("eager_s", "graphed_s"):
+            timed = [r for r in group if r["impl"] != FLOOR and r[mode] is not None]
+            best = min(timed, key=lambda r: r[mode])
+            row += [f"{auto[mode] * 1e6:.1f}", f"{auto[mode] / best[mode]:.3f} ({best['impl']})"]
+        floor = next((r for r in group if r["impl"] == FLOOR), None)
+        row += [f"{auto['host_s'] * 1e6:.1f}", "" if floor is None else f"{floor['host_s'] * 1e6:.1f}"]
+        rows.append(row)
+    print(_table(["op", "payload", "pattern", "sizes", "auto eager (us)", "/ fastest (which)", "auto graphed (us)",
+                  "/ fastest (which)", "auto host (us)", "NCCL alone host (us)"], rows))
+
+
+if __name__ == "__main__":
+    {"moe": moe, "collectives": collectives}[sys.argv[1]](sys.argv[2])
