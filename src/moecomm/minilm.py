@@ -41,6 +41,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from moecomm.routing import topk_softmax
+
 __all__ = [
     "MiniLMConfig",
     "LayerWeights",
@@ -395,7 +397,7 @@ class Router:
         Weight 1 keeps each selected expert's neurons exactly as in the dense FFN; the unselected are dropped.
         """
         scores = F.linear(rows.float(), self.weight.to(rows.device), self.bias.to(rows.device))
-        ids = scores.topk(k, dim=1).indices.to(torch.int32)
+        ids, _ = topk_softmax(scores, k)  # softmax keeps the order; ties go to the lower id on every device
         return ids, torch.ones(ids.shape, dtype=torch.float32, device=rows.device)
 
 
