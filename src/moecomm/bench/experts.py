@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from moecomm import quant
-from moecomm.bench.timing import choice_list, int_list, median_time, print_table, write_json
+from moecomm.bench.timing import capture, choice_list, int_list, median_time, print_table, write_json
 from moecomm.moe import ExpertWeights, WeightFormat, experts_forward, grouped_topk, make_expert_weights
 from moecomm.quant import QuantFormat
 
@@ -90,20 +90,8 @@ def _times(fn, device: torch.device, iters: int) -> tuple[float, float]:
     eager = median_time(lambda i: fn(), device, iters=iters)
     if device.type != "cuda":
         return eager, float("nan")
-    return eager, median_time(_graphed(fn), device, iters=iters)
-
-
-def _graphed(fn):
-    """``fn`` captured in a CUDA graph; returns a replay closure for ``median_time``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return lambda _: graph.replay()
+    graph = capture(fn)
+    return eager, median_time(lambda i: graph.replay(), device, iters=iters)
 
 
 def _tokens(x: torch.Tensor, fmt: QuantFormat | None):

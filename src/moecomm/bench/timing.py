@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["median_time", "graph_time", "loop_time", "device_name", "print_table", "write_json", "copy_bandwidth",
+__all__ = ["median_time", "capture", "graph_time", "loop_time", "device_name", "print_table", "write_json", "copy_bandwidth",
            "int_list", "choice_list"]
 
 
@@ -58,9 +58,9 @@ def median_time(
     return statistics.median(times)
 
 
-def graph_time(fn: Callable, device, iters: int, barrier: Callable[[], None] | None = None) -> float:
-    """Seconds per replay of ``fn`` captured in one CUDA graph (device time). ``barrier`` (e.g.
-    ``dist.barrier``) makes the ranks start the timed replays together."""
+def capture(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    """``fn`` run once on a side stream (kernels compiled, buffers and communicators made), then captured
+    in a CUDA graph, which is returned."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -69,6 +69,13 @@ def graph_time(fn: Callable, device, iters: int, barrier: Callable[[], None] | N
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def graph_time(fn: Callable, device, iters: int, barrier: Callable[[], None] | None = None) -> float:
+    """Seconds per replay of ``fn`` captured in one CUDA graph (device time). ``barrier`` (e.g.
+    ``dist.barrier``) makes the ranks start the timed replays together."""
+    graph = capture(fn)
     graph.replay()
     torch.cuda.synchronize()
     if barrier is not None:
