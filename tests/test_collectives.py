@@ -22,7 +22,7 @@ from moecomm.collectives import (
     size_pattern,
 )
 from moecomm.launch import RankError, launch, rank_device
-from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of
+from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of, on_every_gpu_count
 
 # (trailing shape, dtype) of the tensors gathered together in one call; None is a hole in the list.
 GATHER_SPECS = [
@@ -357,11 +357,8 @@ def _graph_case(seed):
 
 @pytest.mark.gpu
 def test_nccl_battery_and_graph():
-    world = torch.cuda.device_count()
-    seed = random.randrange(1 << 30)
-    for ws in sorted({1, world}):
-        assert launch(_battery, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
-        assert launch(_graph_case, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
+    on_every_gpu_count(_battery)
+    on_every_gpu_count(_graph_case)
 
 
 def _validate_covers_out_and_types():

@@ -18,7 +18,7 @@ from moecomm.dispatch import (
 from moecomm.launch import launch, rank_device
 from moecomm.moe import experts_forward, experts_forward_ref, make_expert_weights, topk_softmax
 from moecomm.quant import QuantFormat, nvfp4_global_scale
-from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of
+from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of, on_every_gpu_count
 
 HIDDEN, INTER, TOPK = 128, 32, 3
 # Tolerance vs the float32 single-process reference: bf16 partial outputs, summed in bf16 across ranks.
@@ -303,10 +303,7 @@ def _graph_vs_eager(seed):
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager():
-    world = torch.cuda.device_count()
-    seed = random.randrange(1 << 30)
-    for ws in sorted({1, world}):
-        assert launch(_graph_vs_eager, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
+    on_every_gpu_count(_graph_vs_eager)
 
 
 @pytest.mark.gpu
@@ -369,10 +366,7 @@ def _eager_step_never_syncs(seed):
 
 @pytest.mark.gpu
 def test_eager_step_never_syncs():
-    world = torch.cuda.device_count()
-    seed = random.randrange(1 << 30)
-    for ws in sorted({1, world}):
-        assert launch(_eager_step_never_syncs, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
+    on_every_gpu_count(_eager_step_never_syncs)
 
 
 def _chunks_are_exact(seed):
@@ -441,7 +435,4 @@ def _chunks_on_gpu(seed):
 
 @pytest.mark.gpu
 def test_chunks_on_gpu_eager_and_graphed():
-    world = torch.cuda.device_count()
-    seed = random.randrange(1 << 30)
-    for ws in sorted({1, world}):
-        assert launch(_chunks_on_gpu, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
+    on_every_gpu_count(_chunks_on_gpu)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["assert_close", "rel_error", "error_of", "assert_raised_on_every_rank"]
+__all__ = ["assert_close", "rel_error", "error_of", "assert_raised_on_every_rank", "on_every_gpu_count"]
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -54,3 +54,16 @@ def assert_raised_on_every_rank(results: list[dict[str, str | None]]) -> None:
         for rank, res in enumerate(results):
             if res[case] is None:
                 raise AssertionError(f"{case}: rank {rank} did not raise")
+
+
+def on_every_gpu_count(fn, *args) -> None:
+    """Run ``fn(seed, *args)`` over NCCL at world size 1 and at the number of visible GPUs; every rank must
+    return ``"ok"``. The seed is fresh and appears in the failure message."""
+    import random
+
+    from moecomm.launch import launch
+
+    seed = random.randrange(1 << 30)
+    for ws in sorted({1, torch.cuda.device_count()}):
+        results = launch(fn, ws, (seed, *args), backend="nccl", timeout=300)
+        assert results == ["ok"] * ws, (fn.__name__, ws, seed, results)
