@@ -526,14 +526,21 @@ def _fp8_grouped_mm(
 ) -> torch.Tensor:
     """e4m3 ``a [R, K]`` (fp32 scale ``[R]``) x e4m3 ``w [E, N, K]`` (fp32 scale ``[E, N]``) -> bf16 ``[R, N]``.
 
-    ``torch._scaled_grouped_mm`` with rowwise scales on CUDA; on a CPU, float32 math on the dequantized
-    operands (an emulation, for tests).
+    ``torch._scaled_grouped_mm`` with rowwise scales on CUDA; on a CPU, float64 math on the dequantized
+    operands (an emulation, for tests: float32 CPU GEMMs give a row other bits when the number of rows
+    changes, which masked-slot and chunking tests would see).
     """
     if a.is_cuda:
         return torch._scaled_grouped_mm(a, w.transpose(1, 2), a_scale, w_scale, offs=offs, out_dtype=torch.bfloat16)
-    a32 = a.float() * a_scale[:, None]
-    w32 = w.float() * w_scale[:, :, None]
-    return torch._grouped_mm(a32, w32.transpose(1, 2), offs=offs).to(torch.bfloat16)
+    # float64, expert by expert: a row's result must not depend on how many rows share its expert
+    a64 = a.double() * a_scale[:, None]
+    w64 = w.double() * w_scale[:, :, None]
+    out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # a CPU tensor: no sync
+        out[start:end] = a64[start:end] @ w64[e].T
+        start = end
+    return out.to(torch.bfloat16)
 
 
 def _gemms_bf16(tokens: torch.Tensor | QuantizedTensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
