@@ -11,7 +11,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _result_line(stdout: str) -> str:
-    (line,) = re.findall(r"^sizes .*relative error vs one process .*$", stdout, flags=re.M)
+    """Rank 0's message (another rank's "ok" may land on the same line)."""
+    (line,) = re.findall(r"sizes \[.*?\]: relative error vs one process \S+; bytes per token \d+ \(NVFP4\) "
+                         r"vs \d+ \(bf16\)", stdout)
     return line
 
 
