@@ -29,9 +29,11 @@ __all__ = [
     "add_world_size_arguments",
     "check_world_size",
     "DEFAULT_CPU_RANKS",
+    "RANK_MEMORY",
 ]
 
 DEFAULT_CPU_RANKS = 4  # what the commands run on a machine without GPUs; always allowed (CI has 2 cores)
+RANK_MEMORY = 1 << 30  # bytes, a rough estimate of one benchmark rank's memory (torch, buffers, inputs)
 
 
 class UsageError(ValueError):
@@ -176,12 +178,26 @@ def _available_memory() -> int | None:
     return None
 
 
-def check_world_size(world_size: int, *, gpu: bool, bytes_per_rank: int, force: bool) -> None:
-    """Raise :class:`UsageError` unless ``world_size`` ranks fit this machine (skipped with ``force``).
+def check_world_size(world_size: int, *, gpu: bool, force: bool, bytes_per_rank: int = RANK_MEMORY) -> None:
+    """Refuse a world size this machine cannot hold, before any rank starts.
 
-    Each rank is a process. NCCL ranks (``gpu``) need one GPU each; gloo ranks at most one per CPU core,
-    but :data:`DEFAULT_CPU_RANKS` are always allowed; and ``world_size * bytes_per_rank`` (a rough
-    estimate of one rank's host memory) must fit in the memory available now.
+    Parameters
+    ----------
+    world_size : int
+        Ranks, each a process.
+    gpu : bool
+        NCCL ranks, one GPU each; else gloo ranks, at most one per CPU core (but
+        :data:`DEFAULT_CPU_RANKS` are always allowed).
+    force : bool
+        Skip the checks (``--force``).
+    bytes_per_rank : int
+        A rough estimate of one rank's host memory; ``world_size`` of them must fit in the memory
+        available now (where the system says: Linux).
+
+    Raises
+    ------
+    UsageError
+        Too many ranks for the GPUs, the CPU cores or the memory; the message names the limit and ``--force``.
     """
     if force:
         return

@@ -747,7 +747,7 @@ def run(args: argparse.Namespace) -> int:
                                    args.splits, args.device)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    check_world_size(args.world_size, gpu=checked.device == "cuda", bytes_per_rank=_RANK_MEMORY, force=args.force)
+    check_world_size(args.world_size, gpu=checked.device == "cuda", force=args.force, bytes_per_rank=_RANK_MEMORY)
     oracle, results, config = run_demo(
         world_size=args.world_size,
         num_sentences=args.sentences,

@@ -51,7 +51,6 @@ IMPL_NOTES = ("impl: broadcast, padded, symm, allreduce = moecomm's algorithms (
 PATTERNS = ("balanced", "skewed", "idle")
 PATTERN_NOTES = ("Patterns, the same total rows in each: balanced = every rank the same rows; skewed = rows growing "
                  "with the rank (weights 1, 2, ..., N); idle = rank 0 has none, the others equal shares.")
-RANK_MEMORY = 1 << 30  # bytes, a rough estimate of one rank's memory (inputs and outputs of the largest case)
 GATHER_ALGOS = ("broadcast", "padded", "symm", "auto")
 REDUCE_ALGOS = ("broadcast", "padded", "symm", "allreduce", "auto")
 
@@ -225,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     world = args.world_size if args.world_size is not None else (gpus or 4)
     on_gpu = gpus >= world
-    check_world_size(world, gpu=on_gpu, bytes_per_rank=RANK_MEMORY, force=args.force)
+    check_world_size(world, gpu=on_gpu, force=args.force)
     rows_list = args.rows if args.rows is not None else ([1, 16, 128, 1024, 4096, 16384] if on_gpu else [1, 16, 256])
     results = launch(_rank_main, world, (rows_list, args.iters), timeout=3600)[0]
     _add_ratios(results)

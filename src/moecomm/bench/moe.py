@@ -93,9 +93,6 @@ EXPERT_NOTES = {
 PAD_TAX_BUCKET = 256
 
 
-RANK_MEMORY = 1 << 30  # bytes, a rough estimate of one rank's host memory
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``moecomm bench moe``."""
     add_world_size_arguments(p, default=None, default_help="all GPUs, else 4 CPU ranks")
@@ -315,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     world = args.world_size if args.world_size is not None else (gpus or 4)
     on_gpu = gpus >= world
-    check_world_size(world, gpu=on_gpu, bytes_per_rank=RANK_MEMORY, force=args.force)
+    check_world_size(world, gpu=on_gpu, force=args.force)
     small = args.small or not on_gpu
     shape = SMALL if small else DEEPSEEK_V3
     experts = args.experts
