@@ -31,10 +31,12 @@ def layer_step() -> float:
     experts = make_expert_weights(w13.to(device), w2.to(device), ep_size=world, ep_rank=rank)
     global_scale = nvfp4_global_scale(4.0)  # static per layer: 448 * 6 / calibrated amax
 
-    # This rank's tokens after attention: a different count on every rank.
-    tokens = torch.randn(3 + 5 * rank, HIDDEN, generator=torch.Generator().manual_seed(rank)).bfloat16()
-    hidden = tokens.to(device)
-    topk_ids, topk_weights = topk_softmax(torch.randn(hidden.shape[0], EXPERTS, device=device), TOPK)
+    # This rank's tokens after attention, a different count on every rank, and its router's logits (seeded:
+    # the same numbers every run).
+    gen = torch.Generator().manual_seed(rank)
+    hidden = torch.randn(3 + 5 * rank, HIDDEN, generator=gen).bfloat16().to(device)
+    logits = torch.randn(hidden.shape[0], EXPERTS, generator=gen).to(device)
+    topk_ids, topk_weights = topk_softmax(logits, TOPK)
     sizes = gather_sizes(hidden.shape[0])  # tokens of every rank, e.g. [3, 8]
 
     out = moe_forward(hidden, topk_ids, topk_weights, experts, sizes=sizes, strategy="agrs-nvfp4",

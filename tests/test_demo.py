@@ -151,7 +151,7 @@ def test_forward_matches_sentence_transformers(sentences):
 
 
 def test_demo_end_to_end_two_ranks(tmp_path):
-    """``moecomm demo`` on 2 gloo ranks, both splits, every strategy; the JSON holds what the issue asks for."""
+    """``moecomm demo`` on 2 gloo ranks, both splits, every strategy; the JSON holds bytes, time and agreement."""
     from moecomm.cli import main
 
     path = tmp_path / "demo.json"
@@ -215,13 +215,15 @@ def test_clustered_experts_and_router(sentences):
 
 
 def test_demo_top_k_is_labelled_approximate_and_matches_its_reference():
-    """With top-k < E the ranks agree with the single-process fp32 MoE of the same routing, not with the model."""
+    """With top-k < E the ranks agree with the single-process fp32 MoE of the same routing, not with the model.
+    (Strategy "auto": the ranks run what it resolves to, agrs for these bf16 experts, and say so.)"""
     from moecomm.demo import run_demo
 
-    _, results, config = run_demo(world_size=2, num_sentences=8, top_k=4, strategies=["agrs"], splits=["uneven"],
+    _, results, config = run_demo(world_size=2, num_sentences=8, top_k=4, strategies=["auto"], splits=["uneven"],
                                   device="cpu", progress=False)
     assert not config["exact"] and "approximate" in config["routing"]
     (r,) = results
+    assert (r.name, r.resolved_strategy) == ("auto", "agrs")
     assert r.wire_bytes_per_token == (768 + 8 * 4) + 768
     ref = config["moe_reference_vs_oracle"]
     assert ref["cosine_mean"] < 0.999  # dropping half the neurons is visible

@@ -42,7 +42,7 @@ FP8_TOL = 4e-2  # fp8 backend vs reference: + e4m3 re-quantization of the activa
 TOKEN_FORMATS = [None, QuantFormat.NVFP4, QuantFormat.MXFP4, QuantFormat.FP8_TOKEN, QuantFormat.FP8_GROUP]
 QUANT_FORMATS = TOKEN_FORMATS[1:]
 H, I = 256, 80  # I = 80: partial 128 x 128 FP8 blocks; both multiples of 16 (NVFP4) and H of 128 (FP8_GROUP)
-# (num_experts, k, num_tokens): the issue's grid, k <= E
+# (num_experts, k, num_tokens), k <= E: few to many experts, top-1 to top-8, no / one / odd / many tokens
 ROUTING_GRID = [(e, k, t) for e, k, t in itertools.product((4, 8, 16), (1, 2, 8), (0, 1, 37, 300)) if k <= e]
 FORMAT_GRID = list(itertools.product(WeightFormat, TOKEN_FORMATS, Activation))
 
@@ -273,6 +273,27 @@ def test_make_expert_weights_rejects_bad_inputs():
         make_expert_weights(w13[:, :, :40], w2[:, :40], format=WeightFormat.NVFP4)
     with pytest.raises(ValueError):
         make_expert_weights(w13, w2, format="int4")
+
+
+@pytest.mark.parametrize("fmt", list(WeightFormat), ids=_fid)
+def test_make_expert_weights_accepts_only_sizes_the_kernels_run(fmt):
+    """H and I must be multiples of 8 (bf16 rows of 16 bytes for torch._grouped_mm, which every format may run)
+    or 16 (FP8_CHANNEL: torch._scaled_grouped_mm; NVFP4: 16-blocks). bf16 H = 100 used to be accepted and then
+    fail inside torch._grouped_mm ("strides should be multiple of 16 bytes")."""
+    m = 16 if fmt in (WeightFormat.FP8_CHANNEL, WeightFormat.NVFP4) else 8
+    assert moe.SIZE_MULTIPLE[fmt] == m
+    for h, i in [(100, m), (m, m + 4), (m + m // 2, 2 * m)]:
+        w13, w2, _, _ = _weights(4, hidden=h, inter=i)
+        with pytest.raises(ValueError, match=f"multiples of {m} .*got H={h}, I={i}; multiples per weight format: "
+                                             "bf16 8, fp8-block 8, fp8-channel 16, nvfp4 16"):
+            make_expert_weights(w13, w2, format=fmt)
+    # the smallest accepted sizes run on the grouped backend and agree with the reference
+    w13, w2, _, _ = _weights(4, hidden=m, inter=m)
+    weights = make_expert_weights(w13, w2, format=fmt)
+    x = _tokens(9, hidden=m)
+    ids, tw = _route(9, 4, 2)
+    out = experts_forward(x, ids, tw, weights, backend="grouped")
+    assert_close(out, experts_forward_ref(x, ids, tw, weights), rel=BF16_TOL)
 
 
 # ----------------------------------------------------------------------------------------------------

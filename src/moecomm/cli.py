@@ -1,7 +1,8 @@
 """The ``moecomm`` command: ``moecomm demo`` and ``moecomm bench {collectives,quant,experts,moe}``.
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args)``;
-modules are imported only when their subcommand runs, so ``moecomm --help`` stays fast.
+modules are imported only when their subcommand runs, so ``moecomm --help`` stays fast. A bad argument
+ends the command with one line and exit status 2 (:mod:`moecomm._args`), before any work starts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib
 import sys
 
 from moecomm import __version__
+from moecomm._args import UsageError
 
 _COMMANDS = {
     "demo": ("moecomm.demo", "run a real transformer with DP attention and EP MoE on N ranks"),
@@ -27,10 +29,28 @@ def _add(subparsers, name: str, module: str, help: str) -> None:
     p = subparsers.add_parser(name, help=help, description=help)
     mod = importlib.import_module(module)
     mod.add_arguments(p)
-    p.set_defaults(_run=mod.run)
+    p.set_defaults(_run=mod.run, _parser=p)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``moecomm`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after ``moecomm`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status, 0.
+
+    Raises
+    ------
+    SystemExit
+        With status 2 and one error line on stderr for a bad argument (argparse's convention), 0 for
+        ``--help`` / ``--version``.
+    """
     parser = argparse.ArgumentParser(
         prog="moecomm", description="MoE communication for DP attention + EP experts: the demo and the benchmarks.")
     parser.add_argument("--version", action="version", version=f"moecomm {__version__}")
@@ -49,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             bench_sub.add_parser(name, help=help)
     args = parser.parse_args(words)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except UsageError as e:
+        args._parser.error(str(e))
 
 
 if __name__ == "__main__":

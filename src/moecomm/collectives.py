@@ -516,9 +516,10 @@ def all_gatherv(
         dtypes and the positions of ``None`` must be the same on every rank. Non-contiguous inputs
         are copied first.
     sizes : list[int]
-        Rows per rank, ``len(sizes) == world_size``, the SAME list on every rank (take it from
-        :func:`gather_sizes`); zeros allowed. Ranks that disagree get corrupted rows or hang unless
-        validation is on (``validate``).
+        Rows per rank, ``len(sizes) == world_size``, the SAME list on every rank: take it from
+        :func:`gather_sizes` (or metadata all ranks share); zeros allowed. Not checked across ranks unless
+        validation is on (a host sync): ranks that disagree get wrong rows without an error (other ranks'
+        rows shifted, zero rows inserted) or hang.
     group : ProcessGroup, optional
         Defaults to the world group. This process must be a member.
     out : same structure as ``tensors``, optional
@@ -661,8 +662,10 @@ def reduce_scatterv(
     tensor : Tensor
         ``[sum(sizes), *trailing]``, bf16, fp16 or fp32, the same shape on every rank.
     sizes : list[int]
-        Rows per rank, ``len(sizes) == world_size``, the SAME list on every rank (:func:`gather_sizes`);
-        zeros allowed.
+        Rows per rank, ``len(sizes) == world_size``, the SAME list on every rank: take it from
+        :func:`gather_sizes` (or metadata all ranks share); zeros allowed. Not checked across ranks unless
+        validation is on (a host sync): ranks that disagree get wrong sums without an error (rows lost or
+        summed into another rank's) or hang.
     group : ProcessGroup, optional
     out : Tensor, optional
         Preallocated contiguous ``[sizes[rank], *trailing]`` of ``tensor``'s dtype; with it (and a

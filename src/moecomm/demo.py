@@ -15,7 +15,8 @@ What runs (docs/demo.md has the recorded numbers):
    batch (data parallel); the non-padding tokens become rows ``[n_r, H]`` for
    :func:`moecomm.dispatch.moe_forward`, which dispatches them to every rank's experts with the chosen strategy
    and combines the partial sums back.
-4. Per strategy and split: bytes on the wire per token and layer, seconds of the distributed forward (slowest
+4. Per strategy and split (``auto`` runs what :func:`moecomm.dispatch.choose_strategy` picks, shown beside it):
+   bytes on the wire per token and layer, seconds of the distributed forward (slowest
    rank), and agreement with the oracle: cosine of the sentence embeddings (min, mean), max abs difference of the
    final hidden states, and whether each sentence's nearest neighbours among the others are unchanged.
 """
@@ -28,25 +29,38 @@ import queue as queue_mod
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from moecomm._args import (
+    UsageError,
+    add_output_arguments,
+    add_world_size_arguments,
+    check_world_size,
+    choice_list,
+    device_choice,
+    positive_int,
+)
+
 __all__ = [
     "STRATEGIES",
+    "STRATEGY_CHOICES",
     "SPLITS",
     "add_arguments",
     "run",
     "run_demo",
     "split_counts",
     "default_num_experts",
+    "resolve_strategy",
     "MoEPlan",
     "StrategyResult",
     "Oracle",
 ]
 
-STRATEGIES = ("allreduce", "agrs", "agrs-nvfp4", "agrs-fp8")
+STRATEGIES = ("allreduce", "agrs", "agrs-nvfp4", "agrs-fp8")  # the default: every concrete strategy
+STRATEGY_CHOICES = (*STRATEGIES, "auto")
 SPLITS = ("uneven", "idle")  # every rank busy with different counts / the last rank has no sentences
 
 
@@ -76,6 +90,19 @@ def split_counts(num_sentences: int, world_size: int, *, idle_last: bool = False
 def default_num_experts(world_size: int, base: int = 8) -> int:
     """``base`` when ``world_size`` divides it, else the smallest multiple of ``world_size`` above ``base``."""
     return base if base % world_size == 0 else world_size * math.ceil(base / world_size)
+
+
+def resolve_strategy(strategy: str, sizes: Sequence[int]) -> str:
+    """The concrete strategy :func:`moecomm.dispatch.moe_forward` runs for ``strategy`` with these ``sizes``.
+
+    ``"auto"`` is resolved as ``moe_forward`` resolves it for the demo's experts, which are bf16 and quantize
+    nothing (so it runs ``agrs``); any other strategy is returned as it is.
+    """
+    from moecomm.dispatch import choose_strategy
+
+    if strategy != "auto":
+        return strategy
+    return choose_strategy(None, sum(sizes), world_size=len(sizes), ep_size=len(sizes)).value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +190,7 @@ def build_experts(model, plan: MoEPlan, ep_size: int, ep_rank: int) -> list[Laye
 
 def moe_ffn(layers: list[LayerExperts], plan: MoEPlan, *, strategy: str, sizes: list[int],
             global_scales: Sequence[float], on_layer=None):
-    """An FFN hook for :meth:`MiniLM.encode` running each layer's MoE over all ranks with ``strategy``.
+    """An FFN hook for :meth:`MiniLM.encode` running each layer's MoE over all ranks with ``strategy`` (concrete).
 
     Rows ``[n, H]`` fp32 are routed by ``plan``, cast to bf16 and passed to :func:`moecomm.dispatch.moe_forward`;
     its bf16 output comes back as fp32 plus the dense ``b2``. ``moe_forward`` is collective: every rank calls the
@@ -241,11 +268,13 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
         for strategy in job.strategies:
             if job.warmup:  # two sentences per rank through every code path, untimed
                 few = min(2, len(mine))
-                ffn = moe_ffn(experts, job.plan, strategy=strategy, sizes=gather_sizes(int(mask[:few].sum())),
+                warm_sizes = gather_sizes(int(mask[:few].sum()))
+                ffn = moe_ffn(experts, job.plan, strategy=resolve_strategy(strategy, warm_sizes), sizes=warm_sizes,
                               global_scales=job.global_scales)
                 model.encode(ids[:few], mask[:few], ffn)
             emit("start", job.split, strategy)
-            ffn = moe_ffn(experts, job.plan, strategy=strategy, sizes=sizes, global_scales=job.global_scales,
+            resolved = resolve_strategy(strategy, sizes)
+            ffn = moe_ffn(experts, job.plan, strategy=resolved, sizes=sizes, global_scales=job.global_scales,
                           on_layer=lambda i: emit("layer", job.split, strategy, i))
             sync()
             t0 = time.perf_counter()
@@ -258,6 +287,7 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
             outs.append(
                 {
                     "strategy": strategy,
+                    "resolved_strategy": resolved,
                     "hidden_rows": hidden[mask].float().cpu().numpy(),  # [n, H], sentence-major
                     "embeddings": emb.float().cpu().numpy(),  # [sentences, H]
                     "seconds": seconds,
@@ -394,7 +424,8 @@ def compare(oracle: Oracle, embeddings: torch.Tensor, hidden_rows: torch.Tensor)
 class StrategyResult:
     """One strategy on one split, compared with the oracle."""
 
-    name: str  # the dispatch strategy
+    name: str  # the dispatch strategy asked for
+    resolved_strategy: str  # the strategy that ran: ``name``, or what "auto" resolved to
     split: str  # "uneven" or "idle" ("one rank" at world size 1)
     sentences_per_rank: list[int]
     tokens_per_rank: list[int]
@@ -415,14 +446,46 @@ class StrategyResult:
         return {**self.__dict__, "wire_bytes_per_layer": self.wire_bytes_per_layer}
 
 
-def _resolve_device(device: str, world_size: int) -> str:
+class _Arguments(NamedTuple):
+    """``run_demo``'s arguments after checking, with the defaults filled in."""
+
+    num_sentences: int
+    num_experts: int
+    top_k: int
+    splits: list[str]
+    device: str  # "cpu" or "cuda"
+
+
+def _check_arguments(world_size, num_sentences, num_experts, top_k, strategies, splits, device) -> _Arguments:
+    """Check :func:`run_demo`'s arguments (no work done); raises ``ValueError`` naming the command-line option."""
+    from moecomm.minilm import read_sentences
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"--world-size must be a positive integer, got {world_size!r}")
+    bad = [s for s in strategies if s not in STRATEGY_CHOICES] or ([] if strategies else ["(none)"])
+    if bad:
+        raise ValueError(f"--strategies: unknown strategy {bad[0]!r}; choose from {', '.join(STRATEGY_CHOICES)}")
+    bad = [s for s in splits if s not in SPLITS] or ([] if splits else ["(none)"])
+    if bad:
+        raise ValueError(f"--splits: unknown split {bad[0]!r}; choose from {', '.join(SPLITS)}")
+    num_experts = default_num_experts(world_size) if num_experts is None else num_experts
+    if num_experts < 1 or num_experts % world_size:
+        raise ValueError(f"--experts {num_experts} must be a positive multiple of the world size {world_size}")
+    top_k = num_experts if top_k is None else top_k
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"--top-k must be in [1, {num_experts}] (the number of experts), got {top_k}")
+    available = len(read_sentences("sentences.txt"))
+    n = available if num_sentences is None else num_sentences
+    if not 1 <= n <= available:
+        raise ValueError(f"--sentences must be in [1, {available}], got {n}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and torch.cuda.device_count() < world_size:
-        raise ValueError(f"--device cuda needs one GPU per rank: {world_size} ranks, {torch.cuda.device_count()} GPUs")
-    return device
+        device = "cuda" if gpus >= world_size else "cpu"
+    elif device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    elif device == "cuda" and gpus < world_size:
+        raise ValueError(f"--device cuda needs one GPU per rank: {world_size} ranks, {gpus} GPUs visible")
+    return _Arguments(n, num_experts, top_k, [s for s in splits if s != "idle" or world_size >= 2], device)
 
 
 def run_demo(
@@ -439,41 +502,53 @@ def run_demo(
 ) -> tuple[Oracle, list[StrategyResult], dict]:
     """Run the demo; returns the oracle, one :class:`StrategyResult` per (split, strategy), and the configuration.
 
-    ``top_k=None`` (or ``num_experts``) routes every token to every expert: exact. The ``idle`` split needs
-    ``world_size >= 2`` and is skipped otherwise.
+    Parameters
+    ----------
+    world_size : int
+        Ranks: gloo processes on the CPU, or NCCL ranks with one GPU each.
+    num_sentences : int, optional
+        Encode the first ``num_sentences`` demo sentences (default all).
+    num_experts : int, optional
+        Experts per FFN, a multiple of ``world_size`` (default :func:`default_num_experts`).
+    top_k : int, optional
+        Experts per token. ``None`` (or ``num_experts``) routes every token to every expert: exact; fewer
+        makes a router pick them, an approximation of the model.
+    strategies : sequence of str
+        Dispatch strategies of :data:`STRATEGY_CHOICES`; ``"auto"`` runs what
+        :func:`resolve_strategy` gives (``StrategyResult.resolved_strategy``).
+    splits : sequence of str
+        ``"uneven"`` and / or ``"idle"``; ``idle`` needs ``world_size >= 2`` and is skipped otherwise.
+    device : str
+        ``"auto"`` (cuda when there is one GPU per rank), ``"cpu"`` or ``"cuda"``.
+    progress : bool
+        Show progress bars.
+    timeout : float
+        Seconds each split's ranks may run.
+
+    Returns
+    -------
+    oracle : Oracle
+    results : list of StrategyResult
+        Empty on the non-zero ranks under torchrun.
+    config : dict
+        What ran (world size, device, experts, routing, calibration), as written to the JSON.
 
     Raises
     ------
     ValueError
-        An unknown strategy, split or device, a sentence count outside ``[1, available]``, ``num_experts`` not a
-        multiple of ``world_size``, or ``top_k`` outside ``[1, num_experts]``.
+        Before any work: an unknown strategy, split or device, a world size below 1, a sentence count outside
+        ``[1, available]``, ``num_experts`` not a positive multiple of ``world_size``, ``top_k`` outside
+        ``[1, num_experts]``, or ``device="cuda"`` with fewer GPUs than ranks.
     """
     import torch.multiprocessing as mp
 
-    from moecomm.dispatch import Strategy, wire_bytes_per_token
+    from moecomm.dispatch import wire_bytes_per_token
     from moecomm.launch import launch
     from moecomm.minilm import MiniLM, MiniLMConfig, model_dir, read_sentences
 
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    bad = [s for s in strategies if s not in STRATEGIES] or ([] if strategies else ["(none)"])
-    if bad:
-        raise ValueError(f"unknown strategy {bad[0]!r}; choose from {list(STRATEGIES)}")
-    bad = [s for s in splits if s not in SPLITS] or ([] if splits else ["(none)"])
-    if bad:
-        raise ValueError(f"unknown split {bad[0]!r}; choose from {list(SPLITS)}")
-    num_experts = num_experts or default_num_experts(world_size)
-    if num_experts % world_size:
-        raise ValueError(f"--experts {num_experts} must be a multiple of the world size {world_size}")
-    top_k = num_experts if top_k is None else top_k
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"--top-k must be in [1, {num_experts}], got {top_k}")
+    n, num_experts, top_k, splits, device = _check_arguments(world_size, num_sentences, num_experts, top_k,
+                                                             strategies, splits, device)
     all_sentences = read_sentences("sentences.txt")
-    n = len(all_sentences) if num_sentences is None else num_sentences
-    if not 1 <= n <= len(all_sentences):
-        raise ValueError(f"--sentences must be in [1, {len(all_sentences)}], got {n}")
-    device = _resolve_device(device, world_size)
-    splits = [s for s in splits if s != "idle" or world_size >= 2]
     sentences = all_sentences[:n]
     calibration = read_sentences("calibration.txt")
 
@@ -508,13 +583,15 @@ def run_demo(
                 ranks = [g[j] for g in gathered]
                 emb = torch.cat([torch.from_numpy(r["embeddings"]) for r in ranks])
                 rows = torch.cat([torch.from_numpy(r["hidden_rows"]) for r in ranks])
+                resolved = ranks[0]["resolved_strategy"]
                 results.append(
                     StrategyResult(
                         name=strategy,
+                        resolved_strategy=resolved,
                         split=split if world_size > 1 else "one rank",
                         sentences_per_rank=counts,
                         tokens_per_rank=[r["tokens"] for r in ranks],
-                        wire_bytes_per_token=int(wire_bytes_per_token(Strategy(strategy), hidden, top_k)),
+                        wire_bytes_per_token=int(wire_bytes_per_token(resolved, hidden, top_k)),
                         seconds=max(r["seconds"] for r in ranks),
                         **compare(oracle, emb, rows),
                     )
@@ -628,48 +705,63 @@ def print_results(oracle: Oracle, results: Sequence[StrategyResult], config: dic
                       f"{ref['cosine_mean']:.6f}", f"{ref['hidden_max_abs_diff']:.4f}",
                       f"{ref['nn_top1_agreement']:.1%}", f"{ref['nn_top5_overlap']:.1%}", style="dim")
     for r in results:
+        name = r.name if r.resolved_strategy == r.name else f"{r.name} → {r.resolved_strategy}"
         table.add_row(
-            r.name, r.split, "/".join(map(str, r.sentences_per_rank)), str(r.wire_bytes_per_token),
+            name, r.split, "/".join(map(str, r.sentences_per_rank)), str(r.wire_bytes_per_token),
             f"{r.wire_bytes_per_layer / 1e3:.0f}", f"{r.seconds:.2f}", f"{r.cosine_min:.6f}", f"{r.cosine_mean:.6f}",
             f"{r.hidden_max_abs_diff:.4f}", f"{r.nn_top1_agreement:.1%}", f"{r.nn_top5_overlap:.1%}",
         )
     Console(width=200).print(table)
 
 
+_RANK_MEMORY = 3 << 28  # bytes, a rough upper estimate of one rank's memory (a CPU rank measured ~0.45 GiB)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world-size", type=int, default=4, help="number of ranks (default 4)")
-    parser.add_argument("--sentences", type=int, default=None, help="encode the first N sentences (default all 332)")
-    parser.add_argument("--experts", type=int, default=None,
+    """The options of ``moecomm demo`` (docs/demo.md lists them)."""
+    add_world_size_arguments(parser, default=4, default_help="4")
+    parser.add_argument("--sentences", type=positive_int, default=None, metavar="N",
+                        help="encode the first N sentences (default all 332)")
+    parser.add_argument("--experts", type=positive_int, default=None, metavar="E",
                         help="experts per FFN, a multiple of the world size (default 8, or the next multiple)")
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--top-k", type=positive_int, default=None, metavar="K",
                         help="experts per token; below --experts a router picks them and the model is only "
                              "approximated (default: all experts, exact)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help=f"comma-separated dispatch strategies (default {','.join(STRATEGIES)})")
-    parser.add_argument("--splits", default=",".join(SPLITS),
+    parser.add_argument("--strategies", type=choice_list(STRATEGY_CHOICES), default=list(STRATEGIES),
+                        help=f"comma-separated dispatch strategies of {', '.join(STRATEGY_CHOICES)} (default "
+                             f"{','.join(STRATEGIES)}); the table shows what auto resolved to")
+    parser.add_argument("--splits", type=choice_list(SPLITS), default=list(SPLITS),
                         help="comma-separated sentence splits: uneven (every rank busy, different counts), "
                              "idle (the last rank encodes nothing); default both")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="cuda (NCCL, one GPU per rank) or cpu (gloo); auto picks cuda when there are enough GPUs")
-    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--device", type=device_choice, default="auto",
+                        help="cuda (NCCL, one GPU per rank), cpu (gloo) or auto (default): cuda when there is one "
+                             "GPU per rank")
+    add_output_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress display")
 
 
 def run(args: argparse.Namespace) -> int:
+    """``moecomm demo``: check the arguments, run :func:`run_demo`, print the table, write the JSON."""
+    try:
+        checked = _check_arguments(args.world_size, args.sentences, args.experts, args.top_k, args.strategies,
+                                   args.splits, args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check_world_size(args.world_size, gpu=checked.device == "cuda", force=args.force, bytes_per_rank=_RANK_MEMORY)
     oracle, results, config = run_demo(
         world_size=args.world_size,
         num_sentences=args.sentences,
         num_experts=args.experts,
         top_k=args.top_k,
-        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
-        splits=[s.strip() for s in args.splits.split(",") if s.strip()],
+        strategies=args.strategies,
+        splits=args.splits,
         device=args.device,
         progress=not args.no_progress,
     )
     if not results:  # a non-zero rank under torchrun
         return 0
     print_results(oracle, results, config)
-    if args.json:
+    if args.json is not None:
         from moecomm.bench.timing import write_json
 
         write_json(args.json, torch.device(config["device"]),

@@ -359,9 +359,10 @@ def dispatch(
         ``float32 [sizes[rank], topk]``. int64 ids outside the int32 range travel as -2**31, which the
         experts report (:func:`moecomm.errors.check_errors`).
     sizes : list[int]
-        Tokens per rank, the SAME list on every rank (take it from
-        :func:`moecomm.collectives.gather_sizes` or shared DP metadata); ranks that disagree corrupt
-        each other's rows unless validation is on.
+        Tokens per rank, the SAME list on every rank: take it from
+        :func:`moecomm.collectives.gather_sizes` (or DP metadata all ranks share). Not checked across ranks
+        unless validation is on (a host sync): ranks that disagree get each other's tokens wrong without an
+        error (shifted, zero rows inserted) or hang.
     strategy : Strategy or str
         A concrete strategy (``"auto"`` is resolved by :func:`moe_forward`).
     global_scale : fp32 tensor (1 element) or float
@@ -377,7 +378,8 @@ def dispatch(
     validate : bool
         Exchange metadata (sizes, hidden, topk, strategy, wire format, pack, algorithm, NVFP4 global scale)
         and check the ids (none below -1) first, and raise on EVERY rank when ranks disagree or any rank's
-        input is bad. Syncs with the host; not under graph capture. Also on with ``MOECOMM_VALIDATE=1``.
+        input is bad. Syncs with the host; not under graph capture. Also on with ``MOECOMM_VALIDATE=1`` or
+        ``TORCH_DISTRIBUTED_DEBUG=DETAIL``.
 
     Returns
     -------
@@ -550,7 +552,11 @@ def moe_forward(
     ``hidden`` ``bf16 [sizes[rank], hidden]``, ``topk_ids`` / ``topk_weights`` ``[sizes[rank], topk]``
     (``topk_ids == -1``: a masked slot, no expert); ``weights`` are this rank's experts
     (:func:`moecomm.moe.make_expert_weights` with ``ep_size = world_size``). ``sizes`` must be the same
-    list on every rank (:func:`moecomm.collectives.gather_sizes`). ``expert_input_format``: the format
+    list on every rank: take it from :func:`moecomm.collectives.gather_sizes` (or DP metadata all ranks
+    share). It is not checked across ranks unless validating (a host sync): ranks that disagree get wrong
+    rows without an error (tokens shifted or zero in the dispatch, rows lost in the combine) or hang.
+    ``validate=True``, ``MOECOMM_VALIDATE=1`` or ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` exchange the metadata
+    first and raise on every rank instead. ``expert_input_format``: the format
     the experts quantize their input to (None: bf16 experts); with ``agrs`` it is applied after the
     gather, with a quantized strategy before it -- the same bytes either way. ``strategy="auto"`` resolves
     through :func:`choose_strategy` (``allow_quantized`` or ``MOECOMM_DISABLE_QUANTIZED_DISPATCH=1``

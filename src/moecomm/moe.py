@@ -56,6 +56,7 @@ __all__ = [
     "Activation",
     "WeightFormat",
     "FP8_BLOCK_SIZE",
+    "SIZE_MULTIPLE",
     "ep_partition",
     "ExpertWeights",
     "make_expert_weights",
@@ -81,6 +82,13 @@ class WeightFormat(ChoiceEnum):
     FP8_CHANNEL = "fp8-channel"  # e4m3 [E, N, K]; fp32 scale [E, N], one per output channel: w = q * s
     FP8_BLOCK = "fp8-block"  # e4m3 [E, N, K]; fp32 scale [E, ceil(N/128), ceil(K/128)] (DeepSeek-V3)
     NVFP4 = "nvfp4"  # e2m1 packed uint8 [E, N, K/2]; e4m3 scale [E, N, K/16]; fp32 global scale [E]
+
+
+# H and I must be multiples of these per weight format, so that every kernel that may run the experts can.
+# Every format may run the bf16 grouped GEMM (torch._grouped_mm, weights dequantized to bf16), which needs
+# 16-byte aligned strides: bf16 rows of a multiple of 8 elements. FP8_CHANNEL weights also feed
+# torch._scaled_grouped_mm (e4m3 rows: 16 elements); NVFP4 stores blocks of 16 values.
+SIZE_MULTIPLE = {WeightFormat.BF16: 8, WeightFormat.FP8_BLOCK: 8, WeightFormat.FP8_CHANNEL: 16, WeightFormat.NVFP4: 16}
 
 
 def ep_partition(num_experts: int, ep_size: int, ep_rank: int) -> tuple[int, int]:
@@ -256,7 +264,9 @@ def make_expert_weights(
     Raises
     ------
     ValueError
-        On inconsistent shapes, ``E % ep_size != 0``, or NVFP4 with ``H`` or ``I`` not a multiple of 16.
+        On inconsistent shapes, ``E % ep_size != 0``, or ``H`` or ``I`` not a multiple of
+        ``SIZE_MULTIPLE[format]`` (8 for BF16 and FP8_BLOCK, 16 for FP8_CHANNEL and NVFP4: the grouped GEMMs
+        need 16-byte aligned rows); zero neurons pad ``I`` exactly (``moecomm.minilm.moefy`` does).
     """
     fmt, act = WeightFormat(format), Activation(activation)
     if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0] or w13.shape[2] != w2.shape[1]:
@@ -268,8 +278,12 @@ def make_expert_weights(
     inter = w2.shape[2]
     if n13 != (2 * inter if act is Activation.SILU else inter):
         raise ValueError(f"w13 has {n13} rows; {act.value} with I={inter} needs {2 * inter if act is Activation.SILU else inter}")
-    if fmt is WeightFormat.NVFP4 and (hidden % 16 or inter % 16):
-        raise ValueError(f"NVFP4 weights need H={hidden} and I={inter} to be multiples of 16")
+    multiple = SIZE_MULTIPLE[fmt]
+    if hidden % multiple or inter % multiple:
+        supported = ", ".join(f"{f.value} {m}" for f, m in SIZE_MULTIPLE.items())
+        raise ValueError(f"{fmt.value} experts need the hidden size H and the intermediate size I to be multiples "
+                         f"of {multiple} (the grouped GEMMs need 16-byte aligned rows), got H={hidden}, I={inter}; "
+                         f"multiples per weight format: {supported}")
     _check_bias(b13, (num_experts, n13), "b13")
     _check_bias(b2, (num_experts, hidden), "b2")
     first, num_local = ep_partition(num_experts, ep_size, ep_rank)

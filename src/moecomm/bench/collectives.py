@@ -29,7 +29,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from moecomm.bench.timing import device_name, graph_time, int_list, loop_time, print_table, write_json
+from moecomm._args import (
+    add_output_arguments,
+    add_world_size_arguments,
+    check_world_size,
+    int_list,
+    merge_path,
+    positive_int,
+)
+from moecomm.bench.timing import device_name, graph_time, loop_time, print_table, write_json
 from moecomm.collectives import all_gather_single, all_gatherv, reduce_scatter_single, reduce_scatterv
 from moecomm.launch import launch, rank_device
 
@@ -37,19 +45,29 @@ BF16_HIDDEN = 7168
 NVFP4_MSG = [(4096, torch.uint8)]  # bytes per row of the packed message (hidden 7168, top-8)
 NVFP4_4T = [(3584, torch.uint8), (448, torch.uint8), (8, torch.int32), (8, torch.float32)]
 PAYLOADS = {"bf16": [(BF16_HIDDEN, torch.bfloat16)], "nvfp4-msg": NVFP4_MSG, "nvfp4-4t": NVFP4_4T}
+PAYLOAD_NOTES = ("bf16 = hidden rows, 7168 bf16 per row; nvfp4-msg = the packed NVFP4 dispatch message, one uint8 "
+                 "tensor of 4096 B per row; nvfp4-4t = the same bytes as four tensors (values, scales, ids, "
+                 "weights) in one call; reduce_scatterv runs on bf16.")
+IMPL_NOTES = ("impl: broadcast, padded, symm, allreduce = moecomm's algorithms (moecomm.collectives), auto = "
+              "its per-call choice; torch ... = torch.distributed's own calls (torch copy_ at world size 1); "
+              "nccl binding alone = NCCL through moecomm's binding with none of its Python (a floor).")
 PATTERNS = ("balanced", "skewed", "idle")
+PATTERN_NOTES = ("Patterns, the same total rows in each: balanced = every rank the same rows; skewed = rows growing "
+                 "with the rank (weights 1, 2, ..., N); idle = rank 0 has none, the others equal shares.")
 GATHER_ALGOS = ("broadcast", "padded", "symm", "auto")
 REDUCE_ALGOS = ("broadcast", "padded", "symm", "allreduce", "auto")
 FLOOR = "nccl binding alone"  # NCCL's own host time through moecomm's binding: a floor, not an alternative
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world-size", type=int, default=None, help="ranks (default: all GPUs, else 4 CPU ranks)")
-    p.add_argument("--rows", type=int_list, default=None,
+    """The options of ``moecomm bench collectives``."""
+    add_world_size_arguments(p, default=None, default_help="all GPUs, else 4 CPU ranks")
+    p.add_argument("--rows", type=int_list(), default=None,
                    help="rows per rank, comma-separated (default: 1,16,128,1024,4096,16384 on GPU, 1,16,256 on CPU)")
-    p.add_argument("--iters", type=int, default=20, help="timed calls per point (median, then max over ranks)")
-    p.add_argument("--json", default=None, help="write the numbers to this path")
-    p.add_argument("--write-table", default=None,
+    p.add_argument("--iters", type=positive_int, default=20,
+                   help="timed calls per point (median, then max over ranks; default 20)")
+    add_output_arguments(p)
+    p.add_argument("--write-table", metavar="PATH", type=merge_path("sources", "tables"), default=None,
                    help="merge the measured fastest algorithms into this table (moecomm/data/collectives.json format)")
 
 
@@ -149,7 +167,7 @@ def _rank_main(rows_list: list[int], iters: int) -> list[dict]:
                             graphed = graph_time(fn, device, iters, dist.barrier)
                     eager, graphed, host = _max_over_ranks([eager, graphed, host], device)
                     results.append({"op": op, "payload": payload, "pattern": pattern, "rows_per_rank": rows,
-                                    "sizes": sizes, "impl": name, "bytes": sum(sizes) * row_bytes,
+                                    "sizes": sizes, "impl": name, "bytes_all_ranks": sum(sizes) * row_bytes,
                                     "eager_s": eager, "graphed_s": graphed, "host_s": host})
                 del impls
                 if cuda:
@@ -181,7 +199,7 @@ def table_entries(results: list[dict], world: int) -> dict:
             t = r[f"{mode}_s"]
             if t != t:
                 continue
-            key = (r["op"], mode, r["pattern"], r["bytes"])
+            key = (r["op"], mode, r["pattern"], r["bytes_all_ranks"])
             if key not in best or t < best[key][0]:
                 best[key] = (t, r["impl"])
     table: dict = {}
@@ -205,26 +223,29 @@ def write_table(path: str, world: int, entries: dict, source: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``moecomm bench collectives``: the table, the JSON with ``--json``, the table of fastest algorithms with
+    ``--write-table``."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    world = args.world_size or (gpus if gpus else 4)
+    world = args.world_size if args.world_size is not None else (gpus or 4)
     on_gpu = gpus >= world
-    rows_list = args.rows or ([1, 16, 128, 1024, 4096, 16384] if on_gpu else [1, 16, 256])
+    check_world_size(world, gpu=on_gpu, force=args.force)
+    rows_list = args.rows if args.rows is not None else ([1, 16, 128, 1024, 4096, 16384] if on_gpu else [1, 16, 256])
     results = launch(_rank_main, world, (rows_list, args.iters), timeout=3600)[0]
     _add_ratios(results)
     device = torch.device("cuda" if on_gpu else "cpu")
-    rows = [[r["op"], r["payload"], r["pattern"], str(r["sizes"]), r["impl"], r["bytes"], r["eager_s"] * 1e6,
+    rows = [[r["op"], r["payload"], r["pattern"], str(r["sizes"]), r["impl"], r["bytes_all_ranks"], r["eager_s"] * 1e6,
              r["eager_vs_best"], r["graphed_s"] * 1e6, r["graphed_vs_best"], r["host_s"] * 1e6] for r in results]
     print_table(f"collectives, world size {world}, {device_name(device)}",
-                ["op", "payload", "pattern", "sizes", "impl", "bytes", "eager (us)", "vs best", "graphed (us)",
-                 "vs best", "host (us)"], rows,
-                caption="eager: calls issued back to back, timed with events around the loop (host time shows where "
-                        "the host is slower than the GPU); graphed: one call replayed in a CUDA graph (device time); "
-                        "vs best: over the fastest implementation of the case; host: host time to issue one call. "
-                        "Patterns: balanced = every rank the same rows; skewed = "
-                        "the same total growing with the rank; idle = rank 0 has no rows.")
-    if args.json:
+                ["op", "payload", "pattern", "sizes", "impl", "bytes (all ranks)", "eager (us)", "vs best",
+                 "graphed (us)", "vs best", "host (us)"], rows,
+                caption=f"Payloads: {PAYLOAD_NOTES} {IMPL_NOTES} sizes: rows of each rank. eager: calls issued back to "
+                        "back, timed with events around the loop (host time shows where the host is slower than the "
+                        "GPU); graphed: one call replayed in a CUDA graph (device time); vs best: over the fastest "
+                        "implementation of the case; host: host time to issue one call; n/a: not run there. "
+                        f"{PATTERN_NOTES}")
+    if args.json is not None:
         write_json(args.json, device, {"world_size": world, "results": results})
-    if args.write_table:
+    if args.write_table is not None:
         write_table(args.write_table, world, table_entries(results, world),
                     f"moecomm bench collectives --world-size {world}, {device_name(device)}, {datetime.date.today()}")
     return 0

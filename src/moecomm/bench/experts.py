@@ -19,7 +19,8 @@ import dataclasses
 import torch
 
 from moecomm import quant
-from moecomm.bench.timing import capture, choice_list, int_list, median_time, print_table, write_json
+from moecomm._args import add_output_arguments, choice_list, device_choice, int_list, positive_int
+from moecomm.bench.timing import capture, median_time, print_table, write_json
 from moecomm.moe import ExpertWeights, WeightFormat, experts_forward, grouped_topk, make_expert_weights
 from moecomm.quant import QuantFormat
 
@@ -27,24 +28,28 @@ SHAPES = {
     "deepseek-v3": dict(hidden=7168, inter=2048, experts=256, topk=8, ep=8, n_group=8, topk_group=4, tokens=[128, 1024, 4096, 16384]),
     "small": dict(hidden=256, inter=128, experts=16, topk=4, ep=2, n_group=4, topk_group=2, tokens=[16, 64, 256]),
 }
-# token format name -> (QuantFormat of the tokens or None for bf16, weight format)
+# token format name -> (QuantFormat of the tokens or None for bf16, weight format, what runs)
 FORMATS = {
-    "bf16": (None, WeightFormat.BF16),
-    "nvfp4": (QuantFormat.NVFP4, WeightFormat.BF16),
-    "fp8": (QuantFormat.FP8_TOKEN, WeightFormat.FP8_CHANNEL),
+    "bf16": (None, WeightFormat.BF16, "bf16 tokens and weights, bf16 grouped GEMMs"),
+    "nvfp4": (QuantFormat.NVFP4, WeightFormat.BF16, "NVFP4 tokens dequantized while permuted, bf16 weights, GEMMs"),
+    "fp8": (QuantFormat.FP8_TOKEN, WeightFormat.FP8_CHANNEL,
+            "FP8 per-token tokens, FP8 per-channel weights, FP8 grouped GEMMs (bf16 GEMMs off CUDA sm90+)"),
 }
 COLUMNS = ["tokens", "weights", "T", "local rows M", "ms", "TFLOP/s", "bare ms", "ratio", "graphed ms", "graphed bare ms",
            "graphed ratio"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``moecomm bench experts``."""
     parser.add_argument("--small", action="store_true", help="small shapes (seconds on a CPU)")
-    parser.add_argument("--tokens", type=int_list, help="values of T, comma-separated (default: per shape)")
+    parser.add_argument("--tokens", type=int_list(), default=None,
+                        help="values of T, comma-separated (default: 128,1024,4096,16384; --small 16,64,256)")
     parser.add_argument("--formats", type=choice_list(list(FORMATS)), default=list(FORMATS),
-                        help=f"comma-separated (default all: {','.join(FORMATS)})")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 20 on CUDA, 3 on CPU)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+                        help=f"token formats, comma-separated (default all: {','.join(FORMATS)})")
+    parser.add_argument("--iters", type=positive_int, default=None, help="timed calls (default 20 on CUDA, 5 on CPU)")
+    parser.add_argument("--device", type=device_choice, default="auto",
+                        help="cuda, cpu or auto (default): cuda where there is one")
+    add_output_arguments(parser)
 
 
 def _local_weights(shape: dict, fmt: WeightFormat, device: torch.device):
@@ -102,16 +107,18 @@ def _tokens(x: torch.Tensor, fmt: QuantFormat | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``moecomm bench experts``: the table, and the JSON with ``--json``."""
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
     name = "small" if args.small else "deepseek-v3"
     shape = SHAPES[name]
-    iters = args.iters or (20 if device.type == "cuda" else 5)
+    iters = args.iters if args.iters is not None else (20 if cuda else 5)
     torch.manual_seed(0)
     rows, records = [], []
     for fname in args.formats:
-        token_fmt, weight_fmt = FORMATS[fname]
+        token_fmt, weight_fmt, _ = FORMATS[fname]
         weights, w13, w2 = _local_weights(shape, weight_fmt, device)
-        for t in args.tokens or shape["tokens"]:
+        for t in shape["tokens"] if args.tokens is None else args.tokens:
             ids, topk_w = _route(shape, t, device)
             tokens = _tokens(torch.randn(t, shape["hidden"], device=device, dtype=torch.bfloat16), token_fmt)
             out = torch.empty(t, shape["hidden"], device=device, dtype=torch.bfloat16)
@@ -120,17 +127,23 @@ def run(args: argparse.Namespace) -> int:
             sec, graphed = _times(step, device, iters)
             bare, bare_graphed = _times(bare_step, device, iters)
             flops = 2 * m * shape["hidden"] * (w13.shape[1] + w2.shape[2])
-            rec = dict(format=fname, weights=weight_fmt.value, tokens=t, local_rows=m, seconds=sec,
-                       tflops=flops / sec / 1e12, bare_seconds=bare, ratio=sec / bare, graphed_seconds=graphed,
-                       graphed_bare_seconds=bare_graphed, graphed_ratio=graphed / bare_graphed)
+            rec = dict(token_format=fname, weight_format=weight_fmt.value, tokens=t, local_rows=m, seconds=sec,
+                       tflops=flops / sec / 1e12, bare_seconds=bare, ratio_vs_bare=sec / bare,
+                       graphed_seconds=graphed, graphed_bare_seconds=bare_graphed,
+                       graphed_ratio_vs_bare=graphed / bare_graphed)
             records.append(rec)
-            rows.append([fname, weight_fmt.value, t, m, sec * 1e3, rec["tflops"], bare * 1e3, rec["ratio"],
-                         graphed * 1e3, bare_graphed * 1e3, rec["graphed_ratio"]])
+            rows.append([fname, weight_fmt.value, t, m, sec * 1e3, rec["tflops"], bare * 1e3, rec["ratio_vs_bare"],
+                         graphed * 1e3, bare_graphed * 1e3, rec["graphed_ratio_vs_bare"]])
         del weights, w13, w2
     title = (f"experts_forward, {name}: hidden {shape['hidden']}, intermediate {shape['inter']}, "
              f"{shape['experts']} experts, top-{shape['topk']}; rank 0 of EP {shape['ep']} "
              f"({shape['experts'] // shape['ep']} local experts)")
-    print_table(title, COLUMNS, rows, caption="ratio = time / bare torch._grouped_mm on permuted bf16 rows, same FLOPs")
-    if args.json:
+    notes = "; ".join(f"{f} = {FORMATS[f][2]}" for f in args.formats)
+    print_table(title, COLUMNS, rows,
+                caption=f"{notes}. T: tokens of all ranks; local rows M: (token, expert) pairs of this rank's "
+                        "experts; ms: experts_forward, eager; bare: two bare bf16 torch._grouped_mm on already "
+                        "permuted rows, the same M; ratio = ms / bare ms; graphed: replayed from a CUDA graph "
+                        "(GPU time only, n/a on a CPU).")
+    if args.json is not None:
         write_json(args.json, device, {"shape": {"name": name, **shape}, "results": records})
     return 0

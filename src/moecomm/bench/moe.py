@@ -35,8 +35,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from moecomm.bench.collectives import pattern_sizes
-from moecomm.bench.timing import device_name, int_list, loop_time, median_time, print_table, write_json
+from moecomm._args import (
+    add_output_arguments,
+    add_world_size_arguments,
+    check_world_size,
+    int_list,
+    merge_path,
+    nonnegative_int,
+    positive_int,
+)
+from moecomm.bench.collectives import PATTERN_NOTES, pattern_sizes
+from moecomm.bench.timing import device_name, loop_time, median_time, print_table, write_json
 from moecomm.dispatch import GraphedMoE, Strategy, combine, dispatch, moe_forward, wire_bytes_per_token
 from moecomm.launch import launch, rank_device
 from moecomm.moe import WeightFormat, experts_forward, grouped_topk, make_expert_weights
@@ -77,30 +86,35 @@ VARIANT_NOTES = {
     "agrs-nvfp4/unpacked": "NVFP4 values, scales, ids, weights as four tensors",
     "agrs-fp8": "FP8 tokens in one packed message, in the experts' FP8 flavour",
 }
+EXPERT_NOTES = {
+    "fp8": "FP8 per-channel weights, FP8 grouped GEMMs on FP8 per-token tokens (every strategy)",
+    "bf16": "bf16 weights and GEMMs; allreduce and agrs hand them bf16 tokens, the others their quantized tokens",
+}
 PAD_TAX_BUCKET = 256
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world-size", type=int, default=None, help="ranks (default: all GPUs, else 4 CPU ranks)")
+    """The options of ``moecomm bench moe``."""
+    add_world_size_arguments(p, default=None, default_help="all GPUs, else 4 CPU ranks")
     p.add_argument("--small", action="store_true", help="scaled-down model (default on CPU)")
     p.add_argument("--experts", choices=("fp8", "bf16"), default=None,
                    help="expert weights and kernels (default: fp8 on sm90+, else bf16)")
-    p.add_argument("--prefill", type=int_list, default=None,
+    p.add_argument("--prefill", type=int_list(), default=None,
                    help="tokens per rank in the prefill regime, comma-separated (GPU 4096,8192; CPU 256)")
-    p.add_argument("--decode", type=int_list, default=None,
+    p.add_argument("--decode", type=int_list(), default=None,
                    help="tokens per rank in the decode regime, comma-separated (GPU 1,16,64,256; CPU 1,16)")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per stage (median, then max over ranks)")
+    p.add_argument("--iters", type=positive_int, default=10,
+                   help="timed calls per stage (median, then max over ranks; default 10)")
     p.add_argument("--graphs", action="store_true",
                    help="CUDA: also replay the decode step in CUDA graphs (skew table and padding tax)")
-    p.add_argument("--chunks", type=int_list, default=None,
+    p.add_argument("--chunks", type=int_list(minimum=0), default=None,
                    help="prefill: also time the step pipelined in these chunk counts, comma-separated, 0 = the "
-                        "automatic choice (default on CUDA: 2,4,0)")
-    p.add_argument("--sm-carveout", type=int, default=0,
+                        "automatic choice (default on CUDA: 2,4,0; on CPU 2)")
+    p.add_argument("--sm-carveout", type=nonnegative_int, default=0,
                    help="SMs the expert GEMMs leave to communication while chunks overlap (default 0)")
-    p.add_argument("--json", default=None, help="write the numbers to this path")
-    p.add_argument("--plot", default=None, help="write a PNG of the stage times to this path")
-    p.add_argument("--write-crossover", default=None,
-                   help="write the measured auto crossover (data/crossover.json format) to this path")
+    add_output_arguments(p, plot=True)
+    p.add_argument("--write-crossover", metavar="PATH", type=merge_path("sources", "min_total_tokens"), default=None,
+                   help="merge the measured auto crossover into this table (moecomm/data/crossover.json format)")
 
 
 def _cases(world: int, prefill: list[int], decode: list[int]) -> list[tuple[str, str, list[int]]]:
@@ -235,50 +249,77 @@ def write_crossover(path: str, world: int, cross: dict, source: str) -> None:
 
 
 def _plot(results: list[dict], path: str, title: str) -> None:
-    """A grid of stacked stage bars, one panel per case in the table's order, legend outside the bars."""
+    """A PNG of the main table: per case a panel of stacked stage times (us) per strategy, with a black tick at
+    the step timed end to end. Panels in the table's order: a row per regime and total token count and a
+    column per pattern (a cell stays empty where a pattern repeats another's sizes), or with one pattern
+    (world size 1) three panels a row; the legend below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = []
+    cases, lines = [], []  # (regime, pattern, sizes); (regime, total tokens)
     for r in results:
-        c = (r["regime"], r["pattern"], tuple(r["sizes"]))
-        if r["regime"] != "padding" and c not in cases:
-            cases.append(c)
-    cols = min(4, len(cases))
-    rows_n = -(-len(cases) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3.6 * cols, 3.2 * rows_n + 0.8), squeeze=False)
-    stages = ["quantize", "dispatch", "experts", "combine"]
-    for ax, case in zip(axes.flat, cases):
-        rows = [r for r in results if (r["regime"], r["pattern"], tuple(r["sizes"])) == case]
+        if r["regime"] == "padding":
+            continue
+        case, line = (r["regime"], r["pattern"], tuple(r["sizes"])), (r["regime"], sum(r["sizes"]))
+        cases += [case] if case not in cases else []
+        lines += [line] if line not in lines else []
+    patterns = [p for p in ("balanced", "skewed", "idle") if any(c[1] == p for c in cases)]
+    if len(patterns) > 1:
+        cell = {c: (lines.index((c[0], sum(c[2]))), patterns.index(c[1])) for c in cases}
+    else:
+        cell = {c: divmod(i, 3) for i, c in enumerate(cases)}
+    nrows, ncols = max(r for r, _ in cell.values()) + 1, max(c for _, c in cell.values()) + 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 2.9 * nrows + 0.9), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+        if len(patterns) > 1:
+            ax.text(0.5, 0.5, "the same sizes as another\npattern of this row", ha="center", va="center",
+                    fontsize=9, color="grey", transform=ax.transAxes)
+    stages, total = ["quantize", "dispatch", "experts", "combine"], "total (the whole step, timed end to end)"
+    for regime, pattern, sizes in cases:
+        ax = axes[cell[regime, pattern, sizes]]
+        ax.axis("on")
+        for text in ax.texts:
+            text.remove()
+        rows = [r for r in results if (r["regime"], r["pattern"], tuple(r["sizes"])) == (regime, pattern, sizes)]
+        x = range(len(rows))
         bottom = [0.0] * len(rows)
         for stage in stages:
-            vals = [r["seconds"][stage] * 1e3 for r in rows]
-            ax.bar(range(len(rows)), vals, bottom=bottom, label=stage)
+            vals = [r["seconds"][stage] * 1e6 for r in rows]
+            ax.bar(x, vals, bottom=bottom, width=0.7, label=stage)
             bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_xticks(range(len(rows)), [r["strategy"] for r in rows], rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{case[0]} {case[1]} {list(case[2])}", fontsize=8)
-        ax.set_ylabel("ms", fontsize=7)
-        ax.tick_params(axis="y", labelsize=7)
-    for ax in list(axes.flat)[len(cases):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(stages), fontsize=8, bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(title, fontsize=9, y=0.96)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+        ax.plot(x, [r["seconds"]["total"] * 1e6 for r in rows], "k_", markersize=28, markeredgewidth=2, label=total)
+        ax.set_xticks(x, [r["strategy"].replace("/", "/\n") for r in rows], fontsize=8)
+        ax.set_title(f"{regime}, {pattern}: sizes {list(sizes)}", fontsize=10)
+        ax.set_ylabel("us", fontsize=9)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    handles, labels = next(ax for ax in axes.flat if ax.axison).get_legend_handles_labels()
+    order = [labels.index(name) for name in [*stages, total]]  # the stages bottom up, then the total
+    fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="outside lower center",
+               ncol=len(labels), fontsize=9, frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
+    """``moecomm bench moe``: the tables, and the JSON, plot and crossover table where asked."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    world = args.world_size or (gpus if gpus else 4)
+    world = args.world_size if args.world_size is not None else (gpus or 4)
     on_gpu = gpus >= world
+    check_world_size(world, gpu=on_gpu, force=args.force)
     small = args.small or not on_gpu
     shape = SMALL if small else DEEPSEEK_V3
-    experts = args.experts or ("fp8" if on_gpu and torch.cuda.get_device_capability() >= (9, 0) else "bf16")
-    prefill = args.prefill or ([4096, 8192] if not small else [256])
-    decode = args.decode or ([1, 16, 64, 256] if not small else [1, 16])
+    experts = args.experts
+    if experts is None:
+        experts = "fp8" if on_gpu and torch.cuda.get_device_capability() >= (9, 0) else "bf16"
+    prefill = args.prefill if args.prefill is not None else ([256] if small else [4096, 8192])
+    decode = args.decode if args.decode is not None else ([1, 16] if small else [1, 16, 64, 256])
     chunk_list = args.chunks if args.chunks is not None else ([2, 4, 0] if on_gpu else [2])
     results = launch(_rank_main, world, (shape, experts, _cases(world, prefill, decode), args.iters, args.graphs,
                                          chunk_list, args.sm_carveout), timeout=3600)[0]
@@ -296,23 +337,26 @@ def run(args: argparse.Namespace) -> int:
                      s["total"] / s["experts"], r["speedup_vs_allreduce"], s["host_dispatch"] * 1e6,
                      s["host_combine"] * 1e6, s["host_total"] * 1e6, r["wire_bytes_all_tokens"]])
     device = torch.device("cuda" if on_gpu else "cpu")
-    title = (f"MoE layer step, world size {world}, {device_name(device)}: {experts} experts, hidden {shape.hidden}, "
-             f"intermediate {shape.inter}, {shape.experts} experts, top-{shape.topk}")
-    notes = "; ".join(f"{v[0]} = {VARIANT_NOTES[v[0]]}" for v in VARIANTS[experts])
+    title = (f"MoE layer step, world size {world}, {device_name(device)}: {experts} expert weights, hidden "
+             f"{shape.hidden}, intermediate {shape.inter}, {shape.experts} experts, top-{shape.topk}")
+    notes = (f"{experts} experts = {EXPERT_NOTES[experts]}. Strategies: "
+             + "; ".join(f"{v[0]} = {VARIANT_NOTES[v[0]]}" for v in VARIANTS[experts])
+             + ". sizes: tokens of each rank. " + PATTERN_NOTES)
     print_table(title, ["regime", "pattern", "sizes", "strategy", "quantize (us)", "dispatch (us)", "experts (us)",
                         "combine (us)", "total (us)", "total / experts", "speedup vs allreduce", "host dispatch (us)",
                         "host combine (us)", "host step (us)", "wire bytes (all tokens)"], rows,
-                caption=f"{notes}. Stages timed one at a time; experts = the local experts on the gathered tokens, "
-                        "no communication; total = the whole step end to end; host = host time to issue one call in a "
-                        "loop of calls. Patterns: balanced = equal sizes; skewed = the same total growing with the "
-                        "rank; idle = rank 0 has no tokens.")
+                caption=f"{notes} Stages timed one at a time: quantize = the quantizer alone; dispatch = the rest "
+                        "of the dispatch; experts = the local experts on the gathered tokens, no communication; "
+                        "combine = the reduce-scatter (or all-reduce + slice); total = the whole step end to end; "
+                        "host = host time to issue one call in a loop of calls (CUDA, decode); n/a: not measured.")
     if args.graphs and on_gpu:
         graphed = [[r["regime"], r["pattern"], str(r["sizes"]), r["bucket"], r["strategy"], r["seconds"]["graphed"] * 1e6,
                     r["graphed_speedup_vs_allreduce"]] for r in results if r["seconds"]["graphed"] == r["seconds"]["graphed"]]
         print_table(f"graphed step (GraphedMoE, sizes passed), world size {world}",
                     ["regime", "pattern", "sizes", "bucket", "strategy", "graphed (us)", "speedup vs allreduce"],
-                    graphed, caption="One CUDA-graph replay per step, every rank padded to the bucket with masked "
-                    f"slots. padding = one live token per rank replayed in bucket 1 and in bucket {PAD_TAX_BUCKET}.")
+                    graphed, caption=f"{notes} One CUDA-graph replay per step, every rank padded to the bucket with "
+                    f"masked slots. padding = one live token per rank replayed in bucket 1 and in bucket "
+                    f"{PAD_TAX_BUCKET}.")
     overlap = []
     for r in results:
         s = r["seconds"]
@@ -325,17 +369,18 @@ def run(args: argparse.Namespace) -> int:
         print_table(f"prefill pipelined in chunks (sm carveout {args.sm_carveout}), world size {world}",
                     ["sizes", "strategy", "experts only (us)"] + [f"chunks={c or 'auto'} (us)" for c in [1] + chunk_list]
                     + ["best / experts only", "auto / chunks=1"], overlap,
-                    caption="experts only: the same experts on the already-gathered tokens (no communication), the "
-                            "floor that overlapping communication aims at.")
+                    caption=f"{notes} experts only: the same experts on the already-gathered tokens (no "
+                            "communication), the floor that overlapping communication aims at; chunks=c: the step "
+                            "pipelined in c chunks (auto: the count moe_forward picks).")
     cross = crossover([r for r in results if r["regime"] != "padding"])
-    if args.write_crossover:
+    if args.write_crossover is not None:
         print(f"crossover measured in this run (min total tokens where the quantized path beats agrs): {cross}")
-    if args.json:
-        write_json(args.json, device, {"world_size": world, "experts": experts, "shape": shape.__dict__,
-                                       "results": results, "crossover": cross})
-    if args.plot:
+    if args.json is not None:
+        write_json(args.json, device, {"world_size": world, "expert_weights": experts, "shape": shape.__dict__,
+                                       "results": results, "crossover_min_total_tokens": cross})
+    if args.plot is not None:
         _plot(results, args.plot, title)
-    if args.write_crossover:
+    if args.write_crossover is not None:
         write_crossover(args.write_crossover, world, cross, f"moecomm bench moe --world-size {world} --experts "
                         f"{experts}, {device_name(device)}, {datetime.date.today()}")
     return 0

@@ -13,7 +13,7 @@ the device (kernels and references are bit-identical), so this runs anywhere.
 Examples::
 
     moecomm bench quant                                  # CUDA: K=7168, M in {1,...,16384}
-    moecomm bench quant --device cpu --tokens 1 16 128   # torch references on the CPU
+    moecomm bench quant --device cpu --tokens 1,16,128   # torch references on the CPU
     moecomm bench quant --accuracy --device cpu --json acc.json
 """
 
@@ -26,29 +26,50 @@ from typing import Any, Callable
 import torch
 
 from moecomm import quant as Q
-from moecomm.bench.timing import choice_list, copy_bandwidth, device_name, int_list, median_time, print_table, write_json
+from moecomm._args import (
+    UsageError,
+    add_output_arguments,
+    choice_list,
+    device_choice,
+    int_list,
+    nonnegative_int,
+    positive_int,
+)
+from moecomm.bench.timing import copy_bandwidth, device_name, median_time, print_table, write_json
 
-VARIANTS = ("nvfp4", "nvfp4-swizzled", "mxfp4", "mxfp4-up", "fp8-token", "fp8-group", "fp8-group-ue8m0")
+VARIANTS = {  # name -> what it is (the tables' captions)
+    "nvfp4": "e2m1 values, an e4m3 scale per 16 and an fp32 global scale, scales in row order",
+    "nvfp4-swizzled": "the same, scales in the 128x4 swizzled layout FP4 GEMMs read",
+    "mxfp4": "e2m1 values, a power-of-two (e8m0) scale per 32 rounded down (OCP)",
+    "mxfp4-up": "the same, scales rounded up (never clips)",
+    "fp8-token": "e4m3 values, an fp32 scale per token",
+    "fp8-group": "e4m3 values, an fp32 scale per 128 (DeepSeek-V3)",
+    "fp8-group-ue8m0": "the same, power-of-two scales",
+}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _L2_BYTES = 60 << 20  # H200; rotating input sets cover >= 4x this
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--hidden", type=int, default=7168, help="K, elements per token (default 7168)")
-    p.add_argument("--tokens", type=int_list, help="token counts M, comma-separated (default: "
+    """The options of ``moecomm bench quant``."""
+    p.add_argument("--device", type=device_choice, default="auto",
+                   help="cuda, cpu or auto (default): cuda where there is one")
+    p.add_argument("--hidden", type=positive_int, default=7168, metavar="K",
+                   help="elements per token, a multiple of 128 (default 7168)")
+    p.add_argument("--tokens", type=int_list(), default=None, help="token counts M, comma-separated (default: "
                    "1,16,128,1024,4096,16384 on CUDA, 1,16,128 on CPU)")  # fmt: skip
-    p.add_argument("--formats", type=choice_list(list(VARIANTS)), default=list(VARIANTS),
+    p.add_argument("--formats", type=choice_list(VARIANTS), default=list(VARIANTS),
                    help=f"comma-separated (default all: {','.join(VARIANTS)})")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
-    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
-    p.add_argument("--iters", type=int, default=None, help="timed samples (default 50 CUDA, 5 CPU)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
+                   help="the Triton kernels, the torch references, or auto (default): Triton on CUDA")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed samples (default 50 CUDA, 5 CPU)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed calls first (default 3)")
     p.add_argument("--no-graph", action="store_true", help="CUDA: time eager calls, not graph replays")
     p.add_argument("--accuracy", action="store_true", help="print the accuracy table instead of timings")
-    p.add_argument("--rows", type=int, default=256, help="--accuracy: rows per input distribution")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--rows", type=positive_int, default=256, help="--accuracy: rows per input distribution")
+    p.add_argument("--seed", type=int, default=0, help="--accuracy: seed of the inputs (default 0)")
+    add_output_arguments(p)
 
 
 def _quantizer(variant: str, backend: str, gs: torch.Tensor) -> Callable[[torch.Tensor, Any], Any]:
@@ -109,8 +130,8 @@ def _time_variant(variant, m, k, dtype, device, backend, iters, warmup, graph) -
 
 def run_timing(args, device: torch.device) -> dict:
     cuda = device.type == "cuda"
-    tokens = args.tokens or ([1, 16, 128, 1024, 4096, 16384] if cuda else [1, 16, 128])
-    iters = args.iters or (50 if cuda else 5)
+    tokens = args.tokens if args.tokens is not None else ([1, 16, 128, 1024, 4096, 16384] if cuda else [1, 16, 128])
+    iters = args.iters if args.iters is not None else (50 if cuda else 5)
     dtype = _DTYPES[args.dtype]
     k = args.hidden
     copy_bw = copy_bandwidth(device)
@@ -121,13 +142,17 @@ def run_timing(args, device: torch.device) -> dict:
             nbytes = m * k * torch.finfo(dtype).bits // 8 + _written_bytes(variant, m, k)
             bw = nbytes / t
             rows.append([variant, m, t * 1e6, bw / 1e9, bw / copy_bw])
-            records.append({"format": variant, "tokens": m, "hidden": k, "time_us": t * 1e6, "bytes": nbytes,
-                            "gbps": bw / 1e9, "fraction_of_copy": bw / copy_bw})  # fmt: skip
+            records.append({"format": variant, "tokens": m, "hidden": k, "time_us": t * 1e6,
+                            "bytes_read_written": nbytes, "gbps_read_written": bw / 1e9,
+                            "fraction_of_copy": bw / copy_bw})
     title = (
         f"quantize {args.dtype} [M, {k}] on {device_name(device)} ({args.backend}, "
         f"{'eager' if args.no_graph or not cuda else 'CUDA graph'}); copy bandwidth {copy_bw / 1e9:.0f} GB/s"
     )
-    print_table(title, ["format", "M", "time (us)", "GB/s (read+write)", "fraction of copy"], rows)
+    print_table(title, ["format", "M", "time (us)", "GB/s (read+write)", "fraction of copy"], rows,
+                caption=f"{_notes(args.formats)}. time: median per call; GB/s: bytes read (the input) plus "
+                        "bytes written (values and scales) per second; fraction of copy: that over a "
+                        "device-to-device copy's.")
     return {"copy_bandwidth_gbps": copy_bw / 1e9, "dtype": args.dtype, "backend": args.backend, "timing": records}
 
 
@@ -171,19 +196,26 @@ def run_accuracy(args, device: torch.device) -> dict:
             if name == "outlier-channels":  # the ordinary channels pay for the outliers' scale
                 errors[columns[-1]] = _rel(deq[:, ~channels], x.cpu()[:, ~channels])
         rows.append([variant, bits, *errors.values()])
-        records.append({"format": variant, "bits_per_element": bits, **errors})
+        records.append({"format": variant, "bits_per_element": bits, "relative_error": errors})
     title = f"relative error ||x - deq(q(x))|| / ||x||, {args.dtype} [{args.rows}, {k}]"
-    print_table(title, ["format", "bits/element", *columns], rows)
+    print_table(title, ["format", "bits/element", *columns], rows,
+                caption=f"{_notes(r[0] for r in rows)}. Inputs: gaussian N(0, 1); student-t3 Student-t with 3 "
+                        "degrees of freedom; outlier-channels gaussian with 8 channels times 50, and its error on "
+                        "the other channels alone. bits/element include the scales.")
     return {"dtype": args.dtype, "rows": args.rows, "hidden": k, "accuracy": records}
 
 
+def _notes(variants) -> str:
+    return "; ".join(f"{v} = {VARIANTS[v]}" for v in variants)
+
+
 def run(args) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("moecomm bench quant: --device cuda but no CUDA device; use --device cpu")
+    """``moecomm bench quant``: the timing table, or with ``--accuracy`` the accuracy table."""
     if args.hidden % 128:
-        raise SystemExit(f"moecomm bench quant: --hidden {args.hidden} must be a multiple of 128")
+        raise UsageError(f"--hidden {args.hidden} must be a multiple of 128 (the FP8 group)")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
     payload = run_accuracy(args, device) if args.accuracy else run_timing(args, device)
-    if args.json:
+    if args.json is not None:
         write_json(args.json, device, payload)
     return 0

@@ -8,7 +8,6 @@ index) or size inputs well past the 60 MB L2 of an H200.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -20,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["median_time", "capture", "graph_time", "loop_time", "device_name", "print_table", "write_json", "copy_bandwidth",
-           "int_list", "choice_list"]
+__all__ = ["median_time", "capture", "graph_time", "loop_time", "device_name", "print_table", "write_json",
+           "copy_bandwidth"]
 
 
 def median_time(
@@ -143,9 +142,9 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, caption=caption)
+    table = Table(title=title, caption=caption, caption_justify="left")
     for c in columns:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", overflow="fold")  # wrap a long cell, never cut it
     for row in rows:
         table.add_row(*[_cell(v) for v in row])
     Console(width=200).print(table)
@@ -162,31 +161,10 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
-def int_list(text: str) -> list[int]:
-    """argparse type of the benchmarks' list options: ``"1,16,128"`` -> ``[1, 16, 128]``."""
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else "n/a"
     return str(v)
-
-
-def choice_list(choices):
-    """argparse type factory: ``"a,b"`` -> ``["a", "b"]``, each one of ``choices``."""
-
-    def parse(text: str) -> list[str]:
-        items = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in items if v not in choices]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
-        return items
-
-    return parse
 
 
 def write_json(path: str, device: torch.device, payload: dict[str, Any]) -> None:

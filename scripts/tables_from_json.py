@@ -1,0 +1,88 @@
+"""Markdown tables from the JSON that ``moecomm bench experts --json`` and ``moecomm bench quant --json`` write.
+
+    python scripts/tables_from_json.py docs/results/2026-11-29-h200/experts.json
+
+A table in docs/ that cites a result file is pasted from this output, never retyped, so that the two agree
+(tests/test_docs.py checks it). Files written before the JSON keys were renamed (``format`` -> ``token_format``,
+``ratio`` -> ``ratio_vs_bare``, ...) are read as well: docs/results/ keeps them as they were written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from typing import Any
+
+# bench experts' keys before 2026-11-30 -> now (the table of bench quant reads keys that stayed)
+_RENAMED = {"format": "token_format", "weights": "weight_format", "ratio": "ratio_vs_bare",
+            "graphed_ratio": "graphed_ratio_vs_bare"}
+
+
+def _markdown(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def experts_table(records: list[dict[str, Any]]) -> str:
+    """The table of ``bench experts`` (as in docs/experts.md): times in ms, ratios to the bare grouped GEMMs."""
+    columns = ["tokens", "weights", "T", "M", "ms", "TFLOP/s", "bare ms", "ratio", "graphed ms", "graphed bare ms",
+               "graphed ratio"]
+    rows = [[r["token_format"], r["weight_format"], str(r["tokens"]), str(r["local_rows"]), _ms(r["seconds"]),
+             f"{r['tflops']:.0f}", _ms(r["bare_seconds"]), _ratio(r["ratio_vs_bare"]), _ms(r["graphed_seconds"]),
+             _ms(r["graphed_bare_seconds"]), _ratio(r["graphed_ratio_vs_bare"])] for r in records]
+    return _markdown(columns, rows)
+
+
+def quant_table(records: list[dict[str, Any]]) -> str:
+    """The timing table of ``bench quant``, a row per format and a column per M: time per call and the bandwidth
+    (bytes read + written per second) as a fraction of a device-to-device copy's."""
+    tokens = sorted({r["tokens"] for r in records})
+    cells: dict[str, dict[int, str]] = {}
+    for r in records:
+        cells.setdefault(r["format"], {})[r["tokens"]] = f"{r['time_us']:.1f} us / {r['fraction_of_copy']:.2f}"
+    rows = [[fmt, *(by_m.get(m, "n/a") for m in tokens)] for fmt, by_m in cells.items()]
+    return _markdown(["format", *(f"M={m}" for m in tokens)], rows)
+
+
+def table(data: dict[str, Any]) -> str:
+    """The markdown table of one result file (the parsed JSON), by the benchmark named in its command line.
+
+    Raises
+    ------
+    ValueError
+        The file is not from ``bench experts`` or the timing run of ``bench quant``.
+    """
+    match = re.search(r"\bbench (\w+)", data.get("meta", {}).get("command", ""))
+    bench = match.group(1) if match else None
+    key = {"experts": "results", "quant": "timing"}.get(bench)
+    if key not in data:
+        raise ValueError(f"not a result file of 'bench experts' or 'bench quant' (timing): "
+                         f"command {data.get('meta', {}).get('command')!r}")
+    if bench == "quant":
+        return quant_table(data[key])
+    return experts_table([{_RENAMED.get(k, k): v for k, v in r.items()} for r in data[key]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="a JSON file written by moecomm bench experts/quant --json")
+    args = parser.parse_args()
+    try:
+        with open(args.path) as f:
+            data = json.load(f)
+        print(table(data))
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+
+
+if __name__ == "__main__":
+    main()

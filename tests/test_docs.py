@@ -1,0 +1,61 @@
+"""The docs agree with the results they cite, and point nowhere a reader cannot follow."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("tables_from_json", ROOT / "scripts" / "tables_from_json.py")
+tables_from_json = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tables_from_json)
+
+# (doc, result file): the doc holds the table scripts/tables_from_json.py makes of the file, unchanged
+CITED = [("docs/experts.md", "docs/results/2026-11-29-h200/experts.json")]
+
+
+@pytest.mark.parametrize("doc, result", CITED)
+def test_doc_tables_are_generated_from_the_json_they_cite(doc, result):
+    table = tables_from_json.table(json.loads((ROOT / result).read_text()))
+    assert table.count("\n") > 2
+    assert table in (ROOT / doc).read_text(), f"regenerate {doc}'s table: python scripts/tables_from_json.py {result}"
+    assert result in (ROOT / doc).read_text()
+
+
+def test_tables_from_json_reads_old_and_new_keys():
+    """Result files keep the keys they were written with; the bench experts keys were renamed since."""
+    old = {"format": "fp8", "weights": "fp8-channel", "tokens": 128, "local_rows": 169, "seconds": 8.34e-4,
+           "tflops": 17.86, "bare_seconds": 7.53e-4, "ratio": 1.107, "graphed_seconds": None,
+           "graphed_bare_seconds": None, "graphed_ratio": None}
+    new = {tables_from_json._RENAMED.get(k, k): v for k, v in old.items()}
+    assert set(new) - set(old) == {"token_format", "weight_format", "ratio_vs_bare", "graphed_ratio_vs_bare"}
+    row = "| fp8 | fp8-channel | 128 | 169 | 0.834 | 18 | 0.753 | 1.11 | n/a | n/a | n/a |"
+    for record in (old, new):
+        data = {"meta": {"command": "moecomm bench experts --json x.json"}, "results": [record]}
+        assert tables_from_json.table(data).splitlines()[-1] == row
+    with pytest.raises(ValueError, match="not a result file"):
+        tables_from_json.table({"meta": {"command": "moecomm demo --json x.json"}, "config": {}})
+
+
+# Where a reader meets the project: no pointer into the project's issue tracker, which a reader cannot open.
+READABLE = sorted(
+    str(p.relative_to(ROOT))
+    for pattern in ("README.md", "docs/*.md", "src/moecomm/**/*.py", "examples/*.py", "scripts/*")
+    for p in ROOT.glob(pattern)
+    if p.is_file()
+)
+
+
+@pytest.mark.parametrize("path", READABLE)
+def test_no_references_a_reader_cannot_follow(path):
+    text = (ROOT / path).read_text()
+    found = re.findall(r"\bissue ?#?\d+|\bthe issue\b|\bissue's\b", text, flags=re.I)
+    assert not found, f"{path}: {found}"
+
+
+def test_readme_links_the_bench_guide():
+    readme = (ROOT / "README.md").read_text()
+    assert "(docs/bench.md)" in readme
+    assert "## How to read the bench tables" in (ROOT / "docs" / "bench.md").read_text()
