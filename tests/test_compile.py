@@ -94,6 +94,10 @@ def test_compiled_model_matches_eager_without_recompiles():
     assert launch(_model_compiled_vs_eager, 2, (seed, steps), backend="gloo", timeout=240) == ["ok", "ok"], seed
 
 
+def test_readme_example_runs():
+    assert launch(example.serve, 2, backend="gloo", timeout=240) == ["ok", "ok"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The collectives and the quantizers, compiled
 # ----------------------------------------------------------------------------------------------------
@@ -142,17 +146,30 @@ def _ops_compiled(seed, steps):
         assert torch.equal(reduced, everyone.float()[start : start + sizes[rank]] * 2 * world)
     assert counter.frame_count == 1, counter.frame_count
 
+    # Eager calls with sizes as a tensor (what a compiled model falls back to) go through the ops and give the
+    # same results as with a list.
+    sizes = steps[0]
+    x = _tokens(seed, 0, rank, sizes[rank])
+    mine, _ = _layer(seed, torch.device("cpu"))
+    ids = torch.randint(-1, example.EXPERTS, (sizes[rank], 2), generator=torch.Generator().manual_seed(seed))
+    moe_args = (x, ids, torch.rand(sizes[rank], 2), mine)
+    everyone = torch.cat([_tokens(seed, 0, r, n) for r, n in enumerate(sizes)])
+    by_list = (collectives.all_gatherv(x, sizes), collectives.reduce_scatterv(everyone, sizes),
+               dispatch.moe_forward(*moe_args, sizes=sizes, strategy="agrs-fp8"))
+    by_tensor = (collectives.all_gatherv(x, ops.sizes_tensor(sizes)),
+                 collectives.reduce_scatterv(everyone, ops.sizes_tensor(sizes)),
+                 dispatch.moe_forward(*moe_args, sizes=ops.sizes_tensor(sizes), strategy="agrs-fp8"))
+    assert all(torch.equal(a, b) for a, b in zip(by_list, by_tensor))
+    with pytest.raises(TypeError, match="1-D CPU int64"):
+        collectives.all_gatherv(x, ops.sizes_tensor(sizes).float())
+
     # Eager calls with a list of sizes never reach the ops (their host time stays as it was).
     saved = {name: getattr(ops, name) for name in ("moe_forward", "quantize", "all_gatherv", "reduce_scatterv")}
     try:
         for name in saved:
             setattr(ops, name, None)  # calling it would raise TypeError
-        sizes = steps[0]
-        x = _tokens(seed, 0, rank, sizes[rank])
         _comm_step(x, x, sizes, group, torch.empty(sum(sizes), example.HIDDEN, dtype=torch.bfloat16))
-        mine, _ = _layer(seed, torch.device("cpu"))
-        ids = torch.zeros(sizes[rank], 2, dtype=torch.int32)
-        dispatch.moe_forward(x, ids, torch.ones(sizes[rank], 2), mine, sizes=sizes, strategy="agrs")
+        assert torch.equal(dispatch.moe_forward(*moe_args, sizes=sizes, strategy="agrs-fp8"), by_list[2])
     finally:
         for name, fn in saved.items():
             setattr(ops, name, fn)
@@ -179,3 +196,72 @@ def test_sizes_tensor():
     assert t.dtype == torch.int64 and t.device.type == "cpu" and t.tolist() == [3, 0, 5]
     with pytest.raises(TypeError, match="CPU int64"):
         ops._as_sizes(torch.tensor([1.0, 2.0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA graphs through Inductor (marked gpu)
+# ----------------------------------------------------------------------------------------------------
+
+BUCKET = 8  # tokens per rank that every rank's input is padded to (GraphedMoE's bucketing)
+
+
+def _reduce_overhead(seed):
+    """``torch.compile(mode="reduce-overhead")`` of the example block, tokens bucketed like GraphedMoE: each
+    rank pads its rows to BUCKET (padding rows route to no expert), all ranks pass ``[BUCKET] * world``.
+
+    The documented behaviour: the moecomm op reads sizes on the host each call, so it is never captured (it
+    is tagged cudagraph_unsafe). With Inductor's graph partitions (torch's default) the dense parts around it
+    are captured in CUDA graphs and the op runs eagerly between them on every step; without partitions
+    Inductor skips CUDA graphs for the graph. Either way the results equal eager and nothing recompiles
+    while the token counts change inside the bucket.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    mine, _ = _layer(seed, device)
+    bucket_sizes = [BUCKET] * world
+    rng = random.Random(seed + rank)
+    calls = []  # per call of the op's implementation: was a CUDA graph being captured?
+    real = dispatch.moe_forward
+
+    def spy(*args, **kwargs):
+        calls.append(torch.cuda.is_current_stream_capturing())
+        return real(*args, **kwargs)
+
+    for strategy, fmt in CASES:
+        torch._dynamo.reset()
+        counters.clear()
+        calls.clear()
+        gs = nvfp4_global_scale(torch.tensor(5.0))
+        model = example.MoEBlock(mine, strategy=strategy, global_scale=gs, expert_input_format=fmt, seed=seed)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        steps = 4
+        for step in range(steps):
+            n = [BUCKET, 0, rng.randint(1, BUCKET - 1), 1][(step + rank) % steps]  # this rank's live tokens
+            x = torch.zeros(BUCKET, example.HIDDEN, dtype=torch.bfloat16, device=device)
+            x[:n] = _tokens(seed, step, rank, n).to(device)
+            live = torch.arange(BUCKET, device=device) < n
+            torch.compiler.cudagraph_mark_step_begin()
+            dispatch.moe_forward = spy  # the op's implementation calls dispatch.moe_forward with a list
+            try:
+                with torch.no_grad():
+                    got = compiled(x, ops.sizes_tensor(bucket_sizes), live)[:n].clone()
+            finally:
+                dispatch.moe_forward = real
+            with torch.no_grad():
+                eager = model(x, bucket_sizes, live)[:n]
+            # A tolerance, not bits: Inductor's GPU kernels for the dense parts need not round as eager's do.
+            assert_close(got.float(), eager.float(), rel=1e-2, name=f"{strategy} step {step}")
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert calls == [False] * steps, f"{strategy}: the MoE op ran {len(calls)} times, captured: {calls}"
+        if torch._inductor.config.graph_partition:
+            assert counters["inductor"]["cudagraph_skips"] == 0, "the dense partitions should be graphed"
+        else:
+            assert counters["inductor"]["cudagraph_skips"] >= 1
+    return "ok"
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_runs_the_moe_op_outside_cuda_graphs():
+    seed = random.randrange(1 << 30)
+    for ws in sorted({1, min(2, torch.cuda.device_count())}):
+        assert launch(_reduce_overhead, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
