@@ -156,7 +156,7 @@ def _error_cases():
         "sizes too short": error_of(lambda: all_gatherv(x, sizes[:-1])),
         "negative size": error_of(lambda: all_gatherv(x, [-1] + sizes[1:])),
         "non-integer size": error_of(lambda: all_gatherv(x, [1.5] + sizes[1:])),
-        "tensor sizes": error_of(lambda: all_gatherv(x, torch.tensor(sizes))),
+        "float tensor sizes": error_of(lambda: all_gatherv(x, torch.tensor(sizes, dtype=torch.float32))),
         "rs rows": error_of(lambda: reduce_scatterv(torch.randn(sum(sizes) + 1, 4), sizes)),
         "rs dtype": error_of(lambda: reduce_scatterv(torch.ones(sum(sizes), 4, dtype=torch.int32), sizes)),
         "rs out shape": error_of(lambda: reduce_scatterv(torch.randn(sum(sizes), 4), sizes,

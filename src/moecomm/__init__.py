@@ -1,7 +1,8 @@
 """moecomm: MoE communication for DP attention + EP experts.
 
 Quantize before the all-gather (allgatherv of NVFP4 / FP8 tokens), combine with reducescatterv.
-Modules: ``collectives``, ``launch``, ``quant``, ``routing``, ``moe``, ``dispatch``, ``bench``, ``demo``.
+Modules: ``collectives``, ``launch``, ``quant``, ``routing``, ``moe``, ``dispatch``, ``ops`` (custom ops for
+``torch.compile``), ``bench``, ``demo``.
 """
 
 from moecomm.collectives import all_gatherv, check_consistency, reduce_scatterv

@@ -548,7 +548,16 @@ def all_gatherv(
         the group; with validation also ranks that disagree. Raised before any communication.
     TypeError
         ``tensors`` is not a tensor or a list/tuple of tensors and ``None``.
+
+    Notes
+    -----
+    Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
+    ``moecomm::all_gatherv`` (:mod:`moecomm.ops`); eager calls with a list do not pass through it.
     """
+    if torch.compiler.is_compiling() or isinstance(sizes, torch.Tensor):
+        from moecomm import ops
+
+        return ops.all_gatherv(tensors, sizes, group, out=out, validate=validate, algorithm=algorithm)
     ts, single, sizes, outs, rank, world = run_checks(
         "all_gatherv", lambda: _prepare_gather(tensors, sizes, out, group),
         lambda: _agreement(tensors, sizes, algorithm), group, validate)
@@ -690,7 +699,16 @@ def reduce_scatterv(
         bf16/fp16/fp32, a tensor on the wrong device, a bad ``out``, an unknown or unavailable algorithm,
         a rank outside the group; with validation also ranks that disagree. Raised before any
         communication.
+
+    Notes
+    -----
+    Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
+    ``moecomm::reduce_scatterv`` (:mod:`moecomm.ops`); eager calls with a list do not pass through it.
     """
+    if torch.compiler.is_compiling() or isinstance(sizes, torch.Tensor):
+        from moecomm import ops
+
+        return ops.reduce_scatterv(tensor, sizes, group, out=out, validate=validate, algorithm=algorithm)
     sizes, rank, world = run_checks("reduce_scatterv", lambda: _prepare_reduce(tensor, sizes, out, group),
                                     lambda: _agreement(tensor, sizes, algorithm), group, validate)
     if out is None:

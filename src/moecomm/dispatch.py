@@ -576,7 +576,18 @@ def moe_forward(
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
     split over the group or their hidden size differs; ``validate=True`` also compares ``num_experts``
     across ranks and checks the ids against it on the host, on every rank.
+
+    Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
+    ``moecomm::moe_forward`` (:mod:`moecomm.ops`): no graph break, and sizes passed as a tensor never
+    recompile. Eager calls with a list do not pass through the op.
     """
+    if torch.compiler.is_compiling() or isinstance(sizes, torch.Tensor):
+        from moecomm import ops
+
+        return ops.moe_forward(hidden, topk_ids, topk_weights, weights, sizes=sizes, strategy=strategy,
+                               global_scale=global_scale, expert_input_format=expert_input_format, group=group,
+                               pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
+                               chunks=chunks)
     strategy = Strategy(strategy)
 
     def prepare():

@@ -776,8 +776,13 @@ def quantize(
     pass a scale shared by all ranks when quantizing before a gather. MXFP4 uses OCP "floor" scale
     rounding, FP8_GROUP groups of 128, FP8_TOKEN one scale per row. ``out`` is ``(data, scales)`` as in
     the format's quantizer. Raises as the format's quantizer; ``global_scale`` given for a non-NVFP4
-    format raises ValueError.
+    format raises ValueError. Under ``torch.compile`` this calls the custom op ``moecomm::quantize``
+    (:mod:`moecomm.ops`); eager calls do not pass through it.
     """
+    if torch.compiler.is_compiling():
+        from moecomm import ops
+
+        return ops.quantize(x, fmt, global_scale=global_scale, out=out, backend=backend)
     fmt = QuantFormat(fmt)
     if fmt is not QuantFormat.NVFP4 and global_scale is not None:
         raise ValueError(f"quantize: global_scale applies to NVFP4 only, not {fmt.value}")
