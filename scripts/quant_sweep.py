@@ -138,7 +138,7 @@ def main() -> int:
             for name, op, variant in items:
                 if key != "tile" and name not in USES[key]:
                     continue
-                if key == "tile" and name not in ("nvfp4", "fp8-group", "deq-nvfp4", "deq-fp8-group"):
+                if key == "tile" and name not in ("nvfp4", "fp8-group", "deq-nvfp4"):
                     continue
                 set_consts(**{key: v})
                 status = check(name, op, variant)
