@@ -139,12 +139,16 @@ def _block_amax(xe, xo):
 
 
 @triton.jit
-def _div(a, b, r, STEPS: tl.constexpr):
-    """RN(a / b) for fp32 ``a``, ``b`` given ``r = RN(1 / b)``: ``RN(a * r)`` and STEPS Markstein
-    corrections ``q += RN(a - b * q) * r``."""
+def _div(a, nb, r, STEPS: tl.constexpr):
+    """RN(a / b) for fp32 ``a`` and ``b``, given ``nb = -b`` and ``r = RN(1 / b)``: ``RN(a * r)`` and STEPS
+    Markstein corrections ``q += RN(a - b * q) * r``, with no element negated (a unary minus is a
+    subtraction from 0 in Triton 3.6: one more instruction, and +0 for -0).
+
+    Called as ``_div(-a, |b|, -r)`` (that is, for ``-a / -b``), the final add ``q - rem * r`` keeps the
+    sign of a zero quotient; the dequantizers, whose zeros are signed, use that form."""
     q = a * r
-    for _ in tl.static_range(STEPS):  # as q - RN(b q - a) r: a zero a keeps its sign
-        q = tl.fma(-tl.fma(q, b, -a), r, q)
+    for _ in tl.static_range(STEPS):
+        q = tl.fma(tl.fma(q, nb, a), r, q)
     return q
 
 
@@ -153,8 +157,9 @@ def _recip_e4m3(s):
     """RN(1 / s) for an e4m3 value ``s`` > 0: three Newton steps from the bit-trick estimate
     ``0x7EF311C3 - bits(s)`` (exact for all 126 values; scripts/check_exact_arith.py). Branch-free."""
     r = (0x7EF311C3 - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    ns = s * -1.0
     for _ in tl.static_range(3):
-        r = tl.fma(r, tl.fma(-s, r, 1.0), r)
+        r = tl.fma(r, tl.fma(ns, r, 1.0), r)
     return r
 
 
@@ -256,13 +261,13 @@ def _fp8_scale(amax, EPS: tl.constexpr, UE8M0: tl.constexpr):
 
 
 @triton.jit
-def _fp8_quotient(x, scale, r, UE8M0: tl.constexpr):
-    """``min(RN(|x| / scale), 448)``: the division exactly (a power of two: one multiply), clamped so that
-    Inf inputs (whose remainder is NaN; ``minimum`` drops NaN) saturate."""
+def _fp8_quotient(x, nscale, r, UE8M0: tl.constexpr):
+    """``min(RN(|x| / scale), 448)`` for ``nscale = -scale``: the division exactly (a power of two: one
+    multiply), clamped so that Inf inputs (whose remainder is NaN; ``minimum`` drops NaN) saturate."""
     if UE8M0:
         q = x * r
     else:
-        q = _div(x, scale, r, 2)
+        q = _div(x, nscale, r, 2)
     return tl.minimum(q, 448.0)
 
 
@@ -282,7 +287,7 @@ def _nvfp4_body(x_ptr, gs, q_ptr, s_ptr, M, n_blocks, stride_xw, stride_qm, stri
     p = gs * tl.where(amax < _MIN_NORMAL, 0.0, amax)  # fp32 subnormals count as zero
     is_nan = p != p
     # scale = e4m3_satfinite((gs * amax) / 6); gs * amax >= 2688 saturates to 448 (also Inf)
-    sbits = _e4m3_bits(_div(tl.minimum(p, 2688.0), 6.0, _R6, 1))
+    sbits = _e4m3_bits(_div(tl.minimum(p, 2688.0), -6.0, _R6, 1))
     s = sbits.to(tl.float32, bitcast=True) * 2.0**120  # the e4m3 value, exactly
     r = tl.where(s > 0.0, _recip_e4m3(s), 0.0)  # zero scale: every quotient 0
     # q = RN(RN(|x| gs) / s); a >= 6 s gives code 7, so clamping there keeps q in [0, 6] (Inf included)
@@ -292,8 +297,8 @@ def _nvfp4_body(x_ptr, gs, q_ptr, s_ptr, M, n_blocks, stride_xw, stride_qm, stri
     if FLUSH:
         ae = tl.where(xe < _MIN_NORMAL, 0.0, ae)
         ao = tl.where(xo < _MIN_NORMAL, 0.0, ao)
-    s5, r5, k = _per_block(s), _per_block(r), _per_block((~is_nan).to(tl.int32))
-    qbytes = _fp4_bytes(_div(ae, s5, r5, 1), _div(ao, s5, r5, 1), t, k, IN_KIND)
+    ns5, r5, k = _per_block(s * -1.0), _per_block(r), _per_block((~is_nan).to(tl.int32))
+    qbytes = _fp4_bytes(_div(ae, ns5, r5, 1), _div(ao, ns5, r5, 1), t, k, IN_KIND)
     _store_words(q_ptr, rows[None, :, None, None, None] * stride_qm, _out_cols(blks, 2 // J, J, 1),
                  _pack_words(qbytes, k, 1), _per_block(bmask))
 
@@ -376,7 +381,7 @@ def _fp8_group_kernel(
     amax = _block_amax(xe, xo)
     is_nan = amax != amax
     scale, r = _fp8_scale(amax, EPS, UE8M0)
-    s5, r5, k = _per_block(scale), _per_block(r), _per_block((~is_nan).to(tl.int32))
+    s5, r5, k = _per_block(scale * -1.0), _per_block(r), _per_block((~is_nan).to(tl.int32))
     be, bo = _fp8_bytes(_fp8_quotient(xe, s5, r5, UE8M0), _fp8_quotient(xo, s5, r5, UE8M0), t, k, IN_KIND)
     # word w of a quad holds elements 2w, 2w+1: bytes 2w, 2w+1 of the quad's 8 output bytes (2 words)
     words = _pack_words(_interleave(be, bo), k, 2)
@@ -405,7 +410,7 @@ def _fp8_token_kernel(
     amax = tl.max(amax, axis=1).to(tl.float32, bitcast=True)
     is_nan = amax != amax
     scale, r = _fp8_scale(amax, EPS, UE8M0)
-    s5, r5 = scale[None, :, None, None, None], r[None, :, None, None, None]
+    s5, r5 = (scale * -1.0)[None, :, None, None, None], r[None, :, None, None, None]
     k = (~is_nan).to(tl.int32)[None, :, None, None, None]
     for b0 in range(0, n_blocks, BLOCK_B):
         blks = b0 + tl.arange(0, BLOCK_B)
@@ -470,17 +475,18 @@ def _dequant_nvfp4_body(q_ptr, s_ptr, gs, out_ptr, M, n_blocks, stride_qm, strid
     gs2 = tl.full(sb.shape, 0.0, tl.float32) + gs  # per block, so that its NaN test is a tensor
     nan_block = ((sb & 0x7F) == 0x7F) | (gs2 != gs2)
     s = (((sb & 0x7F) << 20) | ((sb & 0x80) << 24)).to(tl.float32, bitcast=True) * 2.0**120  # e4m3, exactly
-    s = tl.where(nan_block, _nan(), s)[:, :, None]
+    ns = tl.where(nan_block, _nan(), s * -1.0)[:, :, None]  # -scale: see _div
     # e2m1 value * 2**-126 has the bits code << 22 (0.5 is the subnormal 2**-127); the sign is bit 3
     ve = _e2m1_value_bits(b & 15).to(tl.float32, bitcast=True) * 2.0**126
     vo = _e2m1_value_bits(b >> 4).to(tl.float32, bitcast=True) * 2.0**126
+    # -e2m1 * scale (exact), then RN(that / -gs) in the sign-keeping form of _div
     if DIV_RN:
-        xe = tl.math.div_rn(ve * s, gs)
-        xo = tl.math.div_rn(vo * s, gs)
+        xe = tl.math.div_rn(ve * ns, gs * -1.0)
+        xo = tl.math.div_rn(vo * ns, gs * -1.0)
     else:
-        rg = tl.math.div_rn(1.0, gs)
-        xe = _div(ve * s, gs, rg, 1)
-        xo = _div(vo * s, gs, rg, 1)
+        nrg = tl.math.div_rn(-1.0, gs)
+        xe = _div(ve * ns, gs, nrg, 1)
+        xo = _div(vo * ns, gs, nrg, 1)
     nan = nan_block[:, :, None]
     _store_values(out_ptr, rows[:, None, None] * stride_om, cols[None, :, :], xe, xo, nan, nan, bmask[:, :, None],
                   OUT_BF16)  # fmt: skip
