@@ -31,7 +31,9 @@ Layout: a program owns a ``[Q, rows, blocks, J, 4]`` tile of 32-bit words, two b
 per word (fp32: per 64-bit word), so elements ``2i`` and ``2i+1`` arrive in the same lane. Lane ``j`` of
 a block loads its 16-byte quads ``j, J + j, ...``: each lane holds ``Q`` quads of one block and ``J``
 lanes share it, so block maxima need ``log2 J`` shuffles and a warp's loads cover whole 32-byte
-sectors when ``J >= 2`` (NVFP4 uses ``J = 1``: a lane owns a block). Row strides of inputs and outputs
+sectors when ``J >= 2`` (NVFP4 uses ``J = 1``: a lane owns a block). That is how Triton 3.9 lays the
+tile out; Triton 3.6 orders the non-contiguous dimensions the other way and shares a block between
+lanes (docs/formats.md). Row strides of inputs and outputs
 are arguments, so outputs may be row-strided views into a send buffer; rows use int64 offsets;
 payloads are stored as 32-bit words when the output allows it. No host syncs: the NVFP4 global scale
 is read from device memory.

@@ -34,9 +34,10 @@ affected. All-zero blocks give scale 0 (e8m0: 0x00) and zero codes. Blocks whose
 dequantize to (signed) zero, never NaN. NVFP4 treats fp32 subnormal inputs (``|x| < 2**-126``) as zero,
 so its bytes do not depend on the hardware's flush-to-zero mode.
 
-Each quantizer has a torch reference ``*_ref`` here (the oracle) and a Triton kernel in
-``moecomm._quant_triton``; both produce the same bytes on CPU (Triton interpreter) and GPU, because
-the kernels convert with integer bit operations and IEEE-rounded fp32 ops only.
+Each quantizer, and the NVFP4 and FP8 dequantizers, has a torch reference ``*_ref`` here (the oracle)
+and a Triton kernel in ``moecomm._quant_triton``; both produce the same bytes on CPU (Triton
+interpreter) and GPU, because the kernels convert with integer operations and IEEE-rounded fp32 ops
+only (docs/formats.md, "Kernels vs references").
 
 ``backend``: ``"auto"`` (Triton kernel for CUDA inputs, torch reference on CPU), ``"triton"`` (force
 the kernel; on CPU needs ``TRITON_INTERPRET=1``) or ``"torch"`` (force the reference).
@@ -373,7 +374,8 @@ def _check_nvfp4_scales(packed: Tensor, scales: Tensor, swizzled: bool, name: st
     kb = k // NVFP4_BLOCK
     shape = (_round_up(m, 128), _round_up(kb, 4)) if swizzled else (m, kb)
     if tuple(scales.shape) != shape:
-        raise ValueError(f"{name}: scales must be {list(shape)}{' (swizzled)' if swizzled else ''}, got {list(scales.shape)}")
+        layout = " (swizzled)" if swizzled else ""
+        raise ValueError(f"{name}: scales must be {list(shape)}{layout}, got {list(scales.shape)}")
     return m, k
 
 
@@ -723,7 +725,7 @@ def quantize_fp8(
         ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides.
     group_size : int or None
         Elements per scale along ``hidden`` (default 128); ``None`` = one scale per token (row). The
-        Triton backend needs a power of two (or ``None``).
+        Triton backend needs a power of two >= 8 (or ``None``: any hidden).
     ue8m0 : bool
         Round each scale up to a power of two (DeepGEMM's UE8M0 scales; stored as fp32).
     out : tuple of Tensor, optional

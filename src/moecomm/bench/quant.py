@@ -3,9 +3,10 @@
 Timing table: per operation, format and token count M (hidden K), median time per call, GB/s counting
 bytes read plus bytes written (quantize: the input, then payload + scales; dequantize: payload + scales,
 then the bf16 / ``--dtype`` result), and that bandwidth as a fraction of a device-to-device copy
-measured in the same run (``fraction_of_copy`` in the JSON). On CUDA each timed sample replays a CUDA graph of one quantize per rotating input
-set (inputs rotate so that large shapes do not measure L2), so the time excludes Python launch overhead;
-``--no-graph`` times eager calls instead.
+measured in the same run (``fraction_of_copy`` in the JSON). On CUDA each timed sample replays a CUDA
+graph of one call per rotating input set (inputs rotate so that large shapes do not measure L2), so
+the time excludes Python launch overhead; ``--no-graph`` times eager calls instead. The torch
+dequantizers cannot be captured: time them with ``--backend torch --no-graph``.
 
 ``--accuracy``: relative round-trip error ``||x - deq(q(x))|| / ||x||`` per format for Gaussian,
 Student-t (3 dof) and outlier-channel inputs (the table in docs/accuracy.md). The bytes do not depend on
