@@ -1,4 +1,4 @@
-"""moecomm inside ``torch.compile`` (issue 16): custom ops, no graph breaks, no recompiles for new sizes.
+"""moecomm inside ``torch.compile``: custom ops, no graph breaks, no recompiles for new sizes.
 
 On 2 gloo ranks, ``examples/compiled_model.py``'s ``MoEBlock`` (linear, MoE, linear) compiled with
 ``fullgraph=True`` (Inductor, C++ code generation on the CPU) gives the same bits as eager for every

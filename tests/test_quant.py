@@ -7,6 +7,7 @@ the tests marked ``gpu``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -771,6 +772,227 @@ def test_input_errors():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Kernel details: the NVFP4 flush branch, padded per-token rows, unaligned outputs, group limits
+
+
+def test_nvfp4_flushes_subnormal_inputs_at_huge_global_scale():
+    """gs > 2**115 is the only case where an fp32 subnormal input could reach e2m1 code 1: the kernel's
+    flush branch. Block 0: max 1.5 * 2**-126 (normal) next to subnormals; gs 2**120 makes its scale 2**-8."""
+    x = torch.zeros(2, 32)
+    x[0, :6] = torch.tensor([1.5 * 2.0**-126, 2.0**-127, -(2.0**-127), 2.0**-149, 2.0**-126, -0.0])
+    x[1, :3] = torch.tensor([2.0**-127, -(2.0**-128), 3.0 * 2.0**-130])  # a block of subnormals only
+    for gs in (2.0**120, 2.0**100, 3e38):
+        got = run_variant("nvfp4", x, "triton", gs)
+        assert_bytes_equal(got, run_variant("nvfp4", x, "torch", gs), f"gs={gs}")
+    packed, _ = Q.quantize_nvfp4(x, 2.0**120, backend="triton")
+    # 1.5 * 2**-6 / 2**-8 = 6 (code 7); subnormals 0 (sign kept); 2**-126 -> 4 (code 6); unflushed, 2**-127 would be code 4
+    assert _unpack_codes(packed[0, :3]) == [7, 0, 8, 0, 6, 8]
+
+
+@pytest.mark.parametrize("k", [8, 20, 36, 7000])
+def test_fp8_token_kernel_any_hidden(k):
+    """Per-token FP8 takes any hidden (the launcher pads to a multiple of 8 with zeros)."""
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(k)) * torch.logspace(-30, 30, k)
+    x = _with_special_values(x)
+    for name in ("fp8-token", "fp8-token-ue8m0"):
+        assert_bytes_equal(run_variant(name, x, "triton"), run_variant(name, x, "torch"), f"{name} K={k}")
+
+
+@pytest.mark.parametrize("fmt", list(Q.QuantFormat))
+def test_out_payload_at_any_alignment(fmt):
+    """Payload views that are not 4-byte aligned take the kernels' byte-store path; same bytes."""
+    m, k = 9, 256
+    x = wide_range_input(m, k, torch.bfloat16, seed=13).to(KERNEL_DEVICE)
+    gs = gs_for(x) if fmt is Q.QuantFormat.NVFP4 else None
+    expected = Q.quantize(x.cpu(), fmt, global_scale=gs, backend="torch")
+    payload, _ = Q.row_bytes(fmt, k)
+    buf = torch.full((m, payload + 3), 0xAB, dtype=torch.uint8, device=KERNEL_DEVICE)
+    data = buf[:, 1 : 1 + payload]  # odd offset and row stride
+    scales = torch.empty_like(expected.scales, device=KERNEL_DEVICE)
+    if data.dtype != expected.data.dtype:
+        data = data.view(expected.data.dtype)
+    qt = Q.quantize(x, fmt, global_scale=gs, out=(data, scales), backend="triton")
+    assert torch.equal(qt.data.view(torch.uint8).cpu(), expected.data.view(torch.uint8))
+    assert torch.equal(qt.scales.view(torch.uint8).cpu(), expected.scales.view(torch.uint8))
+    assert buf[:, 0].eq(0xAB).all() and buf[:, 1 + payload :].eq(0xAB).all()
+
+
+def test_fp8_triton_group_limits():
+    x = torch.randn(2, 96, device=KERNEL_DEVICE)
+    for g in (1, 2, 4, 48):
+        with pytest.raises(ValueError, match="power-of-two group_size >= 8"):
+            Q.quantize_fp8(x, group_size=g, backend="triton")
+    q, s = Q.quantize_fp8(torch.randn(2, 96), group_size=32)  # 3 groups of 32: fine
+    Q.dequantize_fp8(q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE), backend="triton")
+    s2 = torch.ones(2, 2)  # groups of 48: not a power of two
+    with pytest.raises(ValueError, match="power-of-two group"):
+        Q.dequantize_fp8(q.to(KERNEL_DEVICE), s2.to(KERNEL_DEVICE), backend="triton")
+    assert Q.dequantize_fp8(q, s2).shape == (2, 96)  # "auto" on the CPU: the reference
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dequantize kernels vs references: bit for bit (every NaN counted as one value)
+
+
+def assert_values_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Same dtype and shape, same bits wherever ``expected`` is not NaN, NaN exactly where it is.
+
+    NaN payloads are not compared: torch itself writes a bf16 NaN as 0xFFFF on the CPU and 0x7FFF / 0x7FC0
+    on CUDA, so they carry no information. Signed zeros are compared (bits)."""
+    a, e = actual.cpu(), expected.cpu()
+    assert a.dtype == e.dtype and a.shape == e.shape, f"{what}: {a.dtype} {tuple(a.shape)} vs {e.dtype} {tuple(e.shape)}"
+    nan_a, nan_e = torch.isnan(a.float()), torch.isnan(e.float())
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+    diff = (a.view(bits) != e.view(bits)) & ~nan_e | (nan_a != nan_e)
+    if diff.any():
+        idx = tuple(diff.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(diff.sum())} values differ, first at {idx}: {a[idx]} != {e[idx]}")
+
+
+def _deq_cases(k: int, block: int) -> torch.Tensor:
+    """Random wide-range rows, special values, every e2m1 tie (scale 1) and an all-zero row."""
+    x = _with_special_values(wide_range_input(40, k, torch.float32, seed=k + block))
+    x[1, :3] = torch.tensor([2.0**-130, -(2.0**-149), 1e-38])
+    x[2, :] = 0.0
+    x[3, :] = -0.0
+    ties, _ = _e2m1_case_rows(16)
+    x[4:4 + ties.shape[0], :16] = ties
+    return x
+
+
+DEQ_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DEQ_DTYPES, ids=str)
+@pytest.mark.parametrize("swizzled", [False, True])
+def test_dequantize_nvfp4_kernel_matches_reference(swizzled, dtype):
+    for k in (16, 80, 256):
+        x = _deq_cases(k, 16)
+        for gs in (gs_for(x[1:]), 1.0, 3e5, 2.0**110, 2.0**-110):  # the last two: the div_rn branch
+            packed, scales = Q.quantize_nvfp4(x, gs, swizzled=swizzled)
+            want = Q.dequantize_nvfp4_ref(packed, scales, gs, swizzled=swizzled, dtype=dtype)
+            d = KERNEL_DEVICE
+            gsd = gs.to(d) if isinstance(gs, torch.Tensor) else gs
+            got = Q.dequantize_nvfp4(packed.to(d), scales.to(d), gsd, swizzled=swizzled, dtype=dtype, backend="triton")
+            assert_values_equal(got, want, f"nvfp4 K={k} gs={float(gs):g} {dtype}")
+
+
+def test_dequantize_nvfp4_kernel_every_byte_and_scale():
+    """Every e2m1 byte against every e4m3 scale byte (NaN and negative scales included)."""
+    packed = torch.arange(256, dtype=torch.uint8).repeat(256, 1)[:, :128].contiguous()  # bytes 0..127
+    packed = torch.cat([packed, packed + 128], dim=1)  # [256, 256]: every byte in every row
+    scales = torch.arange(256, dtype=torch.uint8).view(256, 1).repeat(1, 32).view(torch.float8_e4m3fn)
+    for gs in (1.0, 2688.0 / 3.0):
+        for dtype in DEQ_DTYPES:
+            want = Q.dequantize_nvfp4_ref(packed, scales, gs, dtype=dtype)
+            got = Q.dequantize_nvfp4(packed.to(KERNEL_DEVICE), scales.to(KERNEL_DEVICE), gs, dtype=dtype,
+                                     backend="triton")  # fmt: skip
+            assert_values_equal(got, want, f"every byte gs={gs} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DEQ_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["fp8-token", "fp8-token-ue8m0", "fp8-group128", "fp8-group16-ue8m0"])
+def test_dequantize_fp8_kernel_matches_reference(variant, dtype):
+    group = None if "token" in variant else int(variant.split("group")[1].split("-")[0])
+    for k in (128, 256, 1024):
+        x = _deq_cases(k, 8)
+        q, s = Q.quantize_fp8(x, group_size=group, ue8m0=variant.endswith("ue8m0"))
+        want = Q.dequantize_fp8_ref(q, s, dtype=dtype)
+        got = Q.dequantize_fp8(q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE), dtype=dtype, backend="triton")
+        assert_values_equal(got, want, f"{variant} K={k} {dtype}")
+
+
+def test_dequantize_fp8_kernel_every_byte():
+    """All 256 e4m3 bytes (0x7F / 0xFF are NaN) times scales incl. subnormal, huge, zero and NaN."""
+    q = torch.arange(256, dtype=torch.uint8).repeat(6, 1).view(torch.float8_e4m3fn)
+    s = torch.tensor([[1.0], [1e-40], [3e35], [0.0], [float("nan")], [-2.5]])
+    for dtype in DEQ_DTYPES:
+        want = Q.dequantize_fp8_ref(q, s, dtype=dtype)
+        got = Q.dequantize_fp8(q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE), dtype=dtype, backend="triton")
+        assert_values_equal(got, want, f"every byte {dtype}")
+
+
+def test_dequantize_strided_inputs():
+    x = wide_range_input(12, 512, torch.bfloat16, seed=4)
+    gs = gs_for(x)
+    for fmt in (Q.QuantFormat.NVFP4, Q.QuantFormat.FP8_GROUP, Q.QuantFormat.FP8_TOKEN):
+        buf, out, _ = _send_buffer_views(fmt, 12, 512)
+        qt = Q.quantize(x, fmt, global_scale=gs if fmt is Q.QuantFormat.NVFP4 else None, out=out)
+        want = qt.dequantize(torch.bfloat16, backend="torch")
+        _, (data, scales), _ = _send_buffer_views(fmt, 12, 512, KERNEL_DEVICE)  # row-strided views
+        data.copy_(qt.data)
+        scales.copy_(qt.scales)
+        views = Q.QuantizedTensor(fmt, data, scales, qt.global_scale)
+        assert_values_equal(views.dequantize(torch.bfloat16, backend="triton"), want, f"{fmt.value} views")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device: every launch runs inside device_guard(input device); mixed devices raise
+
+
+def test_every_launch_runs_inside_the_device_guard(monkeypatch):
+    """Record guard entries / exits and kernel launches at each launch site (CPU, interpreter)."""
+    from moecomm import _quant_triton as K
+
+    events = []
+
+    @contextlib.contextmanager
+    def recorder(device):
+        events.append(("enter", device))
+        yield
+        events.append(("exit", device))
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                events.append(("launch", self.name))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(K, "device_guard", recorder)
+    kernels = ["_nvfp4_kernel", "_mxfp4_kernel", "_fp8_group_kernel", "_fp8_token_kernel",
+               "_dequant_nvfp4_kernel", "_dequant_fp8_kernel"]  # fmt: skip
+    for name in kernels:
+        monkeypatch.setattr(K, name, Spy(name, getattr(K, name)))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    calls = {
+        "_nvfp4_kernel": [lambda: Q.quantize_nvfp4(x, 2.0, backend="triton"),
+                          lambda: Q.quantize_nvfp4(x, 2.0, swizzled=True, backend="triton")],
+        "_mxfp4_kernel": [lambda: Q.quantize_mxfp4(x, backend="triton")],
+        "_fp8_group_kernel": [lambda: Q.quantize_fp8(x, backend="triton")],
+        "_fp8_token_kernel": [lambda: Q.quantize_fp8(x, group_size=None, backend="triton"),
+                              lambda: Q.quantize_fp8(x[:, :250], group_size=None, backend="triton")],
+        "_dequant_nvfp4_kernel": [lambda: Q.dequantize_nvfp4(*Q.quantize_nvfp4(x, 2.0), 2.0, backend="triton")],
+        "_dequant_fp8_kernel": [lambda: Q.dequantize_fp8(*Q.quantize_fp8(x), backend="triton")],
+    }  # fmt: skip
+    assert sorted(calls) == sorted(kernels)
+    for name, fns in calls.items():
+        for fn in fns:
+            events.clear()
+            fn()
+            assert events == [("enter", x.device), ("launch", name), ("exit", x.device)], (name, events)
+
+
+def test_mixed_devices_raise():
+    """Tensors on two devices (here CPU and meta) raise ValueError naming both, before any launch."""
+    x = torch.randn(4, 64)
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
+    packed, scales = Q.quantize_nvfp4(x, 1.0)
+    with pytest.raises(ValueError, match=r"out\[0\] on meta"):
+        Q.quantize_nvfp4(x, 1.0, out=(meta(packed), scales))
+    q, s = Q.quantize_fp8(x, group_size=16)
+    with pytest.raises(ValueError, match="one device"):
+        Q.quantize_fp8(x, group_size=16, out=(q, meta(s)))
+    with pytest.raises(ValueError, match="one device"):
+        Q.dequantize_nvfp4(packed, meta(scales), 1.0)
+    with pytest.raises(ValueError, match="one device"):
+        Q.dequantize_fp8(q, meta(s))
+
+
+# ----------------------------------------------------------------------------------------------------
 # GPU (H200): kernels vs the CPU reference at production shapes, device-side checks, CUDA graphs
 
 gpu = pytest.mark.gpu
@@ -854,6 +1076,66 @@ def test_gpu_strided_out_and_cuda_graph(fmt):
     assert torch.equal(out[0].view(torch.uint8).cpu(), expected.data.view(torch.uint8))
     assert torch.equal(out[1].view(torch.uint8).cpu(), expected.scales.view(torch.uint8))
     assert buf[:, used:].eq(0xAB).all()
+
+
+@gpu
+@pytest.mark.parametrize("variant", ["nvfp4", "nvfp4-swizzled", "fp8-token", "fp8-group128", "fp8-group16-ue8m0"])
+def test_gpu_dequantize_matches_cpu_reference(variant):
+    """dequantize(quantize(x)) on the H200 against the CPU references, production shape and special values."""
+    x = _with_special_values(wide_range_input(4096, 7168, torch.bfloat16, seed=21))
+    x[2, :128] = 0.0
+    nv = variant.startswith("nvfp4")
+    gs = gs_for(x[1:]) if nv else None
+    for dtype in (torch.bfloat16, torch.float32):
+        if nv:
+            packed, scales = Q.quantize_nvfp4(x, gs, swizzled=variant.endswith("swizzled"))
+            args = dict(swizzled=variant.endswith("swizzled"), dtype=dtype)
+            want = Q.dequantize_nvfp4_ref(packed, scales, gs, **args)
+            got = Q.dequantize_nvfp4(packed.cuda(), scales.cuda(), gs.cuda(), **args)
+        else:
+            group = None if "token" in variant else int(variant.split("group")[1].split("-")[0])
+            q, s = Q.quantize_fp8(x, group_size=group, ue8m0=variant.endswith("ue8m0"))
+            want = Q.dequantize_fp8_ref(q, s, dtype=dtype)
+            got = Q.dequantize_fp8(q.cuda(), s.cuda(), dtype=dtype)
+        assert_values_equal(got, want, f"GPU {variant} {dtype}")
+
+
+@gpu
+def test_gpu_kernels_run_on_their_tensors_device():
+    """With cuda:0 current, inputs on cuda:1 give the bytes of cuda:0; mixed devices raise."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    torch.cuda.set_device(0)
+    x = wide_range_input(300, 7168, torch.bfloat16, seed=8)
+    gs = gs_for(x)
+    for variant in VARIANTS:
+        g = gs if variant.startswith("nvfp4") else None
+        on0 = [t.cpu() for t in _run_variant(variant, x.to("cuda:0"), "auto", g.to("cuda:0") if g is not None else None)]
+        on1 = [t.cpu() for t in _run_variant(variant, x.to("cuda:1"), "auto", g.to("cuda:1") if g is not None else None)]
+        assert_bytes_equal(on1, on0, f"{variant} on cuda:1")
+    for fmt in Q.QuantFormat:
+        g = gs if fmt is Q.QuantFormat.NVFP4 else None
+        q0 = Q.quantize(x.to("cuda:0"), fmt, global_scale=g.to("cuda:0") if g is not None else None)
+        q1 = Q.quantize(x.to("cuda:1"), fmt, global_scale=g.to("cuda:1") if g is not None else None)
+        for dtype in (torch.bfloat16, torch.float32):
+            if fmt is not Q.QuantFormat.MXFP4:
+                assert_values_equal(q1.dequantize(dtype), q0.dequantize(dtype), f"dequantize {fmt.value} on cuda:1")
+                assert q1.dequantize(dtype).device == torch.device("cuda:1")
+    x1 = x.to("cuda:1")
+    with pytest.raises(ValueError, match="one device"):
+        Q.quantize_nvfp4(x1, gs.to("cuda:0"))
+    packed, scales = Q.quantize_nvfp4(x1, gs.to("cuda:1"))
+    with pytest.raises(ValueError, match="one device"):
+        Q.quantize_nvfp4(x1, gs.to("cuda:1"), out=(packed.to("cuda:0"), scales))
+    with pytest.raises(ValueError, match="one device"):
+        Q.dequantize_nvfp4(packed, scales.to("cuda:0"), gs.to("cuda:1"))
+    with pytest.raises(ValueError, match="one device"):
+        Q.dequantize_nvfp4(packed, scales, gs.to("cuda:0"))
+    q, s = Q.quantize_fp8(x1)
+    with pytest.raises(ValueError, match="one device"):
+        Q.quantize_fp8(x1, out=(q, s.to("cuda:0")))
+    with pytest.raises(ValueError, match="one device"):
+        Q.dequantize_fp8(q, s.to("cuda:0"))
 
 
 def test_quantized_tensor_checks_its_format():

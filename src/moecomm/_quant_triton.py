@@ -2,28 +2,41 @@
 
 Each kernel matches its torch reference in ``moecomm.quant`` bit for bit, on the GPU and on the CPU
 interpreter (``TRITON_INTERPRET=1``). The interpreter rounds fp32 -> fp8 / bf16 casts differently from
-the GPU, so no cast to a narrow float type appears here: inputs are read as raw bits, block maxima are
-integer maxima of magnitude bits, and e4m3 / e8m0 / e2m1 codes come from integer arithmetic, exact
-comparisons, or fp32 operations whose IEEE rounding is the same everywhere (``mul``, ``div_rn``, and
-one ``add`` whose result has a fixed ulp). No operation depends on the denormal (FTZ) mode.
+the GPU, so no cast to a narrow float type appears here: inputs are read as raw bits and every code
+comes from IEEE-rounded fp32 operations (``mul``, ``add``, ``fma``, ``div_rn``: the same on every
+device) and integer operations. No result depends on the denormal (FTZ) mode: the fp32 subnormals
+below are exact results of IEEE operations, which the GPU keeps (Triton does not flush).
 
-Per-element work is kept small because the kernels should run at memory bandwidth:
+The kernels are bound by instructions per element, and on the H200 the integer / compare / select
+pipe (half the fp32 rate) runs out first. So the per-element work is fp32 ``mul`` / ``fma`` / ``add``
+and integer multiply-adds wherever possible:
 
-* FP4 kernels read two elements per word (bf16/fp16 pairs as int32, fp32 pairs as int64), so element
-  ``2i`` and ``2i+1`` arrive in the same lane and pack into one byte without a shuffle; the tile is
-  ``[rows, blocks, words per block]``, so block maxima need no reshape.
-* e2m1 codes are 7 comparisons against per-block thresholds. NVFP4: ``round(a / s) > t`` is equivalent
-  to ``a > t * s`` for fp32 ``a = x * gs``, e4m3 ``s`` and an e2m1 threshold ``t`` (``t * s`` is exact
-  and the fp32 neighbours of ``t * s``, divided by ``s``, lie further from ``t`` than half an ulp of
-  ``t``), and likewise for ``>=``; so no per-element division. MXFP4: thresholds ``t * 2**k`` are built
-  as fp32 bit patterns and compared with the magnitude bits as integers.
-* e4m3 codes: normal range by an integer round-half-even on the bits; the subnormal range by
-  ``|v| + 2**14`` in fp32 (ulp 2**-9, so the hardware add rounds to the e4m3 subnormal grid).
+* **Exact division without a divide** (Markstein): with ``r = RN(1/b)``, ``q = RN(a*r)`` followed by
+  ``q += RN(a - b*q) * r`` (two fma; the remainder is exact) gives ``RN(a/b)``. One correction suffices
+  when ``b`` is an e4m3 value (4 significant bits) or 6, and for ``v * s / gs`` with an e2m1 ``v`` and
+  an e4m3 ``s``: checked for every fp32 mantissa of the other operand (scripts/check_exact_arith.py).
+  For an arbitrary fp32 ``b`` (FP8 scales) two corrections make it a theorem (the first leaves ``q``
+  within one ulp; Markstein's theorem does the rest).
+* **Rounding by one fp32 add**: ``q + M`` rounds ``q`` to a multiple of ``ulp(M)``, ties to even when
+  ``M / ulp(M)`` is even. ``M`` is one fma of ``P = 2**floor(log2 q)`` (the exponent bits of ``q``),
+  which puts it in the binade whose ulp is the e2m1 (e4m3) step at ``q``.
+* **The code is the bit pattern**: an e2m1 value ``v`` times ``2**-126`` is the fp32 number with bits
+  ``code << 22`` (0.5 becomes the subnormal ``2**-127``); an e4m3 value times ``2**-120`` has the bits
+  ``code << 20``. Both rounding chains are checked for every fp32 input in range
+  (scripts/check_exact_arith.py).
+* **Bytes by multiply-add**: codes, signs and nibbles are placed with integer ``mul`` / ``umulhi`` and
+  packed into 32-bit words by multiply-adds; NaN blocks multiply their codes by 0.
 
-Launch: a 2-D grid (row blocks x column blocks) for the block formats, one program per row block for
-FP8 per-token (two passes over the row). Row strides of input and outputs are arguments, so outputs
-may be row-strided views into a send buffer; rows use int64 offsets. No host syncs: the NVFP4 global
-scale is read from device memory.
+Layout: a program owns a ``[Q, rows, blocks, J, 4]`` tile of 32-bit words, two bf16 / fp16 elements
+per word (fp32: per 64-bit word), so elements ``2i`` and ``2i+1`` arrive in the same lane. Lane ``j`` of
+a block loads its 16-byte quads ``j, J + j, ...``: each lane holds ``Q`` quads of one block and ``J``
+lanes share it, so block maxima need ``log2 J`` shuffles and a warp's loads cover whole 32-byte
+sectors when ``J >= 2`` (NVFP4 uses ``J = 1``: a lane owns a block). That is how Triton 3.9 lays the
+tile out; Triton 3.6 orders the non-contiguous dimensions the other way and shares a block between
+lanes (docs/formats.md). Row strides of inputs and outputs
+are arguments, so outputs may be row-strided views into a send buffer; rows use int64 offsets;
+payloads are stored as 32-bit words when the output allows it. No host syncs: the NVFP4 global scale
+is read from device memory.
 """
 
 from __future__ import annotations
@@ -32,17 +45,24 @@ import torch
 import triton
 import triton.language as tl
 
-_NAN_BITS = tl.constexpr(0x7FC00000)  # the fp32 NaN the kernels write (torch's float("nan"))
-_INF_BITS = tl.constexpr(0x7F800000)
-_MIN_NORMAL_BITS = tl.constexpr(0x00800000)  # 2**-126
-_E4M3_MIN_NORMAL_BITS = tl.constexpr(0x3C800000)  # 2**-6
-_TWO_POW_14_BITS = tl.constexpr(0x46800000)  # 2**14: its fp32 ulp is 2**-9, the e4m3 subnormal step
+from moecomm._device import device_guard
 
-# Tile sizes (elements per program). GPU: ~8K elements keeps 16 KB of bf16 in flight per program.
-_GPU_TILE = 8192
-_GPU_MAX_COLS = 1024
-_GPU_WARPS = 8
+_NAN_BITS = tl.constexpr(0x7FC00000)  # the fp32 NaN the kernels write (torch's float("nan"))
+_EXP_MASK = tl.constexpr(0x7F800000)  # exponent field of an fp32: its bits alone are 2**floor(log2 |x|)
+_SIGN = tl.constexpr(-0x80000000)  # 0x80000000 as int32
+_PAIR_SIGNS = tl.constexpr(-0x7FFF8000)  # 0x80008000: the signs of both halves of a 16-bit pair
+_MIN_NORMAL = tl.constexpr(2.0**-126)
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
+_R6 = tl.constexpr(0.1666666716337204)  # RN(1/6) in fp32
+
+# Tile (elements per program). GPU: 4096 elements over 4 warps is 32 per thread (64 bytes of bf16).
+_GPU_TILE = 4096
+_GPU_WARPS = 4
 _INTERP_TILE = 1 << 16  # the interpreter pays per program, not per element
+# Lanes per block (J): NVFP4 blocks are 2 quads (one lane holds both), MXFP4 blocks 4, FP8 groups of 128 16.
+_NVFP4_J = 1
+_MXFP4_J = 2
+_FP8_J = 4
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,254 +76,473 @@ def _nan():
 
 
 @triton.jit
+def _quad_cols(blks, Q: tl.constexpr, J: tl.constexpr):
+    """Word columns ``[Q, 1, BLOCK_B, J, 4]`` of blocks ``blks`` of ``4 Q J`` words: lane ``j`` of a block
+    holds its quads ``j, J + j, ...`` (see the module doc)."""
+    quad = tl.arange(0, Q)[:, None, None, None, None] * J + tl.arange(0, J)[None, None, None, :, None]
+    return (blks[None, None, :, None, None] * (Q * J) + quad) * 4 + tl.arange(0, 4)[None, None, None, None, :]
+
+
+@triton.jit
+def _out_cols(blks, Q: tl.constexpr, J: tl.constexpr, N: tl.constexpr):
+    """Output word columns ``[Q, 1, BLOCK_B, J, N]`` when every input quad gives ``N`` output words."""
+    quad = tl.arange(0, Q)[:, None, None, None, None] * J + tl.arange(0, J)[None, None, None, :, None]
+    return (blks[None, None, :, None, None] * (Q * J) + quad) * N + tl.arange(0, N)[None, None, None, None, :]
+
+
+@triton.jit
+def _rows_and_blocks(pid_m, pid_b, M, n_blocks, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Rows ``[BLOCK_M]`` (int64), blocks ``[BLOCK_B]`` and the ``[BLOCK_M, BLOCK_B]`` mask of a tile."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    blks = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    return rows.to(tl.int64), blks, (rows < M)[:, None] & (blks < n_blocks)[None, :]
+
+
+@triton.jit
+def _per_block(v):
+    """A per-block ``[BLOCK_M, BLOCK_B]`` value broadcast against the ``[Q, BLOCK_M, BLOCK_B, J, 4]`` tile."""
+    return v[None, :, :, None, None]
+
+
+@triton.jit
 def _load_pairs(x_ptr, offs, mask, IN_KIND: tl.constexpr):
-    """fp32 bits (int32) of elements 2j and 2j+1 of word j: fp32 pairs as int64 (IN_KIND 0), bf16 (1) or
-    fp16 (2) pairs as int32. Little-endian: element 2j is the low half."""
+    """``|x|`` (fp32) of elements 2j and 2j+1 of word j, and the word's sign bits ``t`` for ``_sign_terms``.
+
+    fp32 pairs are int64 words (IN_KIND 0), bf16 (1) and fp16 (2) pairs int32 words; little-endian:
+    element 2j is the low half. For 16-bit pairs ``t`` holds the two signs at bits 15 and 31.
+    """
     w = tl.load(x_ptr + offs, mask=mask, other=0)
     if IN_KIND == 0:
         even = w.to(tl.int32)  # truncation keeps the low 32 bits
         odd = (w >> 32).to(tl.int32)
+        t = w  # _sign_terms reads the signs from the two halves
     elif IN_KIND == 1:
-        even = w << 16
-        odd = w & -65536  # 0xFFFF0000
+        # w * 0x80010000 = w << 16 plus (w & 1) << 31, which the abs mask below drops: an integer
+        # multiply (fma pipe) where a constant shift would take the ALU
+        even = w * -0x7FFF0000
+        odd = w & 0x7FFF0000
+        t = w & _PAIR_SIGNS
     else:
         even = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
         odd = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32).to(tl.int32, bitcast=True)
-    return even, odd
+        t = w & _PAIR_SIGNS
+    even = (even & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    odd = (odd & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    return even, odd, t
 
 
 @triton.jit
-def _load_bits(x_ptr, offs, mask, IN_KIND: tl.constexpr):
-    """fp32 bits (int32) of single elements: fp32 as int32 (IN_KIND 0), bf16 as int16 (1), fp16 (2)."""
-    if IN_KIND == 0:
-        bits = tl.load(x_ptr + offs, mask=mask, other=0)
-    elif IN_KIND == 1:
-        bits = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.int32) << 16
-    else:
-        bits = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
-    return bits
+def _block_amax(xe, xo):
+    """Per block of magnitudes ``[Q, M, B, J, 4]`` -> ``[M, B]``: the max, NaN if any element is NaN.
+
+    An integer max of the magnitude bits: the same order as the fp32 values, with NaN above Inf."""
+    m = tl.maximum(xe.to(tl.int32, bitcast=True), xo.to(tl.int32, bitcast=True))
+    return tl.max(tl.max(tl.max(m, axis=4), axis=3), axis=0).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _e4m3_code(mag_bits):
-    """float8_e4m3fn code (int32, 0..0x7E) of a non-NaN fp32 magnitude: RNE, saturating to 448."""
-    # Normal range: drop 20 mantissa bits with round-half-even; a carry moves into the exponent.
-    normal = ((mag_bits + 0x7FFFF + ((mag_bits >> 20) & 1)) >> 20) - (120 << 3)
-    # Below 2**-6: 2**14 + |v| rounds (RNE) to a multiple of 2**-9 = the e4m3 subnormal step.
-    sub = (mag_bits.to(tl.float32, bitcast=True) + 16384.0).to(tl.int32, bitcast=True) - _TWO_POW_14_BITS
-    return tl.minimum(tl.where(mag_bits < _E4M3_MIN_NORMAL_BITS, sub, normal), 0x7E)
+def _div(a, nb, r, STEPS: tl.constexpr):
+    """RN(a / b) for fp32 ``a`` and ``b``, given ``nb = -b`` and ``r = RN(1 / b)``: ``RN(a * r)`` and STEPS
+    Markstein corrections ``q += RN(a - b * q) * r``, with no element negated (a unary minus is a
+    subtraction from 0 in Triton 3.6: one more instruction, and +0 for -0).
+
+    Called as ``_div(-a, |b|, -r)`` (that is, for ``-a / -b``), the final add ``q - rem * r`` keeps the
+    sign of a zero quotient; the dequantizers, whose zeros are signed, use that form."""
+    q = a * r
+    for _ in tl.static_range(STEPS):
+        q = tl.fma(tl.fma(q, nb, a), r, q)
+    return q
 
 
 @triton.jit
-def _e4m3_value(code):
-    """fp32 value of a finite non-negative e4m3 code (int32 0..0x7E), exactly."""
-    e = code >> 3
-    m = code & 7
-    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    subnormal = m.to(tl.float32) * 0.001953125  # m * 2**-9, exact
-    return tl.where(e > 0, normal, subnormal)
+def _recip_e4m3(s):
+    """RN(1 / s) for an e4m3 value ``s`` > 0: three Newton steps from the bit-trick estimate
+    ``0x7EF311C3 - bits(s)`` (exact for all 126 values; scripts/check_exact_arith.py). Branch-free."""
+    r = (0x7EF311C3 - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+    ns = s * -1.0
+    for _ in tl.static_range(3):
+        r = tl.fma(r, tl.fma(ns, r, 1.0), r)
+    return r
 
 
 @triton.jit
-def _e2m1_code_scaled(a, s):
-    """e2m1 code (0..7) of fp32 ``a / s`` (RNE, saturating) without dividing: thresholds ``t * s``.
+def _e2m1_bits(q):
+    """``code << 22`` for the e2m1 code (0..7) of fp32 ``q`` in [0, 6], rounded to nearest even.
 
-    The code counts the thresholds passed: ``> 0.25, >= 0.75, > 1.25, >= 1.75, > 2.5, >= 3.5, > 5`` (times
-    ``s``; ``>`` where a tie rounds down to the even code, ``>=`` where it rounds up). They are increasing,
-    so a binary search finds the count with three comparisons. ``s`` broadcasts (one per block); a NaN
-    ``s`` makes every comparison false (code 0).
+    ``M = (1 + 0.75 P) 2**22`` with ``P = 2**floor(log2 q)`` has ``ulp(M)`` = the e2m1 step at ``q``
+    (0.5 below 2, then 1, then 2) and an even ``M / ulp(M)``, so ``q + M`` rounds ``q`` onto the e2m1
+    grid; scaled by ``2**-126`` (exactly), the rounded value is the fp32 with bits ``code << 22``.
     """
-    hi = a >= 1.75 * s
-    mid = a >= tl.where(hi, 3.5 * s, 0.75 * s)
-    lo = a > tl.where(hi, tl.where(mid, 5.0 * s, 2.5 * s), tl.where(mid, 1.25 * s, 0.25 * s))
-    return hi.to(tl.int32) * 4 + mid.to(tl.int32) * 2 + lo.to(tl.int32)
+    p = (q.to(tl.int32, bitcast=True) & _EXP_MASK).to(tl.float32, bitcast=True)
+    m = tl.fma(p, 0.75 * 2.0**-104, 2.0**-104)  # M * 2**-126
+    return (tl.fma(q, 2.0**-126, m) - m).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _pow2_threshold_bits(k, UT: tl.constexpr, MT: tl.constexpr):
-    """fp32 bits of ``(1 + MT / 2**23) * 2**(UT + k)`` (exact, subnormal if needed; >= 0x7F800000 if it overflows)."""
-    e = tl.minimum(k + UT, 128)
-    normal = ((e + 127) << 23) | MT
-    subnormal = (0x800000 | MT) >> tl.minimum(tl.maximum(-126 - e, 0), 24)  # shift <= 3 here: exact
-    return tl.where(e >= -126, normal, subnormal)
+def _e4m3_bits(v):
+    """``code << 20`` for the float8_e4m3fn code (0..0x7E) of fp32 ``v`` in [0, 448], round to nearest even.
+
+    As ``_e2m1_bits`` with ``M = (1 - 2**-14) 2**20 P + 2**14``: ``ulp(M)`` is the e4m3 step at ``v``
+    (``2**-9`` up to ``2**-5``, 3 mantissa bits above), and ``v * 2**-120`` has the bits ``code << 20``.
+    """
+    p = (v.to(tl.int32, bitcast=True) & _EXP_MASK).to(tl.float32, bitcast=True)
+    m = tl.fma(p, (1.0 - 2.0**-14) * 2.0**-100, 2.0**-106)  # M * 2**-120
+    return (tl.fma(v, 2.0**-120, m) - m).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _e2m1_code_pow2(mag, k):
-    """e2m1 code (0..7) of ``|x| / 2**k`` for magnitude bits ``mag`` (RNE, saturating; Inf -> 7)."""
-    c = (mag > _pow2_threshold_bits(k, -2, 0x000000)).to(tl.int32)  # 0.25
-    c += (mag >= _pow2_threshold_bits(k, -1, 0x400000)).to(tl.int32)  # 0.75
-    c += (mag > _pow2_threshold_bits(k, 0, 0x200000)).to(tl.int32)  # 1.25
-    c += (mag >= _pow2_threshold_bits(k, 0, 0x600000)).to(tl.int32)  # 1.75
-    c += (mag > _pow2_threshold_bits(k, 1, 0x200000)).to(tl.int32)  # 2.5
-    c += (mag >= _pow2_threshold_bits(k, 1, 0x600000)).to(tl.int32)  # 3.5
-    c += (mag > _pow2_threshold_bits(k, 2, 0x200000)).to(tl.int32)  # 5.0
-    return tl.where(mag == _INF_BITS, 7, c)
+def _fp4_bytes(qe, qo, t, k, IN_KIND: tl.constexpr):
+    """e2m1 byte of each word (int32 < 256): the codes of ``qe``, ``qo`` in [0, 6] and the signs in ``t``,
+    times ``k`` (per block: 0 in NaN blocks, else 1).
+
+    ``X = (code_e << 24) + (s_e << 27) + (code_o << 28) + (s_o << 31)`` is the byte ``<< 24`` (plus stray
+    bits below 24): the top word of ``X * 256``. Every shift is a multiply; ``k`` multiplies in registers
+    and ``t * 4097`` is no power of two, so they stay on the fma pipe instead of becoming ALU shifts.
+    """
+    if IN_KIND == 0:
+        signs = tl.umulhi(t.to(tl.int32) & _SIGN, 1 << 28) + ((t >> 32).to(tl.int32) & _SIGN)
+    else:  # t = s_e 2**15 + s_o 2**31: t 2**12 wraps to s_e 2**27; + t adds s_o 2**31 (and s_e 2**15)
+        signs = t * 4097
+    x = _e2m1_bits(qe) * (4 * k) + _e2m1_bits(qo) * (64 * k) + signs
+    return tl.umulhi(x, 256 * k)
 
 
 @triton.jit
-def _tile_offsets(pid_m, pid_b, M, n_blocks, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, W: tl.constexpr):
-    """Rows [BLOCK_M], and word offsets / mask [BLOCK_M, BLOCK_B, W] of a tile of W-word blocks."""
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    blks = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    words = tl.arange(0, W)
-    bmask = (rows < M)[:, None] & (blks < n_blocks)[None, :]
-    col = blks[None, :, None] * W + words[None, None, :]
-    return rows.to(tl.int64), blks, col, bmask
+def _fp8_bytes(qe, qo, t, k, IN_KIND: tl.constexpr):
+    """e4m3 bytes (int32 < 256) of the two elements of each word: codes of ``qe``, ``qo`` in [0, 448] and the
+    signs in ``t``, times ``k``. ``(code << 24) + (sign << 31)`` is the byte ``<< 24`` (as ``_fp4_bytes``)."""
+    if IN_KIND == 0:
+        se = t.to(tl.int32) & _SIGN
+        so = (t >> 32).to(tl.int32) & _SIGN
+    else:  # t = s_e 2**15 + s_o 2**31: t (2**16 + 2**17) wraps to s_e 2**31; t is s_o 2**31 + s_e 2**15
+        se = t * 0x30000
+        so = t
+    return tl.umulhi(_e4m3_bits(qe) * (16 * k) + se, 256 * k), tl.umulhi(_e4m3_bits(qo) * (16 * k) + so, 256 * k)
+
+
+@triton.jit
+def _pack_words(b, k, N: tl.constexpr):
+    """``[Q, M, B, J, 4 N]`` bytes (int32 < 256) -> ``[Q, M, B, J, N]`` little-endian int32 words.
+
+    ``k`` is the per-block 0 / 1 of the byte helpers (a block with ``k = 0`` has only zero bytes): as a
+    register multiplier it keeps the multiply-adds on the fma pipe (a constant would become shifts)."""
+    lo, hi = tl.split(b.reshape([b.shape[0], b.shape[1], b.shape[2], b.shape[3], N, 2, 2]))
+    p0, p1 = tl.split(lo + hi * (256 * k[:, :, :, :, :, None]))
+    return p0 + p1 * (65536 * k)
+
+
+@triton.jit
+def _interleave(be, bo):
+    """Bytes of the even and odd elements ``[..., 4]`` -> ``[..., 8]`` in element order."""
+    j = tl.join(be, bo)
+    return j.reshape([j.shape[0], j.shape[1], j.shape[2], j.shape[3], 8])
+
+
+@triton.jit
+def _store_words(ptr, row_offs, word_cols, words, mask):
+    """Store int32 ``words`` at row offsets ``row_offs`` (in units of ``ptr``'s type) and word columns
+    ``word_cols``: directly when ``ptr`` is an int32 pointer (4-byte aligned output), else byte by byte."""
+    if ptr.dtype.element_ty == tl.int32:
+        tl.store(ptr + row_offs + word_cols, words, mask=mask)
+    else:
+        for i in tl.static_range(4):
+            tl.store(ptr + row_offs + word_cols * 4 + i, (words >> (8 * i)).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _fp8_scale(amax, EPS: tl.constexpr, UE8M0: tl.constexpr):
+    """fp32 FP8 scale ``max(amax, EPS) / 448`` (rounded up to a power of two when UE8M0) and ``RN(1 / scale)``,
+    for a NaN-free ``amax``."""
+    scale = tl.math.div_rn(tl.minimum(tl.maximum(amax, EPS), _FP32_MAX), 448.0)
+    if UE8M0:
+        scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & _EXP_MASK).to(tl.float32, bitcast=True)
+        r = ((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # exact
+    else:
+        r = tl.math.div_rn(1.0, scale)
+    return scale, r
+
+
+@triton.jit
+def _fp8_quotient(x, nscale, r, UE8M0: tl.constexpr):
+    """``min(RN(|x| / scale), 448)`` for ``nscale = -scale``: the division exactly (a power of two: one
+    multiply), clamped so that Inf inputs (whose remainder is NaN; ``minimum`` drops NaN) saturate."""
+    if UE8M0:
+        q = x * r
+    else:
+        q = _div(x, nscale, r, 2)
+    return tl.minimum(q, 448.0)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernels
+# Quantize kernels
 
 
 @triton.jit
-def _nvfp4_kernel(
-    x_ptr, gs_ptr, q_ptr, s_ptr,
-    M, n_blocks, stride_xw, stride_qm, stride_sm, n_kt,
-    IN_KIND: tl.constexpr, SWIZZLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
-):  # fmt: skip
-    pid_m, pid_b = tl.program_id(0), tl.program_id(1)
-    rows, blks, col, bmask = _tile_offsets(pid_m, pid_b, M, n_blocks, BLOCK_M, BLOCK_B, 8)
-    mask = bmask[:, :, None]
-    even, odd = _load_pairs(x_ptr, rows[:, None, None] * stride_xw + col, mask, IN_KIND)
-    mag_e = even & 0x7FFFFFFF
-    mag_o = odd & 0x7FFFFFFF
-    mag_e = tl.where(mag_e < _MIN_NORMAL_BITS, 0, mag_e)  # fp32 subnormals count as zero
-    mag_o = tl.where(mag_o < _MIN_NORMAL_BITS, 0, mag_o)
-    amax = tl.max(tl.maximum(mag_e, mag_o), axis=2).to(tl.float32, bitcast=True)  # int max == float max
+def _nvfp4_body(x_ptr, gs, q_ptr, s_ptr, M, n_blocks, stride_xw, stride_qm, stride_sm, n_kt,
+                IN_KIND: tl.constexpr, SWIZZLE: tl.constexpr, FLUSH: tl.constexpr, J: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    # A block of 16 elements is 8 words: 2 quads, in J lanes.
+    rows, blks, bmask = _rows_and_blocks(tl.program_id(0), tl.program_id(1), M, n_blocks, BLOCK_M, BLOCK_B)
+    offs = rows[None, :, None, None, None] * stride_xw + _quad_cols(blks, 2 // J, J)
+    xe, xo, t = _load_pairs(x_ptr, offs, _per_block(bmask), IN_KIND)
+    amax = _block_amax(xe, xo)
+    p = gs * tl.where(amax < _MIN_NORMAL, 0.0, amax)  # fp32 subnormals count as zero
+    is_nan = p != p
+    # scale = e4m3_satfinite((gs * amax) / 6); gs * amax >= 2688 saturates to 448 (also Inf)
+    sbits = _e4m3_bits(_div(tl.minimum(p, 2688.0), -6.0, _R6, 1))
+    s = sbits.to(tl.float32, bitcast=True) * 2.0**120  # the e4m3 value, exactly
+    r = tl.where(s > 0.0, _recip_e4m3(s), 0.0)  # zero scale: every quotient 0
+    # q = RN(RN(|x| gs) / s); a >= 6 s gives code 7, so clamping there keeps q in [0, 6] (Inf included)
+    lim = _per_block(6.0 * s)
+    ae = tl.minimum(xe * gs, lim)
+    ao = tl.minimum(xo * gs, lim)
+    if FLUSH:
+        ae = tl.where(xe < _MIN_NORMAL, 0.0, ae)
+        ao = tl.where(xo < _MIN_NORMAL, 0.0, ao)
+    ns5, r5, k = _per_block(s * -1.0), _per_block(r), _per_block((~is_nan).to(tl.int32))
+    qbytes = _fp4_bytes(_div(ae, ns5, r5, 1), _div(ao, ns5, r5, 1), t, k, IN_KIND)
+    _store_words(q_ptr, rows[None, :, None, None, None] * stride_qm, _out_cols(blks, 2 // J, J, 1),
+                 _pack_words(qbytes, k, 1), _per_block(bmask))
 
-    gs_bits = tl.load(gs_ptr).to(tl.int32, bitcast=True)
-    gs_bits = tl.where((gs_bits > 0) & (gs_bits < _INF_BITS), gs_bits, _NAN_BITS)  # not finite and > 0: NaN
-    gs = gs_bits.to(tl.float32, bitcast=True)
-    scale_bits = tl.math.div_rn(gs * amax, 6.0).to(tl.int32, bitcast=True)
-    is_nan = (scale_bits & 0x7FFFFFFF) > _INF_BITS
-    code = _e4m3_code(tl.where(is_nan, 0, scale_bits & 0x7FFFFFFF))
-    scale = _e4m3_value(code)
-    # NaN threshold scale for NaN and zero blocks: every comparison is false, codes 0.
-    s = tl.where((scale > 0.0) & ~is_nan, scale, _nan())[:, :, None]
-    sign_mask = tl.where(is_nan, 0, 8)[:, :, None]  # NaN blocks: all nibbles 0
-    lo = _e2m1_code_scaled(mag_e.to(tl.float32, bitcast=True) * gs, s) | ((even >> 28) & sign_mask)
-    hi = _e2m1_code_scaled(mag_o.to(tl.float32, bitcast=True) * gs, s) | ((odd >> 28) & sign_mask)
-    tl.store(q_ptr + rows[:, None, None] * stride_qm + col, (lo | (hi << 4)).to(tl.uint8), mask=mask)
-
-    sbytes = tl.where(is_nan, 0x7F, code).to(tl.uint8)
+    sbytes = tl.where(is_nan, 0x7F, sbits >> 20).to(tl.uint8)
     if SWIZZLE:
-        r = rows[:, None]
+        r2 = rows[:, None]
         c = blks[None, :]
-        soffs = (r // 128) * (n_kt * 512) + (c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + (c % 4)
+        soffs = (r2 // 128) * (n_kt * 512) + (c // 4) * 512 + (r2 % 32) * 16 + ((r2 % 128) // 32) * 4 + (c % 4)
     else:
         soffs = rows[:, None] * stride_sm + blks[None, :]
     tl.store(s_ptr + soffs, sbytes, mask=bmask)
 
 
 @triton.jit
+def _nvfp4_kernel(
+    x_ptr, gs_ptr, q_ptr, s_ptr,
+    M, n_blocks, stride_xw, stride_qm, stride_sm, n_kt,
+    IN_KIND: tl.constexpr, SWIZZLE: tl.constexpr, J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    gs = tl.load(gs_ptr)
+    gs = tl.where((gs > 0.0) & (gs < float("inf")), gs, _nan())  # not finite and > 0: every scale NaN
+    # fp32 subnormal inputs count as zero. They reach code 1 only when gs 2**-126 > 0.25 * 2**-9 (the
+    # smallest nonzero scale), so only then do the elements need the flush: one uniform branch.
+    if gs > 2.0**115:
+        _nvfp4_body(x_ptr, gs, q_ptr, s_ptr, M, n_blocks, stride_xw, stride_qm, stride_sm, n_kt,
+                    IN_KIND, SWIZZLE, True, J, BLOCK_M, BLOCK_B)  # fmt: skip
+    else:
+        _nvfp4_body(x_ptr, gs, q_ptr, s_ptr, M, n_blocks, stride_xw, stride_qm, stride_sm, n_kt,
+                    IN_KIND, SWIZZLE, False, J, BLOCK_M, BLOCK_B)  # fmt: skip
+
+
+@triton.jit
 def _mxfp4_kernel(
     x_ptr, q_ptr, s_ptr,
     M, n_blocks, stride_xw, stride_qm, stride_sm,
-    IN_KIND: tl.constexpr, ROUND_UP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    IN_KIND: tl.constexpr, ROUND_UP: tl.constexpr, J: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_b = tl.program_id(0), tl.program_id(1)
-    rows, blks, col, bmask = _tile_offsets(pid_m, pid_b, M, n_blocks, BLOCK_M, BLOCK_B, 16)
-    mask = bmask[:, :, None]
-    even, odd = _load_pairs(x_ptr, rows[:, None, None] * stride_xw + col, mask, IN_KIND)
-    mag_e = even & 0x7FFFFFFF
-    mag_o = odd & 0x7FFFFFFF
-    amax = tl.max(tl.maximum(mag_e, mag_o), axis=2)
-    is_nan = amax > _INF_BITS
+    # A block of 32 elements is 16 words: 4 quads, in J lanes.
+    rows, blks, bmask = _rows_and_blocks(tl.program_id(0), tl.program_id(1), M, n_blocks, BLOCK_M, BLOCK_B)
+    offs = rows[None, :, None, None, None] * stride_xw + _quad_cols(blks, 4 // J, J)
+    xe, xo, t = _load_pairs(x_ptr, offs, _per_block(bmask), IN_KIND)
+    amax = _block_amax(xe, xo)
+    is_nan = amax != amax
 
     # Exact floor(log2(amax)): exponent field, or for subnormals the exponent of the mantissa as an
-    # integer converted to fp32 (exact, no denormal arithmetic). amax = 0 gives -276.
-    e = amax >> 23
-    mant = amax & 0x7FFFFF
+    # integer converted to fp32 (exact, no denormal arithmetic). amax = 0 gives -276; Inf gives 128.
+    abits = amax.to(tl.int32, bitcast=True)
+    e = abits >> 23
+    mant = abits & 0x7FFFFF
     norm = mant.to(tl.float32).to(tl.int32, bitcast=True)
     floor_log2 = tl.where(e > 0, e - 127, (norm >> 23) - 276)
     k = floor_log2 - 2  # OCP: floor(log2(amax)) - emax(e2m1)
     if ROUND_UP:  # amax / 2**k is in [4, 8): a mantissa above 1.5 (amax/2**k > 6) needs one more power of two
         k += (tl.where(e > 0, mant, norm & 0x7FFFFF) > 0x400000).to(tl.int32)
     biased = tl.minimum(tl.maximum(k + 127, 0), 254)
-    k = (biased - 127)[:, :, None]
-
-    sign_mask = tl.where(is_nan, 0, 8)[:, :, None]
-    lo = tl.where(is_nan[:, :, None], 0, _e2m1_code_pow2(mag_e, k)) | ((even >> 28) & sign_mask)
-    hi = tl.where(is_nan[:, :, None], 0, _e2m1_code_pow2(mag_o, k)) | ((odd >> 28) & sign_mask)
-    tl.store(q_ptr + rows[:, None, None] * stride_qm + col, (lo | (hi << 4)).to(tl.uint8), mask=mask)
+    # 2**-k = 2**(127 - biased): an fp32 exponent field, or the subnormal 2**-127 for biased = 254
+    inv = tl.where(biased < 254, (254 - biased) << 23, 0x400000).to(tl.float32, bitcast=True)
+    # |x| 2**-k is exact wherever it can reach 0.25; min(., 6) saturates (also Inf)
+    inv5 = _per_block(inv)
+    qe = tl.minimum(xe * inv5, 6.0)
+    qo = tl.minimum(xo * inv5, 6.0)
+    k = _per_block((~is_nan).to(tl.int32))
+    _store_words(q_ptr, rows[None, :, None, None, None] * stride_qm, _out_cols(blks, 4 // J, J, 1),
+                 _pack_words(_fp4_bytes(qe, qo, t, k, IN_KIND), k, 1), _per_block(bmask))
     sbytes = tl.where(is_nan, 0xFF, biased).to(tl.uint8)
     tl.store(s_ptr + rows[:, None] * stride_sm + blks[None, :], sbytes, mask=bmask)
 
 
 @triton.jit
-def _fp8_scale(amax_bits, EPS: tl.constexpr, UE8M0: tl.constexpr):
-    """fp32 FP8 scale ``max(amax, EPS) / 448`` (rounded up to a power of two when UE8M0); non-NaN amax."""
-    amax = amax_bits.to(tl.float32, bitcast=True)
-    amax = tl.minimum(tl.maximum(amax, EPS), 3.4028234663852886e38)
-    scale = tl.math.div_rn(amax, 448.0)
-    if UE8M0:
-        scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    return scale
-
-
-@triton.jit
-def _fp8_codes(bits, scale, UE8M0: tl.constexpr):
-    """e4m3 bytes (int32, sign in bit 7) of ``x / scale`` for fp32 bits ``bits`` and positive ``scale``."""
-    x = bits.to(tl.float32, bitcast=True)
-    if UE8M0:  # a power of two: multiplying by its (exact) reciprocal is the same as dividing
-        q = x * (((254 << 23) - scale.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True))
-    else:
-        q = tl.math.div_rn(x, scale)
-    qb = q.to(tl.int32, bitcast=True)
-    return _e4m3_code(qb & 0x7FFFFFFF) | ((qb >> 24) & 0x80)
-
-
-@triton.jit
 def _fp8_group_kernel(
     x_ptr, q_ptr, s_ptr,
-    M, n_groups, stride_xm, stride_qm, stride_sm,
-    IN_KIND: tl.constexpr, GROUP: tl.constexpr, UE8M0: tl.constexpr, EPS: tl.constexpr,
+    M, n_groups, stride_xw, stride_qm, stride_sm,
+    IN_KIND: tl.constexpr, Q: tl.constexpr, J: tl.constexpr, UE8M0: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_b = tl.program_id(0), tl.program_id(1)
-    rows, grps, col, bmask = _tile_offsets(pid_m, pid_b, M, n_groups, BLOCK_M, BLOCK_B, GROUP)
-    mask = bmask[:, :, None]
-    bits = _load_bits(x_ptr, rows[:, None, None] * stride_xm + col, mask, IN_KIND)
-    amax = tl.max(bits & 0x7FFFFFFF, axis=2)
-    is_nan = amax > _INF_BITS
-    scale = _fp8_scale(tl.where(is_nan, 0, amax), EPS, UE8M0)
-    codes = tl.where(is_nan[:, :, None], 0, _fp8_codes(bits, scale[:, :, None], UE8M0))
-    tl.store(q_ptr + rows[:, None, None] * stride_qm + col, codes.to(tl.uint8), mask=mask)
-    scale = tl.where(is_nan, _nan(), scale)
-    tl.store(s_ptr + rows[:, None] * stride_sm + grps[None, :], scale, mask=bmask)
+    # A group of 8 Q J elements: 4 Q J words, J lanes with Q quads each.
+    rows, grps, bmask = _rows_and_blocks(tl.program_id(0), tl.program_id(1), M, n_groups, BLOCK_M, BLOCK_B)
+    offs = rows[None, :, None, None, None] * stride_xw + _quad_cols(grps, Q, J)
+    xe, xo, t = _load_pairs(x_ptr, offs, _per_block(bmask), IN_KIND)
+    amax = _block_amax(xe, xo)
+    is_nan = amax != amax
+    scale, r = _fp8_scale(amax, EPS, UE8M0)
+    s5, r5, k = _per_block(scale * -1.0), _per_block(r), _per_block((~is_nan).to(tl.int32))
+    be, bo = _fp8_bytes(_fp8_quotient(xe, s5, r5, UE8M0), _fp8_quotient(xo, s5, r5, UE8M0), t, k, IN_KIND)
+    # word w of a quad holds elements 2w, 2w+1: bytes 2w, 2w+1 of the quad's 8 output bytes (2 words)
+    words = _pack_words(_interleave(be, bo), k, 2)
+    _store_words(q_ptr, rows[None, :, None, None, None] * stride_qm, _out_cols(grps, Q, J, 2), words, _per_block(bmask))
+    tl.store(s_ptr + rows[:, None] * stride_sm + grps[None, :], tl.where(is_nan, _nan(), scale), mask=bmask)
 
 
 @triton.jit
 def _fp8_token_kernel(
     x_ptr, q_ptr, s_ptr,
-    M, K: tl.constexpr, stride_xm, stride_qm, stride_sm,
-    IN_KIND: tl.constexpr, UE8M0: tl.constexpr, EPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    M, n_words, stride_xw, stride_qm, stride_sm,
+    IN_KIND: tl.constexpr, UE8M0: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
+    # One scale per row: pass 1 takes the row's amax over chunks of BLOCK_B blocks of 64 words, pass 2
+    # quantizes (the rows are in L2 by then). Blocks as in the group kernel (Q = J = 4); words masked.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)
     row_ok = rows < M
-    amax = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):  # pass 1: row amax (integer max of |x| bits)
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (cols[None, :] < K)
-        bits = _load_bits(x_ptr, rows64[:, None] * stride_xm + cols[None, :], mask, IN_KIND)
-        amax = tl.maximum(amax, tl.max(bits & 0x7FFFFFFF, axis=1))
-    is_nan = amax > _INF_BITS
-    scale = _fp8_scale(tl.where(is_nan, 0, amax), EPS, UE8M0)
-    for k0 in range(0, K, BLOCK_K):  # pass 2: quantize (the row block is in L2 by now)
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_ok[:, None] & (cols[None, :] < K)
-        bits = _load_bits(x_ptr, rows64[:, None] * stride_xm + cols[None, :], mask, IN_KIND)
-        codes = tl.where(is_nan[:, None], 0, _fp8_codes(bits, scale[:, None], UE8M0))
-        tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], codes.to(tl.uint8), mask=mask)
-    scale = tl.where(is_nan, _nan(), scale)
-    tl.store(s_ptr + rows64 * stride_sm, scale, mask=row_ok)
+    rows = rows.to(tl.int64)
+    n_blocks = tl.cdiv(n_words, 64)
+    amax = tl.zeros((BLOCK_M, BLOCK_B), tl.int32)  # magnitude bits, as in _block_amax
+    for b0 in range(0, n_blocks, BLOCK_B):
+        col = _quad_cols(b0 + tl.arange(0, BLOCK_B), 4, 4)
+        mask = row_ok[None, :, None, None, None] & (col < n_words)
+        xe, xo, _ = _load_pairs(x_ptr, rows[None, :, None, None, None] * stride_xw + col, mask, IN_KIND)
+        amax = tl.maximum(amax, _block_amax(xe, xo).to(tl.int32, bitcast=True))
+    amax = tl.max(amax, axis=1).to(tl.float32, bitcast=True)
+    is_nan = amax != amax
+    scale, r = _fp8_scale(amax, EPS, UE8M0)
+    s5, r5 = (scale * -1.0)[None, :, None, None, None], r[None, :, None, None, None]
+    k = (~is_nan).to(tl.int32)[None, :, None, None, None]
+    for b0 in range(0, n_blocks, BLOCK_B):
+        blks = b0 + tl.arange(0, BLOCK_B)
+        col = _quad_cols(blks, 4, 4)
+        mask = row_ok[None, :, None, None, None] & (col < n_words)
+        xe, xo, t = _load_pairs(x_ptr, rows[None, :, None, None, None] * stride_xw + col, mask, IN_KIND)
+        be, bo = _fp8_bytes(_fp8_quotient(xe, s5, r5, UE8M0), _fp8_quotient(xo, s5, r5, UE8M0), t, k, IN_KIND)
+        wcol = _out_cols(blks, 4, 4, 2)
+        _store_words(q_ptr, rows[None, :, None, None, None] * stride_qm, wcol, _pack_words(_interleave(be, bo), k, 2),
+                     row_ok[None, :, None, None, None] & (wcol < n_words // 2))
+    tl.store(s_ptr + rows * stride_sm, tl.where(is_nan, _nan(), scale), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Launchers (arguments already validated by moecomm.quant)
+# Dequantize kernels: the fp32 values the references compute, stored as fp32 or as bf16 (RNE)
+
+
+@triton.jit
+def _store_values(out_ptr, row_offs, cols, xe, xo, nan_e, nan_o, mask, OUT_BF16: tl.constexpr):
+    """Store fp32 ``xe``, ``xo`` (elements 2c and 2c + 1 of pair columns ``cols``, rows at ``row_offs`` in
+    units of ``out_ptr``'s type) as fp32, or as one int32 word of two bf16 rounded to nearest even on the
+    bits. ``nan_e`` / ``nan_o`` mark the values that are NaN: their rounded bits would be garbage, so the
+    bf16 halves get 0x7FC0 OR-ed in (and the fp32 values are replaced by NaN)."""
+    if OUT_BF16:
+        be = xe.to(tl.int32, bitcast=True)
+        bo = xo.to(tl.int32, bitcast=True)
+        lo = ((be + 0x7FFF + ((be >> 16) & 1)) >> 16) & 0xFFFF
+        hi = (bo + 0x7FFF + ((bo >> 16) & 1)) & -65536
+        nan = tl.where(nan_e, 0x7FC0, 0) | tl.where(nan_o, 0x7FC00000, 0)
+        tl.store(out_ptr + row_offs + cols, lo | hi | nan, mask=mask)
+    else:
+        xe = tl.where(nan_e, _nan(), xe)
+        xo = tl.where(nan_o, _nan(), xo)
+        offs = tl.broadcast_to(row_offs + cols * 2, xe.shape)
+        mask = tl.broadcast_to(mask, xe.shape)
+        tl.store(out_ptr + tl.join(offs, offs + 1), tl.join(xe, xo), mask=tl.join(mask, mask))
+
+
+@triton.jit
+def _e2m1_value_bits(nib):
+    """fp32 bits of the e2m1 value of nibbles ``nib`` (int32 < 16) times ``2**-126``: ``code << 22`` with the
+    sign at bit 31. ``nib * 2**28`` holds only the nibble (bits 28..31), ``nib * 2**22`` only bits 22..25."""
+    return ((nib * (1 << 28)) | (nib * (1 << 22))) & -0x7E400000  # 0x81C00000
+
+
+@triton.jit
+def _dequant_nvfp4_body(q_ptr, s_ptr, gs, out_ptr, M, n_blocks, stride_qm, stride_sm, stride_om, n_kt,
+                        SWIZZLE: tl.constexpr, OUT_BF16: tl.constexpr, DIV_RN: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    rows, blks, bmask = _rows_and_blocks(tl.program_id(0), tl.program_id(1), M, n_blocks, BLOCK_M, BLOCK_B)
+    # [rows, blocks, 8 bytes]: byte i of a block holds elements 2i (low nibble) and 2i + 1
+    cols = blks[:, None] * 8 + tl.arange(0, 8)[None, :]
+    b = tl.load(q_ptr + rows[:, None, None] * stride_qm + cols[None, :, :], mask=bmask[:, :, None], other=0)
+    b = b.to(tl.int32)
+    if SWIZZLE:
+        r2 = rows[:, None]
+        c = blks[None, :]
+        soffs = (r2 // 128) * (n_kt * 512) + (c // 4) * 512 + (r2 % 32) * 16 + ((r2 % 128) // 32) * 4 + (c % 4)
+    else:
+        soffs = rows[:, None] * stride_sm + blks[None, :]
+    sb = tl.load(s_ptr + soffs, mask=bmask, other=0).to(tl.int32)
+    gs2 = tl.full(sb.shape, 0.0, tl.float32) + gs  # per block, so that its NaN test is a tensor
+    nan_block = ((sb & 0x7F) == 0x7F) | (gs2 != gs2)
+    s = (((sb & 0x7F) << 20) | ((sb & 0x80) << 24)).to(tl.float32, bitcast=True) * 2.0**120  # e4m3, exactly
+    ns = tl.where(nan_block, _nan(), s * -1.0)[:, :, None]  # -scale: see _div
+    # e2m1 value * 2**-126 has the bits code << 22 (0.5 is the subnormal 2**-127); the sign is bit 3
+    ve = _e2m1_value_bits(b & 15).to(tl.float32, bitcast=True) * 2.0**126
+    vo = _e2m1_value_bits(b >> 4).to(tl.float32, bitcast=True) * 2.0**126
+    # -e2m1 * scale (exact), then RN(that / -gs) in the sign-keeping form of _div
+    if DIV_RN:
+        xe = tl.math.div_rn(ve * ns, gs * -1.0)
+        xo = tl.math.div_rn(vo * ns, gs * -1.0)
+    else:
+        nrg = tl.math.div_rn(-1.0, gs)
+        xe = _div(ve * ns, gs, nrg, 1)
+        xo = _div(vo * ns, gs, nrg, 1)
+    nan = nan_block[:, :, None]
+    _store_values(out_ptr, rows[:, None, None] * stride_om, cols[None, :, :], xe, xo, nan, nan, bmask[:, :, None],
+                  OUT_BF16)  # fmt: skip
+
+
+@triton.jit
+def _dequant_nvfp4_kernel(
+    q_ptr, s_ptr, gs_ptr, out_ptr,
+    M, n_blocks, stride_qm, stride_sm, stride_om, n_kt,
+    SWIZZLE: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    # x = RN(RN(e2m1 * scale) / gs): e2m1 * scale is exact; one Markstein step divides exactly while no
+    # quotient or remainder leaves the normal range, which |e2m1 * scale| in [2**-10, 2688] ensures for
+    # gs in [2**-100, 2**100]. Other global scales divide with div_rn (one uniform branch).
+    gs = tl.load(gs_ptr)
+    gs = tl.where((gs > 0.0) & (gs < float("inf")), gs, _nan())
+    if (gs >= 2.0**-100) & (gs <= 2.0**100):
+        _dequant_nvfp4_body(q_ptr, s_ptr, gs, out_ptr, M, n_blocks, stride_qm, stride_sm, stride_om, n_kt,
+                            SWIZZLE, OUT_BF16, False, BLOCK_M, BLOCK_B)  # fmt: skip
+    else:
+        _dequant_nvfp4_body(q_ptr, s_ptr, gs, out_ptr, M, n_blocks, stride_qm, stride_sm, stride_om, n_kt,
+                            SWIZZLE, OUT_BF16, True, BLOCK_M, BLOCK_B)  # fmt: skip
+
+
+@triton.jit
+def _dequant_fp8_kernel(
+    q_ptr, s_ptr, out_ptr,
+    M, n_pairs, group, stride_qm, stride_sm, stride_om,
+    OUT_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # x = RN(e4m3 * scale). A program covers BLOCK_P pairs of columns inside one scale group (BLOCK_P pairs
+    # divide the group, or the group is the whole row); q is read as 16-bit pairs.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)
+    p0 = tl.program_id(1) * BLOCK_P
+    pairs = p0 + tl.arange(0, BLOCK_P)
+    mask = row_ok[:, None] & (pairs < n_pairs)[None, :]
+    b = tl.load(q_ptr + rows[:, None] * stride_qm + pairs[None, :], mask=mask, other=0).to(tl.int32)
+    scale = tl.load(s_ptr + rows * stride_sm + (2 * p0) // group, mask=row_ok, other=0.0)
+    nan_row = (scale != scale)[:, None]
+    scale = scale[:, None]
+    # e4m3 value * 2**-120 has the bits code << 20 (subnormals included), the sign at bit 31; 0x7F is NaN
+    xe = (((b * (1 << 24)) & _SIGN) | ((b & 0x7F) * (1 << 20))).to(tl.float32, bitcast=True)
+    xo = (((b * (1 << 16)) & _SIGN) | ((b & 0x7F00) * (1 << 12))).to(tl.float32, bitcast=True)
+    xe = xe * 2.0**120 * scale
+    xo = xo * 2.0**120 * scale
+    nan_e = ((b & 0x7F) == 0x7F) | nan_row
+    nan_o = ((b & 0x7F00) == 0x7F00) | nan_row
+    _store_values(out_ptr, rows[:, None] * stride_om, pairs[None, :], xe, xo, nan_e, nan_o, mask, OUT_BF16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers (arguments already validated by moecomm.quant; every launch runs on its tensors' device)
 
 
 def _as_pairs(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -316,22 +555,21 @@ def _as_pairs(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x.view(word), kind
 
 
-def _as_elements(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``x`` with unit inner stride, as the dtype the kernel loads (bf16 as int16, fp32 as int32), and IN_KIND."""
-    if x.shape[1] > 1 and x.stride(1) != 1:
-        x = x.contiguous()
-    if x.dtype == torch.float32:
-        return x.view(torch.int32), 0
-    if x.dtype == torch.bfloat16:
-        return x.view(torch.int16), 1
-    return x, 2
+def _as_words(out: torch.Tensor) -> torch.Tensor:
+    """A byte output ``[rows, n]`` as int32 words ``[rows, n/4]`` when its layout allows (offset, row
+    stride and width multiples of 4 bytes), else as uint8 (the kernels then store byte by byte)."""
+    out = out.view(torch.uint8)
+    try:
+        return out.view(torch.int32)
+    except RuntimeError:
+        return out
 
 
-def _tile(m: int, n_blocks: int, block: int, cuda: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_B blocks per program, num_warps) for ``n_blocks`` blocks of ``block`` elements a row."""
+def _tile_shape(m: int, n_blocks: int, block: int, cuda: bool) -> tuple[int, int, int]:
+    """(BLOCK_M rows, BLOCK_B blocks, num_warps) of a program for ``n_blocks`` blocks of ``block``
+    elements a row: up to 1024 columns and 4096 elements on the GPU."""
     tile = _GPU_TILE if cuda else _INTERP_TILE
-    max_cols = _GPU_MAX_COLS if cuda else _INTERP_TILE
-    block_b = triton.next_power_of_2(max(1, min(n_blocks, max(1, max_cols // block))))
+    block_b = triton.next_power_of_2(max(1, min(n_blocks, max(1, (1024 if cuda else tile) // block))))
     block_m = max(1, min(triton.next_power_of_2(m), tile // (block_b * block)))
     return block_m, block_b, _GPU_WARPS if cuda else 1
 
@@ -341,13 +579,16 @@ def quantize_nvfp4(x, gs, packed, scales_u8, *, swizzled: bool) -> None:
     if m == 0:
         return
     xw, kind = _as_pairs(x)
+    qw = _as_words(packed)
     n_blocks = k // 16
-    bm, bb, warps = _tile(m, n_blocks, 16, x.is_cuda)
+    bm, bb, warps = _tile_shape(m, n_blocks, 16, x.is_cuda)
     grid = (triton.cdiv(m, bm), triton.cdiv(n_blocks, bb))
-    _nvfp4_kernel[grid](
-        xw, gs, packed, scales_u8, m, n_blocks, xw.stride(0), packed.stride(0), scales_u8.stride(0),
-        triton.cdiv(n_blocks, 4), IN_KIND=kind, SWIZZLE=swizzled, BLOCK_M=bm, BLOCK_B=bb, num_warps=warps,
-    )  # fmt: skip
+    with device_guard(x.device):
+        _nvfp4_kernel[grid](
+            xw, gs, qw, scales_u8, m, n_blocks, xw.stride(0), qw.stride(0), scales_u8.stride(0),
+            triton.cdiv(n_blocks, 4), IN_KIND=kind, SWIZZLE=swizzled, J=_NVFP4_J,
+            BLOCK_M=bm, BLOCK_B=bb, num_warps=warps,
+        )  # fmt: skip
 
 
 def quantize_mxfp4(x, packed, scales, *, round_up: bool) -> None:
@@ -355,33 +596,92 @@ def quantize_mxfp4(x, packed, scales, *, round_up: bool) -> None:
     if m == 0:
         return
     xw, kind = _as_pairs(x)
+    qw = _as_words(packed)
     n_blocks = k // 32
-    bm, bb, warps = _tile(m, n_blocks, 32, x.is_cuda)
+    bm, bb, warps = _tile_shape(m, n_blocks, 32, x.is_cuda)
     grid = (triton.cdiv(m, bm), triton.cdiv(n_blocks, bb))
-    _mxfp4_kernel[grid](
-        xw, packed, scales, m, n_blocks, xw.stride(0), packed.stride(0), scales.stride(0),
-        IN_KIND=kind, ROUND_UP=round_up, BLOCK_M=bm, BLOCK_B=bb, num_warps=warps,
-    )  # fmt: skip
+    with device_guard(x.device):
+        _mxfp4_kernel[grid](
+            xw, qw, scales, m, n_blocks, xw.stride(0), qw.stride(0), scales.stride(0),
+            IN_KIND=kind, ROUND_UP=round_up, J=_MXFP4_J, BLOCK_M=bm, BLOCK_B=bb,
+            num_warps=warps,
+        )  # fmt: skip
 
 
-def quantize_fp8(x, q_u8, scales, *, group_size: int | None, ue8m0: bool, eps: float) -> None:
+def quantize_fp8(x, q, scales, *, group_size: int | None, ue8m0: bool, eps: float) -> None:
+    """``group_size``: a power of two >= 8, or None (per token; any hidden)."""
     m, k = x.shape
     if m == 0:
         return
-    xe, kind = _as_elements(x)
-    if group_size is None:
-        block_k = min(triton.next_power_of_2(k), _GPU_MAX_COLS if x.is_cuda else _INTERP_TILE)
-        bm = 1 if x.is_cuda else max(1, min(triton.next_power_of_2(m), _INTERP_TILE // block_k))
-        _fp8_token_kernel[(triton.cdiv(m, bm),)](
-            xe, q_u8, scales, m, k, xe.stride(0), q_u8.stride(0), scales.stride(0),
-            IN_KIND=kind, UE8M0=ue8m0, EPS=eps, BLOCK_M=bm, BLOCK_K=block_k,
-            num_warps=4 if x.is_cuda else 1,
-        )  # fmt: skip
+    if group_size is None and k % 8:  # the kernel works on 16-byte quads of 8 elements: pad with zeros
+        x8 = torch.zeros((m, k + 8 - k % 8), dtype=x.dtype, device=x.device)
+        x8[:, :k] = x
+        q8 = torch.empty(x8.shape, dtype=torch.uint8, device=x.device)
+        quantize_fp8(x8, q8, scales, group_size=None, ue8m0=ue8m0, eps=eps)
+        q.view(torch.uint8).copy_(q8[:, :k])
         return
-    n_groups = k // group_size
-    bm, bg, warps = _tile(m, n_groups, group_size, x.is_cuda)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n_groups, bg))
-    _fp8_group_kernel[grid](
-        xe, q_u8, scales, m, n_groups, xe.stride(0), q_u8.stride(0), scales.stride(0),
-        IN_KIND=kind, GROUP=group_size, UE8M0=ue8m0, EPS=eps, BLOCK_M=bm, BLOCK_B=bg, num_warps=warps,
-    )  # fmt: skip
+    xw, kind = _as_pairs(x)
+    qw = _as_words(q)
+    with device_guard(x.device):
+        if group_size is None:
+            n_blocks = triton.cdiv(k, 128)
+            bm, bb, warps = _tile_shape(m, n_blocks, 128, x.is_cuda)
+            _fp8_token_kernel[(triton.cdiv(m, bm),)](
+                xw, qw, scales, m, k // 2, xw.stride(0), qw.stride(0), scales.stride(0),
+                IN_KIND=kind, UE8M0=ue8m0, EPS=eps, BLOCK_M=bm, BLOCK_B=bb, num_warps=warps,
+            )  # fmt: skip
+            return
+        n_groups = k // group_size
+        quads = group_size // 8  # 16-byte quads per group, spread over J lanes
+        j = min(_FP8_J, quads)
+        bm, bb, warps = _tile_shape(m, n_groups, group_size, x.is_cuda)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n_groups, bb))
+        _fp8_group_kernel[grid](
+            xw, qw, scales, m, n_groups, xw.stride(0), qw.stride(0), scales.stride(0),
+            IN_KIND=kind, Q=quads // j, J=j, UE8M0=ue8m0, EPS=eps, BLOCK_M=bm, BLOCK_B=bb, num_warps=warps,
+        )  # fmt: skip
+
+
+def _dequant_out(m: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(result tensor, what the kernel writes, OUT_BF16): bf16 as int32 pairs, fp32 as is; other dtypes are
+    cast from an fp32 result by the caller."""
+    if dtype == torch.bfloat16:
+        out = torch.empty((m, k), dtype=dtype, device=device)
+        return out, out.view(torch.int32), True
+    out = torch.empty((m, k), dtype=torch.float32, device=device)
+    return out, out, False
+
+
+def dequantize_nvfp4(packed, scales_u8, gs, dtype: torch.dtype, *, swizzled: bool) -> torch.Tensor:
+    m, k = packed.shape[0], packed.shape[1] * 2
+    out, dst, bf16 = _dequant_out(m, k, dtype, packed.device)
+    if m:
+        n_blocks = k // 16
+        bm, bb, warps = _tile_shape(m, n_blocks, 16, packed.is_cuda)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n_blocks, bb))
+        with device_guard(packed.device):
+            _dequant_nvfp4_kernel[grid](
+                packed, scales_u8, gs, dst, m, n_blocks, packed.stride(0), scales_u8.stride(0),
+                dst.stride(0), triton.cdiv(n_blocks, 4), SWIZZLE=swizzled, OUT_BF16=bf16,
+                BLOCK_M=bm, BLOCK_B=bb, num_warps=warps,
+            )  # fmt: skip
+    return out.to(dtype)
+
+
+def dequantize_fp8(q_u8, scales, dtype: torch.dtype) -> torch.Tensor:
+    """``q_u8 [m, k]`` bytes with an even ``k`` and 2-byte aligned rows; ``k / scales.shape[1]`` a power of
+    two or ``scales.shape[1] == 1``."""
+    m, k = q_u8.shape
+    group = k // scales.shape[1]
+    out, dst, bf16 = _dequant_out(m, k, dtype, q_u8.device)
+    if m:
+        pairs = q_u8.view(torch.int16)
+        block = min(group, 1024 if q_u8.is_cuda else _INTERP_TILE) if group & (group - 1) == 0 else 1024
+        bm = max(1, min(triton.next_power_of_2(m), (_GPU_TILE if q_u8.is_cuda else _INTERP_TILE) // block))
+        grid = (triton.cdiv(m, bm), triton.cdiv(k, block))
+        with device_guard(q_u8.device):
+            _dequant_fp8_kernel[grid](
+                pairs, scales, dst, m, k // 2, group, pairs.stride(0), scales.stride(0), dst.stride(0),
+                OUT_BF16=bf16, BLOCK_M=bm, BLOCK_P=block // 2, num_warps=_GPU_WARPS if q_u8.is_cuda else 1,
+            )  # fmt: skip
+    return out.to(dtype)

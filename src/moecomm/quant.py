@@ -34,9 +34,10 @@ affected. All-zero blocks give scale 0 (e8m0: 0x00) and zero codes. Blocks whose
 dequantize to (signed) zero, never NaN. NVFP4 treats fp32 subnormal inputs (``|x| < 2**-126``) as zero,
 so its bytes do not depend on the hardware's flush-to-zero mode.
 
-Each quantizer has a torch reference ``*_ref`` here (the oracle) and a Triton kernel in
-``moecomm._quant_triton``; both produce the same bytes on CPU (Triton interpreter) and GPU, because
-the kernels convert with integer bit operations and IEEE-rounded fp32 ops only.
+Each quantizer, and the NVFP4 and FP8 dequantizers, has a torch reference ``*_ref`` here (the oracle)
+and a Triton kernel in ``moecomm._quant_triton``; both produce the same bytes on CPU (Triton
+interpreter) and GPU, because the kernels convert with integer operations and IEEE-rounded fp32 ops
+only (docs/formats.md, "Kernels vs references").
 
 ``backend``: ``"auto"`` (Triton kernel for CUDA inputs, torch reference on CPU), ``"triton"`` (force
 the kernel; on CPU needs ``TRITON_INTERPRET=1``) or ``"torch"`` (force the reference).
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moecomm._device import common_device
 from moecomm._enum import ChoiceEnum
 
 __all__ = [
@@ -75,6 +77,7 @@ __all__ = [
     "unswizzle_block_scales",
     "quantize_nvfp4_ref",
     "dequantize_nvfp4_ref",
+    "dequantize_fp8_ref",
     "quantize_mxfp4_ref",
     "quantize_fp8_ref",
 ]
@@ -178,14 +181,16 @@ class QuantizedTensor:
         """Number of rows (tokens)."""
         return self.data.shape[0]
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The ``[rows, hidden]`` tensor these bytes represent, in ``dtype``."""
+    def dequantize(self, dtype: torch.dtype = torch.float32, backend: str = "auto") -> Tensor:
+        """The ``[rows, hidden]`` tensor these bytes represent, in ``dtype`` (``backend`` for NVFP4 / FP8)."""
         fmt = QuantFormat(self.format)
         if fmt is QuantFormat.NVFP4:
-            return dequantize_nvfp4(self.data, self.scales, self.global_scale, swizzled=self.swizzled, dtype=dtype)
+            return dequantize_nvfp4(
+                self.data, self.scales, self.global_scale, swizzled=self.swizzled, dtype=dtype, backend=backend
+            )
         if fmt is QuantFormat.MXFP4:
             return dequantize_mxfp4(self.data, self.scales, dtype=dtype)
-        return dequantize_fp8(self.data, self.scales, dtype=dtype)
+        return dequantize_fp8(self.data, self.scales, dtype=dtype, backend=backend)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,20 +223,20 @@ def _check_backend(backend: str, x: Tensor, name: str) -> bool:
     return True
 
 
-def _check_out(out, expected: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device, name: str):
-    """Validate caller-provided outputs: exact shape, dtype and device; unit stride along the last dim."""
+def _check_out(out, expected: list[tuple[tuple[int, ...], torch.dtype]], x: Tensor, name: str):
+    """Validate caller-provided outputs: exact shape and dtype, ``x``'s device (``ValueError`` naming each
+    device otherwise); unit stride along the last dim, no overlapping rows."""
     if out is None:
         return None
     if not isinstance(out, (tuple, list)) or len(out) != len(expected):
         raise TypeError(f"{name}: out must be a tuple of {len(expected)} tensors, got {type(out).__name__}")
-    for i, (t, (shape, dtype)) in enumerate(zip(out, expected)):
+    for i, t in enumerate(out):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: out[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
-            raise ValueError(
-                f"{name}: out[{i}] must be {dtype} {list(shape)} on {device}, "
-                f"got {t.dtype} {list(t.shape)} on {t.device}"
-            )
+    common_device(name, x=x, **{f"out[{i}]": t for i, t in enumerate(out)})
+    for i, (t, (shape, dtype)) in enumerate(zip(out, expected)):
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise ValueError(f"{name}: out[{i}] must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
         if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
             raise ValueError(f"{name}: out[{i}] must have unit stride along dim 1, got strides {t.stride()}")
         if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) < t.shape[1]:
@@ -239,12 +244,13 @@ def _check_out(out, expected: list[tuple[tuple[int, ...], torch.dtype]], device:
     return tuple(out)
 
 
-def _global_scale_tensor(global_scale, device: torch.device, name: str) -> Tensor:
-    """The global scale as a one-element fp32 tensor on ``device``.
+def _global_scale_tensor(global_scale, name: str, **anchor: Tensor) -> Tensor:
+    """The global scale as a one-element fp32 tensor on the device of the one ``anchor`` tensor (``x=x``).
 
-    Python numbers and CPU tensors are checked here (finite, > 0) without a device sync. A CUDA tensor
-    is not inspected on the host; the quantizers poison every scale to NaN on the device instead when it
-    is not finite and positive, so a bad value is never silently used (and CUDA graphs stay capturable).
+    Python numbers and CPU tensors are checked here (finite, > 0) without a device sync, and moved to
+    that device. A CUDA tensor must already be there (``ValueError`` from ``common_device``) and is not
+    inspected on the host; the kernels poison every scale to NaN on the device instead when it is not finite and positive,
+    so a bad value is never silently used (and CUDA graphs stay capturable).
     """
     if isinstance(global_scale, bool):
         raise TypeError(f"{name}: global_scale must be a number or tensor, got bool")
@@ -255,6 +261,8 @@ def _global_scale_tensor(global_scale, device: torch.device, name: str) -> Tenso
             raise ValueError(f"{name}: global_scale must have one element, got shape {tuple(global_scale.shape)}")
         if not (global_scale.dtype.is_floating_point or global_scale.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name}: global_scale.dtype must be floating point, got {global_scale.dtype}")
+        if global_scale.is_cuda:
+            common_device(name, global_scale=global_scale, **anchor)
         gs = global_scale.detach().reshape(1).to(torch.float32)
     else:
         raise TypeError(f"{name}: global_scale must be a float or a tensor, got {type(global_scale).__name__}")
@@ -262,7 +270,7 @@ def _global_scale_tensor(global_scale, device: torch.device, name: str) -> Tenso
         v = gs.item()
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name}: global_scale must be a finite positive fp32 value, got {v} (as fp32)")
-    return gs.to(device)
+    return gs.to(next(iter(anchor.values())).device)
 
 
 def _poison_invalid(gs: Tensor) -> Tensor:
@@ -343,7 +351,7 @@ def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
 def quantize_nvfp4_ref(x: Tensor, global_scale: Tensor | float, *, swizzled: bool = False) -> tuple[Tensor, Tensor]:
     """Torch reference of ``quantize_nvfp4`` (the oracle for the kernel); same arguments and results."""
     m, k = _check_input(x, NVFP4_BLOCK, "quantize_nvfp4_ref")
-    gs = _poison_invalid(_global_scale_tensor(global_scale, x.device, "quantize_nvfp4_ref"))
+    gs = _poison_invalid(_global_scale_tensor(global_scale, "quantize_nvfp4_ref", x=x))
     xf = x.float().reshape(m, k // NVFP4_BLOCK, NVFP4_BLOCK)
     sign = torch.signbit(xf).to(torch.uint8) << 3
     mag = xf.abs()
@@ -364,24 +372,33 @@ def quantize_nvfp4_ref(x: Tensor, global_scale: Tensor | float, *, swizzled: boo
     return packed, scales
 
 
+def _check_nvfp4_scales(packed: Tensor, scales: Tensor, swizzled: bool, name: str) -> tuple[int, int]:
+    """(rows, hidden) of an NVFP4 pair; raises TypeError / ValueError for wrong dtypes or shapes."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise TypeError(f"{name}: packed must be a 2-D uint8 tensor, got {_describe(packed)}")
+    if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float8_e4m3fn, torch.uint8):
+        raise TypeError(f"{name}: scales must be float8_e4m3fn, got {_describe(scales)}")
+    m, k = packed.shape[0], packed.shape[1] * 2
+    if k % NVFP4_BLOCK:
+        raise ValueError(f"{name}: hidden = {k} must be a multiple of {NVFP4_BLOCK}")
+    kb = k // NVFP4_BLOCK
+    shape = (_round_up(m, 128), _round_up(kb, 4)) if swizzled else (m, kb)
+    if tuple(scales.shape) != shape:
+        layout = " (swizzled)" if swizzled else ""
+        raise ValueError(f"{name}: scales must be {list(shape)}{layout}, got {list(scales.shape)}")
+    return m, k
+
+
 def dequantize_nvfp4_ref(
     packed: Tensor, scales: Tensor, global_scale: Tensor | float, *, swizzled: bool = False, dtype=torch.float32
 ) -> Tensor:
-    """Torch reference of ``dequantize_nvfp4``: ``x = e2m1 * float(scale) / global_scale``."""
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise TypeError(f"dequantize_nvfp4: packed must be a 2-D uint8 tensor, got {_describe(packed)}")
-    if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float8_e4m3fn, torch.uint8):
-        raise TypeError(f"dequantize_nvfp4: scales must be float8_e4m3fn, got {_describe(scales)}")
-    m, k = packed.shape[0], packed.shape[1] * 2
-    if k % NVFP4_BLOCK:
-        raise ValueError(f"dequantize_nvfp4: hidden = {k} must be a multiple of {NVFP4_BLOCK}")
+    """Torch reference of ``dequantize_nvfp4`` (the oracle for the kernel); same arguments and result."""
+    m, k = _check_nvfp4_scales(packed, scales, swizzled, "dequantize_nvfp4")
     kb = k // NVFP4_BLOCK
     scales = scales.view(torch.float8_e4m3fn)
     if swizzled:
         scales = unswizzle_block_scales(scales, m, kb)
-    elif tuple(scales.shape) != (m, kb):
-        raise ValueError(f"dequantize_nvfp4: scales must be [{m}, {kb}], got {list(scales.shape)}")
-    gs = _poison_invalid(_global_scale_tensor(global_scale, packed.device, "dequantize_nvfp4"))
+    gs = _poison_invalid(_global_scale_tensor(global_scale, "dequantize_nvfp4", packed=packed))
     values = _unpack_e2m1(packed).reshape(m, kb, NVFP4_BLOCK)
     out = (values * scales.float().unsqueeze(-1)) / gs
     return out.reshape(m, k).to(dtype)
@@ -438,10 +455,10 @@ def quantize_nvfp4(
     use_triton = _check_backend(backend, x, name)
     kb = k // NVFP4_BLOCK
     sshape = (_round_up(m, 128), _round_up(kb, 4)) if swizzled else (m, kb)
-    out = _check_out(out, [((m, k // 2), torch.uint8), (sshape, torch.float8_e4m3fn)], x.device, name)
+    out = _check_out(out, [((m, k // 2), torch.uint8), (sshape, torch.float8_e4m3fn)], x, name)
     if out is not None and swizzled and not out[1].is_contiguous():
         raise ValueError(f"{name}: with swizzled=True, out[1] must be contiguous")
-    gs = _global_scale_tensor(global_scale, x.device, name)
+    gs = _global_scale_tensor(global_scale, name, x=x)
     if not use_triton:
         packed, scales = quantize_nvfp4_ref(x, gs, swizzled=swizzled)
         if out is None:
@@ -464,30 +481,55 @@ def quantize_nvfp4(
 
 
 def dequantize_nvfp4(
-    packed: Tensor, scales: Tensor, global_scale: Tensor | float, *, swizzled: bool = False, dtype=torch.float32
+    packed: Tensor,
+    scales: Tensor,
+    global_scale: Tensor | float,
+    *,
+    swizzled: bool = False,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
 ) -> Tensor:
     """Dequantize NVFP4: ``x = e2m1 * float(scale) / global_scale`` (fp32 math, then cast to ``dtype``).
 
     Parameters
     ----------
     packed : Tensor
-        ``uint8 [num_tokens, hidden/2]`` from ``quantize_nvfp4``.
+        ``uint8 [num_tokens, hidden/2]`` from ``quantize_nvfp4`` (row-strided views allowed).
     scales : Tensor
-        ``float8_e4m3fn [num_tokens, hidden/16]``, or the swizzled layout when ``swizzled``.
+        ``float8_e4m3fn [num_tokens, hidden/16]`` (or uint8 bytes), or the swizzled
+        ``[round_up(num_tokens,128), round_up(hidden/16,4)]`` layout when ``swizzled``.
     global_scale : Tensor or float
-        The encode scale used to quantize.
+        The encode scale used to quantize (as in ``quantize_nvfp4``).
+    dtype : torch.dtype
+        Result dtype; the fp32 values are rounded to nearest even.
+    backend : {"auto", "triton", "torch"}
+        As the quantizers: the Triton kernel for CUDA tensors under ``"auto"``.
 
     Returns
     -------
     Tensor
-        ``[num_tokens, hidden]`` in ``dtype``. NaN scales give NaN blocks.
+        ``[num_tokens, hidden]`` in ``dtype``, on ``packed``'s device. NaN scales (and an invalid CUDA
+        global scale) give NaN blocks; the kernel and the reference agree bit for bit, NaN payloads aside.
 
     Raises
     ------
     TypeError, ValueError
-        Wrong dtypes or shapes; invalid global scale (as in ``quantize_nvfp4``).
+        Wrong dtypes or shapes; tensors on different devices; invalid global scale (as in ``quantize_nvfp4``).
     """
-    return dequantize_nvfp4_ref(packed, scales, global_scale, swizzled=swizzled, dtype=dtype)
+    name = "dequantize_nvfp4"
+    m, k = _check_nvfp4_scales(packed, scales, swizzled, name)
+    common_device(name, packed=packed, scales=scales)
+    if not _check_backend(backend, packed, name):
+        return dequantize_nvfp4_ref(packed, scales, global_scale, swizzled=swizzled, dtype=dtype)
+    gs = _global_scale_tensor(global_scale, name, packed=packed)
+    if packed.shape[1] > 1 and packed.stride(1) != 1:
+        packed = packed.contiguous()
+    scales = scales.view(torch.uint8)
+    if (swizzled and not scales.is_contiguous()) or (scales.shape[1] > 1 and scales.stride(1) != 1):
+        scales = scales.contiguous()
+    from moecomm import _quant_triton
+
+    return _quant_triton.dequantize_nvfp4(packed, scales, gs, dtype, swizzled=swizzled)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,7 +641,7 @@ def quantize_mxfp4(
     if scale_rounding not in _MXFP4_ROUNDINGS:
         raise ValueError(f"{name}: scale_rounding must be one of {_MXFP4_ROUNDINGS}, got {scale_rounding!r}")
     use_triton = _check_backend(backend, x, name)
-    out = _check_out(out, [((m, k // 2), torch.uint8), ((m, k // MXFP4_BLOCK), torch.uint8)], x.device, name)
+    out = _check_out(out, [((m, k // 2), torch.uint8), ((m, k // MXFP4_BLOCK), torch.uint8)], x, name)
     if not use_triton:
         packed, scales = quantize_mxfp4_ref(x, scale_rounding=scale_rounding)
         if out is None:
@@ -693,7 +735,7 @@ def quantize_fp8(
         ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides.
     group_size : int or None
         Elements per scale along ``hidden`` (default 128); ``None`` = one scale per token (row). The
-        Triton backend needs a power of two (or ``None``).
+        Triton backend needs a power of two >= 8 (or ``None``: any hidden).
     ue8m0 : bool
         Round each scale up to a power of two (DeepGEMM's UE8M0 scales; stored as fp32).
     out : tuple of Tensor, optional
@@ -716,7 +758,7 @@ def quantize_fp8(
     m, k = _check_input(x, 1, name)
     g = _fp8_group(group_size, k, name)
     use_triton = _check_backend(backend, x, name)
-    out = _check_out(out, [((m, k), torch.float8_e4m3fn), ((m, k // g), torch.float32)], x.device, name)
+    out = _check_out(out, [((m, k), torch.float8_e4m3fn), ((m, k // g), torch.float32)], x, name)
     if not use_triton:
         q, scales = quantize_fp8_ref(x, group_size=g, ue8m0=ue8m0)
         if out is None:
@@ -724,8 +766,8 @@ def quantize_fp8(
         out[0].copy_(q)
         out[1].copy_(scales)
         return out
-    if group_size is not None and g & (g - 1):
-        raise ValueError(f"{name}: the Triton backend needs a power-of-two group_size, got {g}")
+    if group_size is not None and (g & (g - 1) or g < 8):
+        raise ValueError(f"{name}: the Triton backend needs a power-of-two group_size >= 8, got {g}")
     if out is None:
         out = (
             torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device),
@@ -739,22 +781,68 @@ def quantize_fp8(
     return out
 
 
-def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype=torch.float32) -> Tensor:
-    """Dequantize FP8: ``x = float(q) * scale`` (fp32 math, then cast to ``dtype``).
-
-    ``q``: ``float8_e4m3fn [num_tokens, hidden]``; ``scales``: ``float32 [num_tokens, hidden/group]``
-    (``[num_tokens, 1]`` per token). Returns ``[num_tokens, hidden]`` in ``dtype``.
-    """
+def _check_fp8_pair(q: Tensor, scales: Tensor, name: str) -> tuple[int, int, int]:
+    """(rows, hidden, scale groups) of an FP8 pair; raises TypeError / ValueError for wrong dtypes or shapes."""
     if not isinstance(q, torch.Tensor) or q.dtype != torch.float8_e4m3fn or q.dim() != 2:
-        raise TypeError(f"dequantize_fp8: q must be a 2-D float8_e4m3fn tensor, got {_describe(q)}")
+        raise TypeError(f"{name}: q must be a 2-D float8_e4m3fn tensor, got {_describe(q)}")
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2:
-        raise TypeError(f"dequantize_fp8: scales must be a 2-D float32 tensor, got {_describe(scales)}")
+        raise TypeError(f"{name}: scales must be a 2-D float32 tensor, got {_describe(scales)}")
     m, k = q.shape
     groups = scales.shape[1]
     if scales.shape[0] != m or groups == 0 or k % groups:
-        raise ValueError(f"dequantize_fp8: scales {list(scales.shape)} do not match q {list(q.shape)}")
+        raise ValueError(f"{name}: scales {list(scales.shape)} do not match q {list(q.shape)}")
+    return m, k, groups
+
+
+def dequantize_fp8_ref(q: Tensor, scales: Tensor, *, dtype=torch.float32) -> Tensor:
+    """Torch reference of ``dequantize_fp8`` (the oracle for the kernel); same arguments and result."""
+    m, k, groups = _check_fp8_pair(q, scales, "dequantize_fp8")
     out = q.float().reshape(m, groups, k // groups) * scales.unsqueeze(-1)
     return out.reshape(m, k).to(dtype)
+
+
+def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.float32, backend: str = "auto") -> Tensor:
+    """Dequantize FP8: ``x = float(q) * scale`` (fp32 math, then cast to ``dtype``).
+
+    Parameters
+    ----------
+    q : Tensor
+        ``float8_e4m3fn [num_tokens, hidden]`` (row-strided views allowed).
+    scales : Tensor
+        ``float32 [num_tokens, hidden/group]``, ``[num_tokens, 1]`` per token.
+    dtype : torch.dtype
+        Result dtype; the fp32 values are rounded to nearest even.
+    backend : {"auto", "triton", "torch"}
+        The Triton kernel handles an even ``hidden`` with one scale per token or a power-of-two group;
+        ``"auto"`` uses the reference for other shapes, ``"triton"`` raises ``ValueError``.
+
+    Returns
+    -------
+    Tensor
+        ``[num_tokens, hidden]`` in ``dtype``; bytes 0x7F / 0xFF and NaN scales give NaN (the kernel and
+        the reference agree bit for bit, NaN payloads aside).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Wrong dtypes or shapes; tensors on different devices; a shape the Triton kernel does not handle.
+    """
+    name = "dequantize_fp8"
+    m, k, groups = _check_fp8_pair(q, scales, name)
+    common_device(name, q=q, scales=scales)
+    group = k // groups
+    fits = k % 2 == 0 and (groups == 1 or group & (group - 1) == 0)
+    if not _check_backend(backend, q, name) or (backend == "auto" and not fits):
+        return dequantize_fp8_ref(q, scales, dtype=dtype)
+    if not fits:
+        raise ValueError(f"{name}: the Triton backend needs an even hidden and one scale per token or a "
+                         f"power-of-two group, got q {list(q.shape)} and scales {list(scales.shape)}")
+    q = q.view(torch.uint8)
+    if q.stride(1) != 1 or (q.shape[0] > 1 and q.stride(0) % 2) or q.storage_offset() % 2:
+        q = q.contiguous()
+    from moecomm import _quant_triton
+
+    return _quant_triton.dequantize_fp8(q, scales, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -792,7 +880,7 @@ def quantize(
             amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
             gs = nvfp4_global_scale(amax)
         else:
-            gs = _global_scale_tensor(global_scale, x.device, "quantize")
+            gs = _global_scale_tensor(global_scale, "quantize", x=x)
         data, scales = quantize_nvfp4(x, gs, out=out, backend=backend)
         return QuantizedTensor(fmt, data, scales, gs.reshape(()))
     if fmt is QuantFormat.MXFP4:

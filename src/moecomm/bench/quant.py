@@ -1,10 +1,12 @@
-"""``moecomm bench quant``: time the NVFP4 / MXFP4 / FP8 quantizers against the device's copy bandwidth.
+"""``moecomm bench quant``: time the quantizers and dequantizers against the device's copy bandwidth.
 
-Timing table: per format and token count M (hidden K), median time per call, GB/s counting bytes read
-(the input) plus bytes written (payload + scales), and that bandwidth as a fraction of a measured
-device-to-device copy. On CUDA each timed sample replays a CUDA graph of one quantize per rotating input
-set (inputs rotate so that large shapes do not measure L2), so the time excludes Python launch overhead;
-``--no-graph`` times eager calls instead.
+Timing table: per operation, format and token count M (hidden K), median time per call, GB/s counting
+bytes read plus bytes written (quantize: the input, then payload + scales; dequantize: payload + scales,
+then the bf16 / ``--dtype`` result), and that bandwidth as a fraction of a device-to-device copy
+measured in the same run (``fraction_of_copy`` in the JSON). On CUDA each timed sample replays a CUDA
+graph of one call per rotating input set (inputs rotate so that large shapes do not measure L2), so
+the time excludes Python launch overhead; ``--no-graph`` times eager calls instead. The torch
+dequantizers cannot be captured: time them with ``--backend torch --no-graph``.
 
 ``--accuracy``: relative round-trip error ``||x - deq(q(x))|| / ||x||`` per format for Gaussian,
 Student-t (3 dof) and outlier-channel inputs (the table in docs/accuracy.md). The bytes do not depend on
@@ -12,7 +14,8 @@ the device (kernels and references are bit-identical), so this runs anywhere.
 
 Examples::
 
-    moecomm bench quant                                  # CUDA: K=7168, M in {1,...,16384}
+    moecomm bench quant                                  # CUDA: K=7168, M in {1,...,16384}, both ops
+    moecomm bench quant --ops dequantize --formats nvfp4,fp8-group
     moecomm bench quant --device cpu --tokens 1,16,128   # torch references on the CPU
     moecomm bench quant --accuracy --device cpu --json acc.json
 """
@@ -46,6 +49,9 @@ VARIANTS = {  # name -> what it is (the tables' captions)
     "fp8-group": "e4m3 values, an fp32 scale per 128 (DeepSeek-V3)",
     "fp8-group-ue8m0": "the same, power-of-two scales",
 }
+OPS = ("quantize", "dequantize")
+# Variants with a Triton dequantize kernel (MXFP4 dequantizes in torch only); ue8m0 scales decode like others.
+DEQUANT_VARIANTS = ("nvfp4", "nvfp4-swizzled", "fp8-token", "fp8-group")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _L2_BYTES = 60 << 20  # H200; rotating input sets cover >= 4x this
 
@@ -60,7 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "1,16,128,1024,4096,16384 on CUDA, 1,16,128 on CPU)")  # fmt: skip
     p.add_argument("--formats", type=choice_list(VARIANTS), default=list(VARIANTS),
                    help=f"comma-separated (default all: {','.join(VARIANTS)})")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="input dtype (default bf16)")
+    p.add_argument("--ops", type=choice_list(list(OPS)), default=list(OPS),
+                   help="comma-separated: quantize, dequantize (default both; dequantize times "
+                        f"{', '.join(DEQUANT_VARIANTS)} only)")  # fmt: skip
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16",
+                   help="quantize input / dequantize output dtype (default bf16)")
     p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
                    help="the Triton kernels, the torch references, or auto (default): Triton on CUDA")
     p.add_argument("--iters", type=positive_int, default=None, help="timed samples (default 50 CUDA, 5 CPU)")
@@ -84,12 +94,12 @@ def _quantizer(variant: str, backend: str, gs: torch.Tensor) -> Callable[[torch.
     return lambda x, out: Q.quantize_fp8(x, group_size=group, ue8m0=ue8m0, out=out, backend=backend)
 
 
-def _dequantize(variant: str, outputs, gs: torch.Tensor) -> torch.Tensor:
+def _dequantize(variant: str, outputs, gs: torch.Tensor, dtype=torch.float32, backend: str = "auto") -> torch.Tensor:
     if variant.startswith("nvfp4"):
-        return Q.dequantize_nvfp4(*outputs, gs, swizzled=variant.endswith("swizzled"))
+        return Q.dequantize_nvfp4(*outputs, gs, swizzled=variant.endswith("swizzled"), dtype=dtype, backend=backend)
     if variant.startswith("mxfp4"):
-        return Q.dequantize_mxfp4(*outputs)
-    return Q.dequantize_fp8(*outputs)
+        return Q.dequantize_mxfp4(*outputs, dtype=dtype)
+    return Q.dequantize_fp8(*outputs, dtype=dtype, backend=backend)
 
 
 _FORMATS = {
@@ -104,28 +114,36 @@ _FORMATS = {
 
 
 def _written_bytes(variant: str, m: int, k: int) -> int:
-    """Bytes a quantizer writes for ``[m, k]``: payload + scales (swizzled scales include their padding)."""
+    """Bytes of the quantized ``[m, k]``: payload + scales (swizzled scales include their padding); what a
+    quantizer writes and a dequantizer reads."""
     payload, scales = Q.row_bytes(_FORMATS[variant], k)
     if variant == "nvfp4-swizzled":
         return m * payload + (-(-m // 128) * 128) * (-(-(k // 16) // 4) * 4)
     return m * (payload + scales)
 
 
-def _time_variant(variant, m, k, dtype, device, backend, iters, warmup, graph) -> float:
+def _time_variant(op, variant, m, k, dtype, device, backend, iters, warmup, graph) -> float:
+    """Median seconds per call; each sample replays a graph of one call per rotating input set (>= 4x L2)."""
     in_bytes = m * k * torch.finfo(dtype).bits // 8
     sets = max(1, min(16, math.ceil(4 * _L2_BYTES / max(in_bytes, 1)))) if device.type == "cuda" else 1
     xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(sets)]
     gs = Q.nvfp4_global_scale(xs[0].float().abs().amax())
-    fn = _quantizer(variant, backend, gs)
-    outs = [fn(x, None) for x in xs]  # allocates the outputs once, compiles the kernel
+    quantize = _quantizer(variant, backend, gs)
+    outs = [quantize(x, None) for x in xs]  # allocates the outputs once, compiles the kernel
+    if op == "quantize":
+        calls = [lambda x=x, out=out: quantize(x, out) for x, out in zip(xs, outs)]
+    else:
+        calls = [lambda out=out: _dequantize(variant, out, gs, dtype, backend) for out in outs]
+    for call in calls:
+        call()  # compiles
     if device.type == "cuda" and graph:
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            for x, out in zip(xs, outs):
-                fn(x, out)
+            for call in calls:
+                call()
         return median_time(lambda i: g.replay(), device, warmup=warmup, iters=iters) / sets
-    return median_time(lambda i: fn(xs[i % sets], outs[i % sets]), device, warmup=warmup, iters=iters)
+    return median_time(lambda i: calls[i % sets](), device, warmup=warmup, iters=iters)
 
 
 def run_timing(args, device: torch.device) -> dict:
@@ -136,23 +154,26 @@ def run_timing(args, device: torch.device) -> dict:
     k = args.hidden
     copy_bw = copy_bandwidth(device)
     rows, records = [], []
-    for variant in args.formats:
-        for m in tokens:
-            t = _time_variant(variant, m, k, dtype, device, args.backend, iters, args.warmup, not args.no_graph)
-            nbytes = m * k * torch.finfo(dtype).bits // 8 + _written_bytes(variant, m, k)
-            bw = nbytes / t
-            rows.append([variant, m, t * 1e6, bw / 1e9, bw / copy_bw])
-            records.append({"format": variant, "tokens": m, "hidden": k, "time_us": t * 1e6,
-                            "bytes_read_written": nbytes, "gbps_read_written": bw / 1e9,
-                            "fraction_of_copy": bw / copy_bw})
+    for op in args.ops:
+        for variant in args.formats:
+            if op == "dequantize" and variant not in DEQUANT_VARIANTS:
+                continue
+            for m in tokens:
+                t = _time_variant(op, variant, m, k, dtype, device, args.backend, iters, args.warmup,
+                                  not args.no_graph)  # fmt: skip
+                nbytes = m * k * torch.finfo(dtype).bits // 8 + _written_bytes(variant, m, k)
+                bw = nbytes / t
+                rows.append([op, variant, m, t * 1e6, bw / 1e9, bw / copy_bw])
+                records.append({"op": op, "format": variant, "tokens": m, "hidden": k, "time_us": t * 1e6,
+                                "bytes_read_written": nbytes, "gbps_read_written": bw / 1e9, "fraction_of_copy": bw / copy_bw})  # fmt: skip
     title = (
-        f"quantize {args.dtype} [M, {k}] on {device_name(device)} ({args.backend}, "
+        f"{args.dtype} [M, {k}] on {device_name(device)} ({args.backend}, "
         f"{'eager' if args.no_graph or not cuda else 'CUDA graph'}); copy bandwidth {copy_bw / 1e9:.0f} GB/s"
     )
-    print_table(title, ["format", "M", "time (us)", "GB/s (read+write)", "fraction of copy"], rows,
-                caption=f"{_notes(args.formats)}. time: median per call; GB/s: bytes read (the input) plus "
-                        "bytes written (values and scales) per second; fraction of copy: that over a "
-                        "device-to-device copy's.")
+    print_table(title, ["op", "format", "M", "time (us)", "GB/s (read+write)", "fraction of copy"], rows,
+                caption=f"{_notes(args.formats)}. time: median per call; GB/s: bytes read plus bytes written per "
+                        "second (quantize: the input, then values and scales; dequantize: values and scales, then "
+                        "the result); fraction of copy: that over a device-to-device copy's.")
     return {"copy_bandwidth_gbps": copy_bw / 1e9, "dtype": args.dtype, "backend": args.backend, "timing": records}
 
 
