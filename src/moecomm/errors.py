@@ -27,12 +27,16 @@ _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _BUFFERS: dict[torch.device, torch.Tensor] = {}
 
 
+def _clear(device: torch.device) -> torch.Tensor:
+    """An error buffer with nothing flagged: no bits, an empty [smallest, largest] bad-id range."""
+    return torch.tensor([0, _INT32_MAX, _INT32_MIN], dtype=torch.int32, device=device)
+
+
 def error_buffer(device: torch.device) -> torch.Tensor:
     """int32 ``[3]`` on ``device``: ``[error bits, smallest bad id, largest bad id]`` (created on first use)."""
     buf = _BUFFERS.get(device)
     if buf is None:
-        buf = torch.tensor([0, _INT32_MAX, _INT32_MIN], dtype=torch.int32, device=device)
-        _BUFFERS[device] = buf
+        buf = _BUFFERS[device] = _clear(device)
     return buf
 
 
@@ -87,7 +91,7 @@ def check_errors(*, group=None, every_rank: bool = False) -> None:
     for device, buf in _BUFFERS.items():
         bits, lo, hi = buf.tolist()
         if bits:
-            buf.copy_(torch.tensor([0, _INT32_MAX, _INT32_MIN], dtype=torch.int32))
+            buf.copy_(_clear(device))
         if bits & ID_OUT_OF_RANGE:
             messages.append(f"topk_ids outside [-1, num_experts) reached the experts on {device} (values in "
                             f"[{lo}, {hi}]); they were skipped like another rank's experts")
