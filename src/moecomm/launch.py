@@ -10,7 +10,8 @@ the return values come back as a list indexed by rank. A rank's exception is re-
 with that rank's traceback; a run that outlasts ``timeout`` seconds is killed and raises ``TimeoutError``.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the environment) ``launch`` initialises
-from ``env://`` and runs ``fn`` in the current process only, returning ``[result of this rank]``.
+from ``env://`` and runs ``fn`` in the current process only, returning ``[result of this rank]``; the
+process group it made is destroyed after a barrier (one the caller made is left alone).
 """
 
 from __future__ import annotations
@@ -132,9 +133,16 @@ def launch(
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
         backend = backend or default_backend(world)
-        if not dist.is_initialized():
-            _init(int(os.environ["RANK"]), world, backend, "env://", timeout)
-        return [fn(*args)]
+        if dist.is_initialized():
+            return [fn(*args)]
+        _init(int(os.environ["RANK"]), world, backend, "env://", timeout)
+        result = fn(*args)
+        # A process group left to interpreter exit can abort ("terminate called without an active
+        # exception") while a peer is still closing its connections: wait for every rank, then free it.
+        # (After a rank raises, torchrun stops the others.)
+        dist.barrier()
+        dist.destroy_process_group()
+        return [result]
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
