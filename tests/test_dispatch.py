@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from moecomm.collectives import Algorithm
 from moecomm.dispatch import (
     DISABLE_ENV,
     Strategy,
@@ -193,6 +194,10 @@ def _errors():
         "FP8 flavour disagrees": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", validate=True,
             expert_input_format=QuantFormat.FP8_TOKEN if rank == 0 else QuantFormat.FP8_GROUP)),
+        "chunks disagree": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs", chunks=1 + rank % 2, validate=True)),
+        "chunks 0 on rank 1": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs", chunks=0 if rank == 1 else 1, validate=True)),
         "pack disagrees": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", pack=rank != 2, validate=True)),
         "experts not split over the ranks": error_of(lambda: moe_forward(
@@ -210,12 +215,48 @@ def _errors():
     }
 
 
+def _odd_hidden_sizes():
+    """Hidden sizes whose payload is not a multiple of 4 bytes: the ids and weights still land on 4-byte
+    columns, and the packed message carries the same values as separate tensors."""
+    from moecomm.dispatch import dispatch
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = [3, 0, 2][:world]
+    for hidden, strategy, fmt in [(16, "agrs-nvfp4", QuantFormat.NVFP4), (48, "agrs-nvfp4", QuantFormat.NVFP4),
+                                  (30, "agrs-fp8", QuantFormat.FP8_TOKEN), (31, "agrs", None)]:
+        gen = torch.Generator().manual_seed(hidden)
+        x = torch.randn(sum(sizes), hidden, generator=gen).bfloat16()
+        ids, w = topk_softmax(torch.randn(sum(sizes), 6, generator=gen), 2)
+        mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        # enum or string spellings differ across ranks: validation compares values, not spellings
+        kw = dict(sizes=sizes, strategy=strategy, global_scale=2.0, validate=True,
+                  expert_input_format=fmt.value if fmt is not None and rank == 1 else fmt,
+                  algorithm=Algorithm.BROADCAST if rank == 0 else "broadcast")
+        tokens, gids, gw, _ = dispatch(x[mine], ids[mine], w[mine], **kw)
+        ref_tokens, _, _, _ = dispatch(x[mine], ids[mine], w[mine], pack=False, **kw)
+        assert torch.equal(gids, ids) and torch.equal(gw, w), (hidden, strategy)
+        if fmt is None:
+            assert torch.equal(tokens, x), hidden
+        else:
+            assert torch.equal(tokens.data.view(torch.uint8), ref_tokens.data.view(torch.uint8)), hidden
+            assert torch.equal(tokens.scales.view(torch.uint8), ref_tokens.scales.view(torch.uint8)), hidden
+    return "ok"
+
+
+def test_odd_hidden_sizes_travel_packed():
+    layout = message_layout(QuantFormat.NVFP4, 16, 2)  # 8 B of e2m1 + 1 B of e4m3 scale, ids from byte 12
+    assert (layout.payload, layout.scales, layout.ids, layout.weights) == (
+        slice(0, 8), slice(8, 9), slice(12, 20), slice(20, 28))
+    assert launch(_odd_hidden_sizes, 3, backend="gloo", timeout=120) == ["ok"] * 3
+
+
 def test_bad_input_raises_on_every_rank():
     results = launch(_errors, 3, backend="gloo", timeout=120)
     assert_raised_on_every_rank(results)
     assert "global_scale" in results[0]["global scale disagrees"]
     assert "rank 1" in results[2]["rows on one rank"]
     assert "experts consume nvfp4" in results[0]["wire format differs from the experts'"]
+    assert "chunks" in results[0]["chunks disagree"] and "rank 1" in results[2]["chunks 0 on rank 1"]
     assert "wire format" in results[1]["FP8 flavour disagrees"] and "pack" in results[0]["pack disagrees"]
     assert "ep_size=3" in results[0]["experts not split over the ranks"]
     assert "topk_ids must be in [0, 6) or -1" in results[1]["int64 id past int32"]

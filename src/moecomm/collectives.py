@@ -223,7 +223,7 @@ def run_checks(what: str, prepare, agreement, group, validate: bool):
 
 
 def _agreement(tensors, sizes, algorithm) -> dict:
-    return {"sizes": list(sizes), "meta": _meta(tensors), "algorithm": str(algorithm)}
+    return {"sizes": list(sizes), "meta": _meta(tensors), "algorithm": Algorithm(algorithm).value}
 
 
 def check_agreement(what: str, mine: dict, group=None, local_error: Exception | None = None) -> None:
@@ -290,6 +290,7 @@ def gather_sizes(num_rows: int, group=None) -> list[int]:
     device = rank_device(group)
     try:
         value = -1 if isinstance(num_rows, bool) else max(operator.index(num_rows), -1)
+        value = value if value < 2**63 else -1  # past int64: bad, and it must still travel
     except TypeError:  # a float, a string, ...: reported on every rank below
         value = -1
     mine = torch.tensor([value], dtype=torch.int64, device=device)
@@ -298,7 +299,7 @@ def gather_sizes(num_rows: int, group=None) -> list[int]:
     sizes = out.tolist()
     bad = [r for r, n in enumerate(sizes) if n < 0]
     if bad:
-        raise ValueError(f"gather_sizes: rank(s) {bad} passed no non-negative integer row count "
+        raise ValueError(f"gather_sizes: rank(s) {bad} passed no valid row count (a non-negative integer below 2**63) "
                          f"(this rank passed {num_rows!r})")
     return sizes
 

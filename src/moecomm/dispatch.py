@@ -110,7 +110,7 @@ def _wire_format(strategy: Strategy, expert_input_format: QuantFormat | None) ->
     if strategy not in _STRATEGY_FORMAT:
         return None
     if strategy == Strategy.AGRS_FP8 and expert_input_format in (QuantFormat.FP8_GROUP, QuantFormat.FP8_TOKEN):
-        return expert_input_format
+        return QuantFormat(expert_input_format)  # the enum, also where the caller passed its string
     return _STRATEGY_FORMAT[strategy]
 
 
@@ -121,7 +121,8 @@ def _wire_format(strategy: Strategy, expert_input_format: QuantFormat | None) ->
 
 @dataclass(frozen=True)
 class MessageLayout:
-    """Byte columns of one token's message row: ``payload | scales | topk_ids | topk_weights | pad``."""
+    """Byte columns of one token's message row: ``payload | scales | topk_ids | topk_weights | pad``; the
+    scales, ids and weights start at multiples of 4 bytes (gaps only where the hidden size is odd)."""
 
     fmt: QuantFormat | None  # None: bf16 payload, no scales
     hidden: int
@@ -158,10 +159,14 @@ def message_layout(fmt: QuantFormat | None, hidden: int, topk: int) -> MessageLa
         payload, scales = 2 * hidden, 0
     else:
         payload, scales = row_bytes(fmt, hidden)
-    a, b = payload, payload + scales
+    def align4(n):  # fp32 scales, int32 ids and fp32 weights start on 4-byte boundaries (odd hidden sizes)
+        return -(-n // 4) * 4
+
+    a = align4(payload)
+    b = align4(a + scales)
     c, d = b + 4 * topk, b + 8 * topk
     rb = -(-d // MESSAGE_ALIGN) * MESSAGE_ALIGN
-    return MessageLayout(fmt, hidden, topk, slice(0, a), slice(a, b), slice(b, c), slice(c, d), rb)
+    return MessageLayout(fmt, hidden, topk, slice(0, payload), slice(a, a + scales), slice(b, c), slice(c, d), rb)
 
 
 def wire_bytes_per_token(strategy: Strategy | str, hidden: int, topk: int,
@@ -329,7 +334,7 @@ def _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_for
     return {
         "sizes": list(sizes), "hidden": tuple(hidden.shape[1:]), "topk": tuple(topk_ids.shape[1:]),
         "strategy": strategy.value, "wire format": None if fmt is None else fmt.value,
-        "pack": pack if strategy != Strategy.ALLREDUCE else None, "algorithm": str(algorithm),
+        "pack": pack if strategy != Strategy.ALLREDUCE else None, "algorithm": Algorithm(algorithm).value,
         "global_scale": float(global_scale) if fmt == QuantFormat.NVFP4 else None,
     }
 
@@ -598,17 +603,17 @@ def moe_forward(
             resolved = choose_strategy(expert_input_format, sum(_check_sizes(sizes, world)), world_size=world,
                                        ep_size=world, allow_quantized=allow_quantized)
         checked = _validate(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format)
-        chosen.append(resolved)
+        chosen.append((resolved, _check_chunks(chunks, checked[0], world)))
         return resolved, checked
 
-    chosen: list[Strategy] = []  # the resolved strategy, for the agreement (which runs after prepare)
+    chosen: list = []  # the resolved strategy and chunk count, for the agreement (which runs after prepare)
     strategy, (checked_sizes, rank, world) = run_checks(
         "moe_forward", prepare,
-        lambda: {**_agreement(hidden, topk_ids, sizes, chosen[0], global_scale, expert_input_format, pack,
+        lambda: {**_agreement(hidden, topk_ids, sizes, chosen[0][0], global_scale, expert_input_format, pack,
                               algorithm, weights.num_experts),
-                 "num_experts": weights.num_experts},
+                 "num_experts": weights.num_experts, "chunks": chosen[0][1]},
         group, validate)
-    chunks = _check_chunks(chunks, checked_sizes, world)
+    chunks = chosen[0][1]
     send = functools.partial(_dispatch, rank=rank, world=world, strategy=strategy, global_scale=global_scale,
                              expert_input_format=expert_input_format, group=group, pack=pack, algorithm=algorithm)
 

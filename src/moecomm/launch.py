@@ -80,7 +80,11 @@ def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) 
         _init(rank, world_size, backend, init_method, timeout_s)
         # Plain pickle to bytes: tensors travel by value, not as shared-memory handles that die with
         # this process before the parent unpickles them.
-        queue.put((rank, True, pickle.dumps(fn(*args))))
+        result = pickle.dumps(fn(*args))
+        # Every rank has finished its collectives before any frees its group: a gloo group destroyed
+        # while a peer still closes its connections can abort the process at exit.
+        dist.barrier()
+        queue.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
