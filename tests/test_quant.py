@@ -912,6 +912,20 @@ def test_dequantize_fp8_kernel_every_byte():
         assert_values_equal(got, want, f"every byte {dtype}")
 
 
+@pytest.mark.parametrize("group", [16, 128])
+def test_dequantize_fp8_kernel_column_major_scales(group):
+    """Scales with a non-unit stride along dim 1 (a transposed copy) decode as the contiguous ones."""
+    x = wide_range_input(9, 512, torch.bfloat16, seed=5)
+    q, s = Q.quantize_fp8(x, group_size=group)
+    s_cm = s.t().contiguous().t()  # same values, strides (1, rows)
+    assert s_cm.stride(1) != 1 and torch.equal(s_cm, s)
+    for dtype in DEQ_DTYPES:
+        want = Q.dequantize_fp8_ref(q, s, dtype=dtype)
+        got = Q.dequantize_fp8(q.to(KERNEL_DEVICE), s_cm.to(KERNEL_DEVICE), dtype=dtype, backend="triton")
+        assert_values_equal(got, want, f"column-major scales group={group} {dtype}")
+        assert_values_equal(Q.dequantize_fp8(q, s_cm, dtype=dtype, backend="torch"), want, f"torch {dtype}")
+
+
 def test_dequantize_strided_inputs():
     x = wide_range_input(12, 512, torch.bfloat16, seed=4)
     gs = gs_for(x)

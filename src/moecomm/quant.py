@@ -840,6 +840,8 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     q = q.view(torch.uint8)
     if q.stride(1) != 1 or (q.shape[0] > 1 and q.stride(0) % 2) or q.storage_offset() % 2:
         q = q.contiguous()
+    if scales.shape[1] > 1 and scales.stride(1) != 1:  # the kernel indexes scales with stride(0) and unit stride(1)
+        scales = scales.contiguous()
     from moecomm import _quant_triton
 
     return _quant_triton.dequantize_fp8(q, scales, dtype)
