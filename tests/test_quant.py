@@ -669,6 +669,28 @@ def test_out_validation():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffers_must_not_overlap(backend):
+    x = torch.randn(4, 128, device=dev(backend))
+    buf = torch.zeros(4, 132, dtype=torch.uint8, device=dev(backend))
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):  # scales over the first payload bytes of each row
+        Q.quantize_fp8(x, group_size=None, backend=backend,
+                       out=(buf[:, :128].view(torch.float8_e4m3fn), buf[:, 0:4].view(torch.float32)))
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):  # scales of row i over the payload of row i+1
+        Q.quantize_fp8(x, group_size=None, backend=backend,
+                       out=(buf[:, :128].view(torch.float8_e4m3fn), buf.view(-1)[132:148].view(torch.float32)[:, None]))
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):  # different row strides
+        flat = torch.zeros(1024, dtype=torch.uint8, device=dev(backend))
+        Q.quantize_mxfp4(x, backend=backend, out=(flat[:256].view(4, 64), flat[250:].as_strided((4, 4), (100, 1))))
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):
+        same = torch.zeros(4, 64, dtype=torch.uint8, device=dev(backend))
+        Q.quantize_nvfp4(x, 1.0, backend=backend, out=(same, same[:, 56:].view(torch.float8_e4m3fn)))
+    q, s = Q.quantize_fp8(x, group_size=None, backend=backend,  # adjacent, not overlapping: accepted
+                          out=(buf[:, :128].view(torch.float8_e4m3fn), buf[:, 128:].view(torch.float32)))
+    want_q, want_s = Q.quantize_fp8(x.cpu(), group_size=None, backend="torch")
+    assert torch.equal(q.view(torch.uint8).cpu(), want_q.view(torch.uint8)) and torch.equal(s.cpu(), want_s)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_non_contiguous_inputs(variant, backend):
     base = wide_range_input(40, 512, torch.bfloat16, seed=12).to(dev(backend))  # views on the kernel's device

@@ -241,7 +241,46 @@ def _check_out(out, expected: list[tuple[tuple[int, ...], torch.dtype]], x: Tens
             raise ValueError(f"{name}: out[{i}] must have unit stride along dim 1, got strides {t.stride()}")
         if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) < t.shape[1]:
             raise ValueError(f"{name}: out[{i}] has overlapping rows (strides {t.stride()}, shape {list(t.shape)})")
+    for i in range(len(out)):
+        for j in range(i + 1, len(out)):
+            if _rows_overlap(out[i], out[j]):
+                raise ValueError(
+                    f"{name}: out[{i}] and out[{j}] overlap in memory (data_ptr {out[i].data_ptr():#x} strides "
+                    f"{out[i].stride()} and data_ptr {out[j].data_ptr():#x} strides {out[j].stride()})"
+                )
     return tuple(out)
+
+
+def _row_span(t: Tensor) -> tuple[int, int, int, int]:
+    """(first byte address, row stride in bytes, row length in bytes, rows) of a 2-D tensor with unit stride
+    along dim 1 and non-overlapping rows (as ``_check_out`` ensures)."""
+    es = t.element_size()
+    rows, row_len = t.shape[0], t.shape[1] * es
+    stride = t.stride(0) * es if rows > 1 else row_len
+    return t.data_ptr(), stride, row_len, rows
+
+
+def _rows_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two 2-D row-strided tensors (unit stride along dim 1) share a byte. Exact, host-side only
+    (addresses and strides, no device access): O(1) when the row strides are equal (views into one send
+    buffer), else O(rows) integer math on the CPU."""
+    if a.dim() != 2 or b.dim() != 2 or a.numel() == 0 or b.numel() == 0:
+        return False
+    pa, sa, la, ma = _row_span(a)
+    pb, sb, lb, mb = _row_span(b)
+    if pa + (ma - 1) * sa + la <= pb or pb + (mb - 1) * sb + lb <= pa:
+        return False  # disjoint address ranges
+    if sa == sb:
+        # Row i of a is [pa + i*s, +la), row j of b is [pb + j*s, +lb): they meet iff -lb < d + k*s < la for
+        # some k = j - i in [-(ma-1), mb-1], d = pb - pa. d + k*s grows with k: try the largest k below la.
+        d = pb - pa
+        k = min((la - 1 - d) // sa, mb - 1)
+        return k >= -(ma - 1) and d + k * sa > -lb
+    # Different row strides: for every row of a, the first row of b that ends after it starts.
+    starts = pa + torch.arange(ma, dtype=torch.int64) * sa
+    first = torch.div(starts - lb - pb, sb, rounding_mode="floor") + 1
+    first = first.clamp(min=0)
+    return bool(((first < mb) & (pb + first * sb < starts + la)).any())
 
 
 def _global_scale_tensor(global_scale, name: str, **anchor: Tensor) -> Tensor:
