@@ -793,6 +793,22 @@ def test_input_errors():
         Q.dequantize_mxfp4(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(2, 2, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", list(Q.QuantFormat))
+def test_dequantize_rejects_non_float_dtypes(fmt, backend):
+    x = torch.randn(3, 256, device=dev(backend))
+    qt = Q.quantize(x, fmt, backend=backend)
+    for bad in (torch.int32, torch.uint8, torch.bool, torch.int64, torch.float8_e4m3fn, "float32"):
+        with pytest.raises(TypeError, match="dtype must be float32, float16, bfloat16 or float64"):
+            qt.dequantize(bad, backend=backend)
+    for good in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        assert qt.dequantize(good, backend=backend).dtype == good
+    with pytest.raises(TypeError, match="dtype"):
+        Q.dequantize_fp8_ref(*Q.quantize_fp8(x.cpu()), dtype=torch.int32)
+    with pytest.raises(TypeError, match="dtype"):
+        Q.dequantize_nvfp4_ref(*Q.quantize_nvfp4(x.cpu(), 1.0), 1.0, dtype=torch.int32)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernel details: the NVFP4 flush branch, padded per-token rows, unaligned outputs, group limits
 

@@ -99,6 +99,8 @@ E8M0_BIAS = 127
 _FP32_MIN_NORMAL = 2.0**-126
 _FP32_MAX = torch.finfo(torch.float32).max
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Result dtypes of the dequantizers (float64 too: exact for every format, used by the oracles in the tests).
+_DEQ_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _BACKENDS = ("auto", "triton", "torch")
 _MXFP4_ROUNDINGS = ("floor", "up")
 
@@ -208,6 +210,12 @@ def _check_input(x: Tensor, block: int, name: str) -> tuple[int, int]:
     if k == 0 or k % block:
         raise ValueError(f"{name}: hidden = {k} must be a positive multiple of the block size {block}")
     return m, k
+
+
+def _check_deq_dtype(dtype, name: str) -> None:
+    """A dequantizer's result dtype must be floating point (no silent truncation to integers or bool)."""
+    if dtype not in _DEQ_DTYPES:
+        raise TypeError(f"{name}: dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
 
 
 def _check_backend(backend: str, x: Tensor, name: str) -> bool:
@@ -433,6 +441,7 @@ def dequantize_nvfp4_ref(
 ) -> Tensor:
     """Torch reference of ``dequantize_nvfp4`` (the oracle for the kernel); same arguments and result."""
     m, k = _check_nvfp4_scales(packed, scales, swizzled, "dequantize_nvfp4")
+    _check_deq_dtype(dtype, "dequantize_nvfp4")
     kb = k // NVFP4_BLOCK
     scales = scales.view(torch.float8_e4m3fn)
     if swizzled:
@@ -540,7 +549,8 @@ def dequantize_nvfp4(
     global_scale : Tensor or float
         The encode scale used to quantize (as in ``quantize_nvfp4``).
     dtype : torch.dtype
-        Result dtype; the fp32 values are rounded to nearest even.
+        Result dtype: float32, float16, bfloat16 or float64 (``TypeError`` otherwise); the fp32 values are
+        rounded to nearest even.
     backend : {"auto", "triton", "torch"}
         As the quantizers: the Triton kernel for CUDA tensors under ``"auto"``.
 
@@ -557,6 +567,7 @@ def dequantize_nvfp4(
     """
     name = "dequantize_nvfp4"
     m, k = _check_nvfp4_scales(packed, scales, swizzled, name)
+    _check_deq_dtype(dtype, name)
     common_device(name, packed=packed, scales=scales)
     if not _check_backend(backend, packed, name):
         return dequantize_nvfp4_ref(packed, scales, global_scale, swizzled=swizzled, dtype=dtype)
@@ -703,7 +714,8 @@ def dequantize_mxfp4(packed: Tensor, scales: Tensor, *, dtype=torch.float32) -> 
     """Dequantize MXFP4: ``x = e2m1 * 2**(scale_byte - 127)`` (exact in fp32 unless it overflows).
 
     ``packed``: ``uint8 [num_tokens, hidden/2]``; ``scales``: ``uint8 [num_tokens, hidden/32]`` e8m0.
-    Returns ``[num_tokens, hidden]`` in ``dtype``; 0xFF scales give NaN blocks.
+    Returns ``[num_tokens, hidden]`` in ``dtype`` (float32, float16, bfloat16 or float64, ``TypeError``
+    otherwise); 0xFF scales give NaN blocks.
     """
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
         raise TypeError(f"dequantize_mxfp4: packed must be a 2-D uint8 tensor, got {_describe(packed)}")
@@ -712,6 +724,7 @@ def dequantize_mxfp4(packed: Tensor, scales: Tensor, *, dtype=torch.float32) -> 
         raise TypeError(f"dequantize_mxfp4: scales must be uint8 (e8m0), got {_describe(scales)}")
     if k % MXFP4_BLOCK or tuple(scales.shape) != (m, k // MXFP4_BLOCK):
         raise ValueError(f"dequantize_mxfp4: scales must be [{m}, {k / MXFP4_BLOCK:g}], got {list(scales.shape)}")
+    _check_deq_dtype(dtype, "dequantize_mxfp4")
     values = _unpack_e2m1(packed).double().reshape(m, k // MXFP4_BLOCK, MXFP4_BLOCK)
     e = scales.to(torch.int32)
     mult = torch.where(e == E8M0_NAN, float("nan"), torch.pow(2.0, (e - E8M0_BIAS).double()))
@@ -836,6 +849,7 @@ def _check_fp8_pair(q: Tensor, scales: Tensor, name: str) -> tuple[int, int, int
 def dequantize_fp8_ref(q: Tensor, scales: Tensor, *, dtype=torch.float32) -> Tensor:
     """Torch reference of ``dequantize_fp8`` (the oracle for the kernel); same arguments and result."""
     m, k, groups = _check_fp8_pair(q, scales, "dequantize_fp8")
+    _check_deq_dtype(dtype, "dequantize_fp8")
     out = q.float().reshape(m, groups, k // groups) * scales.unsqueeze(-1)
     return out.reshape(m, k).to(dtype)
 
@@ -850,7 +864,8 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     scales : Tensor
         ``float32 [num_tokens, hidden/group]``, ``[num_tokens, 1]`` per token.
     dtype : torch.dtype
-        Result dtype; the fp32 values are rounded to nearest even.
+        Result dtype: float32, float16, bfloat16 or float64 (``TypeError`` otherwise); the fp32 values are
+        rounded to nearest even.
     backend : {"auto", "triton", "torch"}
         The Triton kernel handles an even ``hidden`` with one scale per token or a power-of-two group;
         ``"auto"`` uses the reference for other shapes, ``"triton"`` raises ``ValueError``.
@@ -868,6 +883,7 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     """
     name = "dequantize_fp8"
     m, k, groups = _check_fp8_pair(q, scales, name)
+    _check_deq_dtype(dtype, name)
     common_device(name, q=q, scales=scales)
     group = k // groups
     fits = k % 2 == 0 and (groups == 1 or group & (group - 1) == 0)
