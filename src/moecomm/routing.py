@@ -240,8 +240,24 @@ def normalize_topk(
     if topk_ids.device != topk_weights.device:
         raise ValueError(f"topk_ids on {topk_ids.device} but topk_weights on {topk_weights.device}")
     if num_experts is not None:
-        check_ids(topk_ids, num_experts)
+        check_ids(_comparable_ids(topk_ids), num_experts)
     return ids_int32(topk_ids).contiguous(), topk_weights.float().contiguous()
+
+
+# Integer dtypes whose every value fits in int32: a plain cast is exact.
+_FITS_INT32 = (torch.int8, torch.int16, torch.uint8, torch.uint16)
+
+
+def _comparable_ids(topk_ids: torch.Tensor) -> torch.Tensor:
+    """The ids in a dtype that torch can compare and reduce (no sync), same order and values: uint16 / uint32
+    widen to int64 (torch has no comparisons for them); uint64 ids of 2**63 and more saturate to the int64
+    maximum (still out of range)."""
+    if topk_ids.dtype in (torch.uint16, torch.uint32):
+        return topk_ids.to(torch.int64)
+    if topk_ids.dtype == torch.uint64:
+        wide = topk_ids.view(torch.int64)
+        return torch.where(wide < 0, torch.iinfo(torch.int64).max, wide)
+    return topk_ids
 
 
 def ids_int32(topk_ids: torch.Tensor) -> torch.Tensor:
@@ -252,6 +268,9 @@ def ids_int32(topk_ids: torch.Tensor) -> torch.Tensor:
     """
     if topk_ids.dtype == torch.int32:
         return topk_ids
+    if topk_ids.dtype in _FITS_INT32:  # int8 / int16 / uint8 / uint16: exact, -1 stays -1
+        return topk_ids.to(torch.int32)
+    wide = _comparable_ids(topk_ids)
     info = torch.iinfo(torch.int32)
-    fits = (topk_ids >= info.min) & (topk_ids <= info.max)
-    return torch.where(fits, topk_ids, info.min).to(torch.int32)
+    fits = (wide >= info.min) & (wide <= info.max)
+    return torch.where(fits, wide, info.min).to(torch.int32)
