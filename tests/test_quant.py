@@ -793,6 +793,17 @@ def test_input_errors():
         Q.dequantize_mxfp4(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(2, 2, dtype=torch.uint8))
 
 
+def test_scalar_argument_checks():
+    for bad in (True, "3", None, torch.tensor(True)):
+        with pytest.raises(TypeError, match="nvfp4_global_scale: amax"):
+            Q.nvfp4_global_scale(bad)
+    sw = torch.zeros(128, 4, dtype=torch.uint8)
+    for rows, cols in ((-1, 4), (3, -1), (3.0, 4), (True, 4)):
+        with pytest.raises(ValueError, match="unswizzle_block_scales: (rows|cols) must be an int >= 0"):
+            Q.unswizzle_block_scales(sw, rows, cols)
+    assert Q.unswizzle_block_scales(sw[:0], 0, 4).shape == (0, 4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", list(Q.QuantFormat))
 def test_dequantize_rejects_non_float_dtypes(fmt, backend):

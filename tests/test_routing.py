@@ -263,3 +263,19 @@ def test_ids_int32_outside_int32_is_an_error_value():
     assert ids_int32(torch.tensor([2**32 + 1, 2**31, 7]).to(torch.uint64)).tolist() == [i32min, i32min, 7]
     assert ids_int32(torch.tensor([2**64 - 1], dtype=torch.uint64)).tolist() == [i32min]  # not -1 (a masked slot)
     assert ids_int32(torch.tensor([2**32 - 1], dtype=torch.uint32)).tolist() == [i32min]
+
+
+def test_argument_types_are_checked():
+    ids, w = torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 2)
+    for bad in (True, 2.5, "8"):
+        with pytest.raises(TypeError, match="num_experts must be an int"):
+            normalize_topk(ids, w, num_experts=bad)
+    with pytest.raises(ValueError, match="num_experts must be positive"):
+        normalize_topk(ids, w, num_experts=0)
+    for bad in (None, 2.0, True):
+        with pytest.raises(TypeError, match="k must be an int"):
+            topk_softmax(torch.randn(3, 8), bad)
+    with pytest.raises(TypeError, match="e_score_correction_bias must be a torch.Tensor"):
+        grouped_topk(torch.randn(3, 8), 2, e_score_correction_bias=[0.0] * 8, n_group=4, topk_group=2)
+    with pytest.raises(TypeError, match="n_group must be an int"):
+        grouped_topk(torch.randn(3, 8), 2, e_score_correction_bias=None, n_group=4.0, topk_group=2)

@@ -46,6 +46,7 @@ the kernel; on CPU needs ``TRITON_INTERPRET=1``) or ``"torch"`` (force the refer
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -380,13 +381,19 @@ def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
     ------
     ValueError
         A Python number or CPU tensor that is negative, NaN or infinite; more than one element.
+    TypeError
+        Neither a real number (bool and str are not) nor a real tensor.
     """
     if isinstance(amax, torch.Tensor):
         if amax.numel() != 1:
             raise ValueError(f"nvfp4_global_scale: amax must have one element, got shape {tuple(amax.shape)}")
+        if amax.dtype == torch.bool or amax.is_complex():
+            raise TypeError(f"nvfp4_global_scale: amax must be a real number, got a {amax.dtype} tensor")
         a = amax.detach().reshape(()).to(torch.float32)
-    else:
+    elif isinstance(amax, numbers.Real) and not isinstance(amax, bool):
         a = torch.tensor(float(amax), dtype=torch.float32)
+    else:
+        raise TypeError(f"nvfp4_global_scale: amax must be a float or a tensor, got {type(amax).__name__} {amax!r}")
     if a.device.type == "cpu":
         v = a.item()
         if not (math.isfinite(v) and v >= 0):
@@ -606,6 +613,9 @@ def swizzle_block_scales(scales: Tensor) -> Tensor:
 
 def unswizzle_block_scales(swizzled: Tensor, rows: int, cols: int) -> Tensor:
     """Inverse of ``swizzle_block_scales``: swizzled ``[round_up(rows,128), round_up(cols,4)]`` -> ``[rows, cols]``."""
+    for name, v in (("rows", rows), ("cols", cols)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"unswizzle_block_scales: {name} must be an int >= 0, got {v!r}")
     mp, kp = _round_up(rows, 128), _round_up(cols, 4)
     if not isinstance(swizzled, torch.Tensor) or swizzled.element_size() != 1 or swizzled.numel() != mp * kp:
         raise ValueError(
