@@ -508,6 +508,35 @@ def test_int64_ids_and_out():
     assert_close(experts_forward(x, ids, tw, weights, backend="reference"), experts_forward_ref(x, ids, tw, weights).bfloat16(), rel=0)
 
 
+def test_make_expert_weights_argument_checks():
+    with pytest.raises(ValueError, match="must be positive, got H=8, I=0"):
+        make_expert_weights(torch.randn(2, 0, 8), torch.randn(2, 8, 0))
+    with pytest.raises(ValueError, match="must be positive, got H=0, I=8"):
+        make_expert_weights(torch.randn(2, 16, 0), torch.randn(2, 0, 8))
+    w13, w2, _, _ = _weights(2)
+    with pytest.raises(TypeError, match="b2 must be a torch.Tensor"):
+        make_expert_weights(w13, w2, b2=[[0.0] * H] * 2)
+    with pytest.raises(TypeError, match="b13 must be a torch.Tensor"):
+        make_expert_weights(w13, w2, b13=1.0)
+    with pytest.raises(TypeError, match="w13 must be a torch.Tensor"):
+        make_expert_weights(w13.tolist(), w2)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8], ids=str)
+def test_small_integer_ids(dtype):
+    """Any integer dtype of topk_ids (int8 / int16 crashed in ids_int32); -1 slots stay masked."""
+    w13, w2, _, _ = _weights(8)
+    weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=1)
+    x = _tokens(9)
+    ids, tw = _route(9, 8, 2)
+    if dtype.is_signed:
+        ids[1, 1] = ids[4, 0] = -1
+    expect = experts_forward(x, ids, tw, weights)
+    for validate in (False, True):
+        assert_close(experts_forward(x, ids.to(dtype), tw, weights, validate=validate), expect, rel=0)
+    assert_close(experts_forward_ref(x, ids.to(dtype), tw, weights), experts_forward_ref(x, ids, tw, weights), rel=0)
+
+
 def test_errors():
     w13, w2, _, _ = _weights(8)
     weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=1)

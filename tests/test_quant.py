@@ -669,6 +669,28 @@ def test_out_validation():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffers_must_not_overlap(backend):
+    x = torch.randn(4, 128, device=dev(backend))
+    buf = torch.zeros(4, 132, dtype=torch.uint8, device=dev(backend))
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):  # scales over the first payload bytes of each row
+        Q.quantize_fp8(x, group_size=None, backend=backend,
+                       out=(buf[:, :128].view(torch.float8_e4m3fn), buf[:, 0:4].view(torch.float32)))
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):  # scales of row i over the payload of row i+1
+        Q.quantize_fp8(x, group_size=None, backend=backend,
+                       out=(buf[:, :128].view(torch.float8_e4m3fn), buf.view(-1)[132:148].view(torch.float32)[:, None]))
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):  # different row strides
+        flat = torch.zeros(1024, dtype=torch.uint8, device=dev(backend))
+        Q.quantize_mxfp4(x, backend=backend, out=(flat[:256].view(4, 64), flat[250:].as_strided((4, 4), (100, 1))))
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] overlap"):
+        same = torch.zeros(4, 64, dtype=torch.uint8, device=dev(backend))
+        Q.quantize_nvfp4(x, 1.0, backend=backend, out=(same, same[:, 56:].view(torch.float8_e4m3fn)))
+    q, s = Q.quantize_fp8(x, group_size=None, backend=backend,  # adjacent, not overlapping: accepted
+                          out=(buf[:, :128].view(torch.float8_e4m3fn), buf[:, 128:].view(torch.float32)))
+    want_q, want_s = Q.quantize_fp8(x.cpu(), group_size=None, backend="torch")
+    assert torch.equal(q.view(torch.uint8).cpu(), want_q.view(torch.uint8)) and torch.equal(s.cpu(), want_s)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_non_contiguous_inputs(variant, backend):
     base = wide_range_input(40, 512, torch.bfloat16, seed=12).to(dev(backend))  # views on the kernel's device
@@ -769,6 +791,33 @@ def test_input_errors():
         Q.dequantize_nvfp4(torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.float8_e4m3fn), 1.0)
     with pytest.raises(ValueError):
         Q.dequantize_mxfp4(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(2, 2, dtype=torch.uint8))
+
+
+def test_scalar_argument_checks():
+    for bad in (True, "3", None, torch.tensor(True)):
+        with pytest.raises(TypeError, match="nvfp4_global_scale: amax"):
+            Q.nvfp4_global_scale(bad)
+    sw = torch.zeros(128, 4, dtype=torch.uint8)
+    for rows, cols in ((-1, 4), (3, -1), (3.0, 4), (True, 4)):
+        with pytest.raises(ValueError, match="unswizzle_block_scales: (rows|cols) must be an int >= 0"):
+            Q.unswizzle_block_scales(sw, rows, cols)
+    assert Q.unswizzle_block_scales(sw[:0], 0, 4).shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", list(Q.QuantFormat))
+def test_dequantize_rejects_non_float_dtypes(fmt, backend):
+    x = torch.randn(3, 256, device=dev(backend))
+    qt = Q.quantize(x, fmt, backend=backend)
+    for bad in (torch.int32, torch.uint8, torch.bool, torch.int64, torch.float8_e4m3fn, "float32"):
+        with pytest.raises(TypeError, match="dtype must be float32, float16, bfloat16 or float64"):
+            qt.dequantize(bad, backend=backend)
+    for good in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        assert qt.dequantize(good, backend=backend).dtype == good
+    with pytest.raises(TypeError, match="dtype"):
+        Q.dequantize_fp8_ref(*Q.quantize_fp8(x.cpu()), dtype=torch.int32)
+    with pytest.raises(TypeError, match="dtype"):
+        Q.dequantize_nvfp4_ref(*Q.quantize_nvfp4(x.cpu(), 1.0), 1.0, dtype=torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -910,6 +959,20 @@ def test_dequantize_fp8_kernel_every_byte():
         want = Q.dequantize_fp8_ref(q, s, dtype=dtype)
         got = Q.dequantize_fp8(q.to(KERNEL_DEVICE), s.to(KERNEL_DEVICE), dtype=dtype, backend="triton")
         assert_values_equal(got, want, f"every byte {dtype}")
+
+
+@pytest.mark.parametrize("group", [16, 128])
+def test_dequantize_fp8_kernel_column_major_scales(group):
+    """Scales with a non-unit stride along dim 1 (a transposed copy) decode as the contiguous ones."""
+    x = wide_range_input(9, 512, torch.bfloat16, seed=5)
+    q, s = Q.quantize_fp8(x, group_size=group)
+    s_cm = s.t().contiguous().t()  # same values, strides (1, rows)
+    assert s_cm.stride(1) != 1 and torch.equal(s_cm, s)
+    for dtype in DEQ_DTYPES:
+        want = Q.dequantize_fp8_ref(q, s, dtype=dtype)
+        got = Q.dequantize_fp8(q.to(KERNEL_DEVICE), s_cm.to(KERNEL_DEVICE), dtype=dtype, backend="triton")
+        assert_values_equal(got, want, f"column-major scales group={group} {dtype}")
+        assert_values_equal(Q.dequantize_fp8(q, s_cm, dtype=dtype, backend="torch"), want, f"torch {dtype}")
 
 
 def test_dequantize_strided_inputs():

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from moecomm.routing import grouped_topk, topk_softmax
+from moecomm.routing import grouped_topk, ids_int32, normalize_topk, topk_softmax
 from moecomm.testing import assert_close
 
 INF, NAN = float("inf"), float("nan")
@@ -234,3 +234,48 @@ def test_gpu_routing_equals_cpu_on_tied_bf16_logits():
         gpu_ids, gpu_w = route(logits.cuda())
         assert torch.equal(gpu_ids.cpu(), cpu_ids)
         assert_close(gpu_w.cpu(), cpu_w, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.uint64,
+                                   torch.int32, torch.int64], ids=str)
+def test_normalize_topk_any_integer_dtype(dtype):
+    """Small and unsigned integer ids convert exactly (int8 / int16 crashed in ids_int32); -1 stays a masked slot."""
+    want = [[0, 5], [7, 1], [3, 3]]
+    if dtype.is_signed:
+        want[1][1] = -1
+    ids = torch.tensor(want).to(dtype)
+    for num_experts in (None, 8):
+        got, w = normalize_topk(ids, torch.ones(3, 2, dtype=torch.float16), num_experts=num_experts)
+        assert got.dtype == torch.int32 and got.is_contiguous() and got.tolist() == want
+        assert w.dtype == torch.float32
+    assert ids_int32(ids).tolist() == want
+    top = torch.tensor([[8, 0]]).to(dtype)  # out of range, in every dtype
+    with pytest.raises(ValueError, match=r"\[0, 8\) or -1"):
+        normalize_topk(top, torch.ones(1, 2), num_experts=8)
+    if dtype.is_signed:
+        with pytest.raises(ValueError, match=r"\[0, 8\) or -1"):
+            normalize_topk(torch.tensor([[-2, 0]]).to(dtype), torch.ones(1, 2), num_experts=8)
+
+
+def test_ids_int32_outside_int32_is_an_error_value():
+    i32min = -(2**31)
+    assert ids_int32(torch.tensor([2**32 + 1, -5, 2**31, -(2**31) - 1])).tolist() == [i32min, -5, i32min, i32min]
+    assert ids_int32(torch.tensor([2**32 + 1, 2**31, 7]).to(torch.uint64)).tolist() == [i32min, i32min, 7]
+    assert ids_int32(torch.tensor([2**64 - 1], dtype=torch.uint64)).tolist() == [i32min]  # not -1 (a masked slot)
+    assert ids_int32(torch.tensor([2**32 - 1], dtype=torch.uint32)).tolist() == [i32min]
+
+
+def test_argument_types_are_checked():
+    ids, w = torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, 2)
+    for bad in (True, 2.5, "8"):
+        with pytest.raises(TypeError, match="num_experts must be an int"):
+            normalize_topk(ids, w, num_experts=bad)
+    with pytest.raises(ValueError, match="num_experts must be positive"):
+        normalize_topk(ids, w, num_experts=0)
+    for bad in (None, 2.0, True):
+        with pytest.raises(TypeError, match="k must be an int"):
+            topk_softmax(torch.randn(3, 8), bad)
+    with pytest.raises(TypeError, match="e_score_correction_bias must be a torch.Tensor"):
+        grouped_topk(torch.randn(3, 8), 2, e_score_correction_bias=[0.0] * 8, n_group=4, topk_group=2)
+    with pytest.raises(TypeError, match="n_group must be an int"):
+        grouped_topk(torch.randn(3, 8), 2, e_score_correction_bias=None, n_group=4.0, topk_group=2)

@@ -156,7 +156,9 @@ def add_world_size_arguments(parser: argparse.ArgumentParser, *, default: int | 
     parser.add_argument("--world-size", type=positive_int, default=default, metavar="N",
                         help=f"number of ranks (default {default_help})")
     parser.add_argument("--force", action="store_true",
-                        help="run even with more ranks than this machine holds (GPUs, CPU cores, memory)")
+                        help="run even with more ranks than this machine holds: more NCCL ranks than GPUs, more CPU "
+                             f"ranks than the larger of {DEFAULT_CPU_RANKS} and the CPU cores, or more than the "
+                             "memory fits")
 
 
 def _cpu_cores() -> int:

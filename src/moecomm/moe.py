@@ -220,6 +220,8 @@ class ExpertWeights:
 
 
 def _check_bias(b: torch.Tensor | None, shape: tuple[int, int], name: str) -> None:
+    if b is not None and not isinstance(b, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape} or None, got {type(b).__name__}")
     if b is not None and tuple(b.shape) != shape:
         raise ValueError(
             f"{name} must be per expert, shape {shape}, got {tuple(b.shape)} (a dense FFN's down-projection "
@@ -264,11 +266,16 @@ def make_expert_weights(
     Raises
     ------
     ValueError
-        On inconsistent shapes, ``E % ep_size != 0``, or ``H`` or ``I`` not a multiple of
+        On inconsistent shapes, ``H`` or ``I`` zero, ``E % ep_size != 0``, or ``H`` or ``I`` not a multiple of
         ``SIZE_MULTIPLE[format]`` (8 for BF16 and FP8_BLOCK, 16 for FP8_CHANNEL and NVFP4: the grouped GEMMs
         need 16-byte aligned rows); zero neurons pad ``I`` exactly (``moecomm.minilm.moefy`` does).
+    TypeError
+        ``w13``, ``w2`` or a bias that is not a tensor (a bias may be None).
     """
     fmt, act = WeightFormat(format), Activation(activation)
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w13.dim() != 3 or w2.dim() != 3 or w13.shape[0] != w2.shape[0] or w13.shape[2] != w2.shape[1]:
         raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} must be [E, N13, H] and [E, H, I]")
     for name, w in (("w13", w13), ("w2", w2)):
@@ -278,6 +285,8 @@ def make_expert_weights(
     inter = w2.shape[2]
     if n13 != (2 * inter if act is Activation.SILU else inter):
         raise ValueError(f"w13 has {n13} rows; {act.value} with I={inter} needs {2 * inter if act is Activation.SILU else inter}")
+    if hidden == 0 or inter == 0:
+        raise ValueError(f"the hidden size H and the intermediate size I must be positive, got H={hidden}, I={inter}")
     multiple = SIZE_MULTIPLE[fmt]
     if hidden % multiple or inter % multiple:
         supported = ", ".join(f"{f.value} {m}" for f, m in SIZE_MULTIPLE.items())

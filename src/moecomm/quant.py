@@ -46,6 +46,7 @@ the kernel; on CPU needs ``TRITON_INTERPRET=1``) or ``"torch"`` (force the refer
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -99,6 +100,8 @@ E8M0_BIAS = 127
 _FP32_MIN_NORMAL = 2.0**-126
 _FP32_MAX = torch.finfo(torch.float32).max
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Result dtypes of the dequantizers (float64 too: exact for every format, used by the oracles in the tests).
+_DEQ_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _BACKENDS = ("auto", "triton", "torch")
 _MXFP4_ROUNDINGS = ("floor", "up")
 
@@ -210,6 +213,12 @@ def _check_input(x: Tensor, block: int, name: str) -> tuple[int, int]:
     return m, k
 
 
+def _check_deq_dtype(dtype, name: str) -> None:
+    """A dequantizer's result dtype must be floating point (no silent truncation to integers or bool)."""
+    if dtype not in _DEQ_DTYPES:
+        raise TypeError(f"{name}: dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
+
+
 def _check_backend(backend: str, x: Tensor, name: str) -> bool:
     """True when the Triton kernel should run."""
     if backend not in _BACKENDS:
@@ -241,7 +250,46 @@ def _check_out(out, expected: list[tuple[tuple[int, ...], torch.dtype]], x: Tens
             raise ValueError(f"{name}: out[{i}] must have unit stride along dim 1, got strides {t.stride()}")
         if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) < t.shape[1]:
             raise ValueError(f"{name}: out[{i}] has overlapping rows (strides {t.stride()}, shape {list(t.shape)})")
+    for i in range(len(out)):
+        for j in range(i + 1, len(out)):
+            if _rows_overlap(out[i], out[j]):
+                raise ValueError(
+                    f"{name}: out[{i}] and out[{j}] overlap in memory (data_ptr {out[i].data_ptr():#x} strides "
+                    f"{out[i].stride()} and data_ptr {out[j].data_ptr():#x} strides {out[j].stride()})"
+                )
     return tuple(out)
+
+
+def _row_span(t: Tensor) -> tuple[int, int, int, int]:
+    """(first byte address, row stride in bytes, row length in bytes, rows) of a 2-D tensor with unit stride
+    along dim 1 and non-overlapping rows (as ``_check_out`` ensures)."""
+    es = t.element_size()
+    rows, row_len = t.shape[0], t.shape[1] * es
+    stride = t.stride(0) * es if rows > 1 else row_len
+    return t.data_ptr(), stride, row_len, rows
+
+
+def _rows_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two 2-D row-strided tensors (unit stride along dim 1) share a byte. Exact, host-side only
+    (addresses and strides, no device access): O(1) when the row strides are equal (views into one send
+    buffer), else O(rows) integer math on the CPU."""
+    if a.dim() != 2 or b.dim() != 2 or a.numel() == 0 or b.numel() == 0:
+        return False
+    pa, sa, la, ma = _row_span(a)
+    pb, sb, lb, mb = _row_span(b)
+    if pa + (ma - 1) * sa + la <= pb or pb + (mb - 1) * sb + lb <= pa:
+        return False  # disjoint address ranges
+    if sa == sb:
+        # Row i of a is [pa + i*s, +la), row j of b is [pb + j*s, +lb): they meet iff -lb < d + k*s < la for
+        # some k = j - i in [-(ma-1), mb-1], d = pb - pa. d + k*s grows with k: try the largest k below la.
+        d = pb - pa
+        k = min((la - 1 - d) // sa, mb - 1)
+        return k >= -(ma - 1) and d + k * sa > -lb
+    # Different row strides: for every row of a, the first row of b that ends after it starts.
+    starts = pa + torch.arange(ma, dtype=torch.int64) * sa
+    first = torch.div(starts - lb - pb, sb, rounding_mode="floor") + 1
+    first = first.clamp(min=0)
+    return bool(((first < mb) & (pb + first * sb < starts + la)).any())
 
 
 def _global_scale_tensor(global_scale, name: str, **anchor: Tensor) -> Tensor:
@@ -333,13 +381,19 @@ def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
     ------
     ValueError
         A Python number or CPU tensor that is negative, NaN or infinite; more than one element.
+    TypeError
+        Neither a real number (bool and str are not) nor a real tensor.
     """
     if isinstance(amax, torch.Tensor):
         if amax.numel() != 1:
             raise ValueError(f"nvfp4_global_scale: amax must have one element, got shape {tuple(amax.shape)}")
+        if amax.dtype == torch.bool or amax.is_complex():
+            raise TypeError(f"nvfp4_global_scale: amax must be a real number, got a {amax.dtype} tensor")
         a = amax.detach().reshape(()).to(torch.float32)
-    else:
+    elif isinstance(amax, numbers.Real) and not isinstance(amax, bool):
         a = torch.tensor(float(amax), dtype=torch.float32)
+    else:
+        raise TypeError(f"nvfp4_global_scale: amax must be a float or a tensor, got {type(amax).__name__} {amax!r}")
     if a.device.type == "cpu":
         v = a.item()
         if not (math.isfinite(v) and v >= 0):
@@ -394,6 +448,7 @@ def dequantize_nvfp4_ref(
 ) -> Tensor:
     """Torch reference of ``dequantize_nvfp4`` (the oracle for the kernel); same arguments and result."""
     m, k = _check_nvfp4_scales(packed, scales, swizzled, "dequantize_nvfp4")
+    _check_deq_dtype(dtype, "dequantize_nvfp4")
     kb = k // NVFP4_BLOCK
     scales = scales.view(torch.float8_e4m3fn)
     if swizzled:
@@ -501,7 +556,8 @@ def dequantize_nvfp4(
     global_scale : Tensor or float
         The encode scale used to quantize (as in ``quantize_nvfp4``).
     dtype : torch.dtype
-        Result dtype; the fp32 values are rounded to nearest even.
+        Result dtype: float32, float16, bfloat16 or float64 (``TypeError`` otherwise); the fp32 values are
+        rounded to nearest even.
     backend : {"auto", "triton", "torch"}
         As the quantizers: the Triton kernel for CUDA tensors under ``"auto"``.
 
@@ -518,6 +574,7 @@ def dequantize_nvfp4(
     """
     name = "dequantize_nvfp4"
     m, k = _check_nvfp4_scales(packed, scales, swizzled, name)
+    _check_deq_dtype(dtype, name)
     common_device(name, packed=packed, scales=scales)
     if not _check_backend(backend, packed, name):
         return dequantize_nvfp4_ref(packed, scales, global_scale, swizzled=swizzled, dtype=dtype)
@@ -556,6 +613,9 @@ def swizzle_block_scales(scales: Tensor) -> Tensor:
 
 def unswizzle_block_scales(swizzled: Tensor, rows: int, cols: int) -> Tensor:
     """Inverse of ``swizzle_block_scales``: swizzled ``[round_up(rows,128), round_up(cols,4)]`` -> ``[rows, cols]``."""
+    for name, v in (("rows", rows), ("cols", cols)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"unswizzle_block_scales: {name} must be an int >= 0, got {v!r}")
     mp, kp = _round_up(rows, 128), _round_up(cols, 4)
     if not isinstance(swizzled, torch.Tensor) or swizzled.element_size() != 1 or swizzled.numel() != mp * kp:
         raise ValueError(
@@ -664,7 +724,8 @@ def dequantize_mxfp4(packed: Tensor, scales: Tensor, *, dtype=torch.float32) -> 
     """Dequantize MXFP4: ``x = e2m1 * 2**(scale_byte - 127)`` (exact in fp32 unless it overflows).
 
     ``packed``: ``uint8 [num_tokens, hidden/2]``; ``scales``: ``uint8 [num_tokens, hidden/32]`` e8m0.
-    Returns ``[num_tokens, hidden]`` in ``dtype``; 0xFF scales give NaN blocks.
+    Returns ``[num_tokens, hidden]`` in ``dtype`` (float32, float16, bfloat16 or float64, ``TypeError``
+    otherwise); 0xFF scales give NaN blocks.
     """
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
         raise TypeError(f"dequantize_mxfp4: packed must be a 2-D uint8 tensor, got {_describe(packed)}")
@@ -673,6 +734,7 @@ def dequantize_mxfp4(packed: Tensor, scales: Tensor, *, dtype=torch.float32) -> 
         raise TypeError(f"dequantize_mxfp4: scales must be uint8 (e8m0), got {_describe(scales)}")
     if k % MXFP4_BLOCK or tuple(scales.shape) != (m, k // MXFP4_BLOCK):
         raise ValueError(f"dequantize_mxfp4: scales must be [{m}, {k / MXFP4_BLOCK:g}], got {list(scales.shape)}")
+    _check_deq_dtype(dtype, "dequantize_mxfp4")
     values = _unpack_e2m1(packed).double().reshape(m, k // MXFP4_BLOCK, MXFP4_BLOCK)
     e = scales.to(torch.int32)
     mult = torch.where(e == E8M0_NAN, float("nan"), torch.pow(2.0, (e - E8M0_BIAS).double()))
@@ -797,6 +859,7 @@ def _check_fp8_pair(q: Tensor, scales: Tensor, name: str) -> tuple[int, int, int
 def dequantize_fp8_ref(q: Tensor, scales: Tensor, *, dtype=torch.float32) -> Tensor:
     """Torch reference of ``dequantize_fp8`` (the oracle for the kernel); same arguments and result."""
     m, k, groups = _check_fp8_pair(q, scales, "dequantize_fp8")
+    _check_deq_dtype(dtype, "dequantize_fp8")
     out = q.float().reshape(m, groups, k // groups) * scales.unsqueeze(-1)
     return out.reshape(m, k).to(dtype)
 
@@ -811,7 +874,8 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     scales : Tensor
         ``float32 [num_tokens, hidden/group]``, ``[num_tokens, 1]`` per token.
     dtype : torch.dtype
-        Result dtype; the fp32 values are rounded to nearest even.
+        Result dtype: float32, float16, bfloat16 or float64 (``TypeError`` otherwise); the fp32 values are
+        rounded to nearest even.
     backend : {"auto", "triton", "torch"}
         The Triton kernel handles an even ``hidden`` with one scale per token or a power-of-two group;
         ``"auto"`` uses the reference for other shapes, ``"triton"`` raises ``ValueError``.
@@ -829,6 +893,7 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     """
     name = "dequantize_fp8"
     m, k, groups = _check_fp8_pair(q, scales, name)
+    _check_deq_dtype(dtype, name)
     common_device(name, q=q, scales=scales)
     group = k // groups
     fits = k % 2 == 0 and (groups == 1 or group & (group - 1) == 0)
@@ -840,6 +905,8 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     q = q.view(torch.uint8)
     if q.stride(1) != 1 or (q.shape[0] > 1 and q.stride(0) % 2) or q.storage_offset() % 2:
         q = q.contiguous()
+    if scales.shape[1] > 1 and scales.stride(1) != 1:  # the kernel indexes scales with stride(0) and unit stride(1)
+        scales = scales.contiguous()
     from moecomm import _quant_triton
 
     return _quant_triton.dequantize_fp8(q, scales, dtype)

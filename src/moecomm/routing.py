@@ -38,6 +38,8 @@ bits of the fp32 score (``-0.0`` as ``+0.0``) times the number of candidates, pl
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from moecomm.errors import check_ids
@@ -47,7 +49,15 @@ __all__ = ["topk_softmax", "grouped_topk", "normalize_topk", "ids_int32"]
 _NEG_INF = float("-inf")
 
 
+def _check_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+
+
 def _check_logits(router_logits: torch.Tensor, k: int) -> None:
+    if not isinstance(router_logits, torch.Tensor):
+        raise TypeError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+    _check_int(k, "k")
     if router_logits.dim() != 2 or not router_logits.is_floating_point():
         raise ValueError(
             f"router_logits must be a floating [num_tokens, num_experts] tensor, got "
@@ -175,7 +185,14 @@ def grouped_topk(
         On a bad shape or a group configuration that does not fit ``num_experts`` and ``k``.
     """
     _check_logits(router_logits, k)
+    _check_int(n_group, "n_group")
+    _check_int(topk_group, "topk_group")
     num_tokens, num_experts = router_logits.shape
+    if e_score_correction_bias is not None and not isinstance(e_score_correction_bias, torch.Tensor):
+        raise TypeError(
+            f"e_score_correction_bias must be a torch.Tensor [num_experts] or None, got "
+            f"{type(e_score_correction_bias).__name__}"
+        )
     if n_group < 1 or num_experts % n_group or num_experts // n_group < 2:
         raise ValueError(f"num_experts={num_experts} must split into n_group={n_group} groups of >= 2 experts")
     group_size = num_experts // n_group
@@ -225,9 +242,20 @@ def normalize_topk(
     Raises
     ------
     ValueError
-        If the shapes differ or are not 2-D, the dtypes are wrong, the devices differ, or an id is out
-        of range.
+        If the shapes differ or are not 2-D, the dtypes are wrong, the devices differ, an id is out
+        of range, or ``num_experts < 1``.
+    TypeError
+        If the ids or weights are not tensors, or ``num_experts`` is not an int (or None).
     """
+    if not isinstance(topk_ids, torch.Tensor) or not isinstance(topk_weights, torch.Tensor):
+        raise TypeError(
+            f"topk_ids and topk_weights must be torch.Tensors, got {type(topk_ids).__name__} and "
+            f"{type(topk_weights).__name__}"
+        )
+    if num_experts is not None:
+        _check_int(num_experts, "num_experts")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be positive, got {num_experts}")
     if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape:
         raise ValueError(
             f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be "
@@ -240,8 +268,24 @@ def normalize_topk(
     if topk_ids.device != topk_weights.device:
         raise ValueError(f"topk_ids on {topk_ids.device} but topk_weights on {topk_weights.device}")
     if num_experts is not None:
-        check_ids(topk_ids, num_experts)
+        check_ids(_comparable_ids(topk_ids), num_experts)
     return ids_int32(topk_ids).contiguous(), topk_weights.float().contiguous()
+
+
+# Integer dtypes whose every value fits in int32: a plain cast is exact.
+_FITS_INT32 = (torch.int8, torch.int16, torch.uint8, torch.uint16)
+
+
+def _comparable_ids(topk_ids: torch.Tensor) -> torch.Tensor:
+    """The ids in a dtype that torch can compare and reduce (no sync), same order and values: uint16 / uint32
+    widen to int64 (torch has no comparisons for them); uint64 ids of 2**63 and more saturate to the int64
+    maximum (still out of range)."""
+    if topk_ids.dtype in (torch.uint16, torch.uint32):
+        return topk_ids.to(torch.int64)
+    if topk_ids.dtype == torch.uint64:
+        wide = topk_ids.view(torch.int64)
+        return torch.where(wide < 0, torch.iinfo(torch.int64).max, wide)
+    return topk_ids
 
 
 def ids_int32(topk_ids: torch.Tensor) -> torch.Tensor:
@@ -252,6 +296,9 @@ def ids_int32(topk_ids: torch.Tensor) -> torch.Tensor:
     """
     if topk_ids.dtype == torch.int32:
         return topk_ids
+    if topk_ids.dtype in _FITS_INT32:  # int8 / int16 / uint8 / uint16: exact, -1 stays -1
+        return topk_ids.to(torch.int32)
+    wide = _comparable_ids(topk_ids)
     info = torch.iinfo(torch.int32)
-    fits = (topk_ids >= info.min) & (topk_ids <= info.max)
-    return torch.where(fits, topk_ids, info.min).to(torch.int32)
+    fits = (wide >= info.min) & (wide <= info.max)
+    return torch.where(fits, wide, info.min).to(torch.int32)
