@@ -22,6 +22,7 @@ import os
 import pickle
 import queue as queue_module
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -80,16 +81,19 @@ def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) 
         _init(rank, world_size, backend, init_method, timeout_s)
         # Plain pickle to bytes: tensors travel by value, not as shared-memory handles that die with
         # this process before the parent unpickles them.
-        result = pickle.dumps(fn(*args))
-        # Every rank has finished its collectives before any frees its group: a gloo group destroyed
-        # while a peer still closes its connections can abort the process at exit.
-        dist.barrier()
-        queue.put((rank, True, result))
+        queue.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    # Leave without the interpreter's teardown: torch's C++ destructors at exit can abort a rank
+    # ("terminate called without an active exception") after its result has been sent.
+    queue.close()
+    queue.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(
