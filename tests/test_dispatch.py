@@ -198,6 +198,8 @@ def _errors():
             x, ids, w, mine, sizes=sizes, strategy="agrs", chunks=1 + rank % 2, validate=True)),
         "chunks 0 on rank 1": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs", chunks=0 if rank == 1 else 1, validate=True)),
+        "pack not a bool": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", pack="no", validate=True)),
         "pack disagrees": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-fp8", pack=rank != 2, validate=True)),
         "experts not split over the ranks": error_of(lambda: moe_forward(
@@ -435,6 +437,20 @@ def _chunks_are_exact(seed):
 def test_chunks_are_bit_identical(world_size):
     seed = random.randrange(1 << 30)
     assert launch(_chunks_are_exact, world_size, (seed,), backend="gloo", timeout=300) == ["ok"] * world_size, seed
+
+
+def test_flags_and_graphs_refuse_what_they_cannot_take():
+    from moecomm.dispatch import GraphedMoE, choose_strategy
+
+    w13, w2 = torch.randn(4, 2 * INTER, HIDDEN), torch.randn(4, HIDDEN, INTER)
+    with pytest.raises(ValueError, match="needs a CUDA device"):  # CPU weights (and, here, no CUDA at all)
+        GraphedMoE(make_expert_weights(w13, w2), hidden_size=HIDDEN, topk=TOPK, buckets=[1, 2])
+    with pytest.raises(TypeError, match="allow_quantized must be a bool"):
+        choose_strategy(QuantFormat.NVFP4, 4096, world_size=2, ep_size=2, allow_quantized="no")
+    from moecomm.collectives import validation_enabled
+
+    with pytest.raises(TypeError, match="validate must be a bool"):
+        validation_enabled("no")
 
 
 def test_chunks_argument():

@@ -96,7 +96,9 @@ class Algorithm(ChoiceEnum):
 
 def validation_enabled(validate: bool) -> bool:
     """``validate``, or the environment asking every call to validate: ``MOECOMM_VALIDATE=1`` or torch's
-    ``TORCH_DISTRIBUTED_DEBUG=DETAIL``."""
+    ``TORCH_DISTRIBUTED_DEBUG=DETAIL``. ``TypeError`` unless ``validate`` is a bool (``"no"`` is not False)."""
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {validate!r}")
     return (validate or os.environ.get(VALIDATE_ENV, "0") not in ("0", "")
             or os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() == "DETAIL")
 

@@ -223,6 +223,8 @@ def choose_strategy(
     """
     if allow_quantized is None:
         allow_quantized = os.environ.get(DISABLE_ENV, "0") not in ("1", "true", "yes")
+    elif not isinstance(allow_quantized, bool):
+        raise TypeError(f"allow_quantized must be a bool or None, got {allow_quantized!r}")
     if expert_input_format not in _FORMAT_STRATEGY or not allow_quantized or ep_size != world_size:
         return Strategy.AGRS
     strategy = _FORMAT_STRATEGY[expert_input_format]
@@ -289,9 +291,11 @@ def _check_global_scale(global_scale, rank: int) -> None:
         raise ValueError(f"rank {rank}: global_scale must be finite and > 0, got {value}")
 
 
-def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format):
+def _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format, pack):
     """Local checks of a dispatch; returns ``(sizes as a list, rank, world)``. Raises ValueError/TypeError."""
     rank, world = _world(group)
+    if not isinstance(pack, bool):
+        raise TypeError(f"rank {rank}: pack must be a bool, got {pack!r}")
     for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"rank {rank}: {name} must be a tensor, got {type(t).__name__}")
@@ -409,7 +413,8 @@ def dispatch(
         raise ValueError("dispatch needs a concrete strategy; moe_forward resolves 'auto'")
     sizes, rank, world = run_checks(
         "dispatch",
-        lambda: _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format),
+        lambda: _validate(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format,
+                          pack),
         lambda: _agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack, algorithm),
         group, validate)
     return _dispatch(hidden, topk_ids, topk_weights, sizes, rank, world, strategy, global_scale,
@@ -602,7 +607,8 @@ def moe_forward(
         if strategy == Strategy.AUTO:
             resolved = choose_strategy(expert_input_format, sum(_check_sizes(sizes, world)), world_size=world,
                                        ep_size=world, allow_quantized=allow_quantized)
-        checked = _validate(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format)
+        checked = _validate(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format,
+                            pack)
         chosen.append((resolved, _check_chunks(chunks, checked[0], world)))
         return resolved, checked
 
@@ -727,7 +733,8 @@ class GraphedMoE:
     Raises
     ------
     ValueError
-        At call time, on every rank alike, when the largest live token count exceeds the largest
+        At construction without CUDA (a CPU machine, CPU weights). At call time, on every rank alike, when
+        the largest live token count exceeds the largest
         captured bucket (instead of a hang or an overrun); on shape/dtype mismatches.
     """
 
@@ -737,6 +744,9 @@ class GraphedMoE:
                  chunks: int | None = None):
         if not buckets or any(isinstance(b, bool) or int(b) != b or b < 1 for b in buckets):
             raise ValueError(f"buckets must be positive integers, got {buckets}")
+        if not torch.cuda.is_available() or weights.w13.device.type != "cuda":
+            raise ValueError("GraphedMoE captures CUDA graphs: it needs a CUDA device, CUDA expert weights and an "
+                             "NCCL group (on a CPU, call moe_forward)")
         self.buckets = sorted(set(int(b) for b in buckets))
         self.group = group
         self.topk = topk
