@@ -162,6 +162,17 @@ def _ops_compiled(seed, steps):
     assert all(torch.equal(a, b) for a, b in zip(by_list, by_tensor))
     with pytest.raises(TypeError, match="1-D CPU int64"):
         collectives.all_gatherv(x, ops.sizes_tensor(sizes).float())
+    # out= buffers are checked before the collective, as with a list (every rank raises alike)
+    st, rows = ops.sizes_tensor(sizes), sum(sizes)
+    for bad in (torch.empty(rows, x.shape[1], dtype=torch.int64), torch.empty(2, rows, x.shape[1], dtype=x.dtype),
+                torch.empty(rows + 1, x.shape[1], dtype=x.dtype)):
+        with pytest.raises(ValueError, match="all_gatherv out"):
+            collectives.all_gatherv(x, st, out=bad)
+    with pytest.raises(ValueError, match=rf"reduce_scatterv: out must be .*\[{sizes[rank]}, "):
+        collectives.reduce_scatterv(everyone, st, out=torch.empty(sizes[rank] + 1, everyone.shape[1],
+                                                                   dtype=everyone.dtype))
+    good = torch.empty(rows, x.shape[1], dtype=x.dtype)
+    assert collectives.all_gatherv(x, st, out=good) is good and torch.equal(good, by_list[0])
 
     # Eager calls with a list of sizes never reach the ops (their host time stays as it was).
     saved = {name: getattr(ops, name) for name in ("moe_forward", "quantize", "all_gatherv", "reduce_scatterv")}

@@ -225,7 +225,8 @@ def run_checks(what: str, prepare, agreement, group, validate: bool):
 
 
 def _agreement(tensors, sizes, algorithm) -> dict:
-    return {"sizes": list(sizes), "meta": _meta(tensors), "algorithm": Algorithm(algorithm).value}
+    algorithm = None if algorithm is None else Algorithm(algorithm).value  # by value: enum or string alike
+    return {"sizes": list(sizes), "meta": _meta(tensors), "algorithm": algorithm}
 
 
 def check_agreement(what: str, mine: dict, group=None, local_error: Exception | None = None) -> None:
