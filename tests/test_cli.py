@@ -31,6 +31,7 @@ def _usage_error(capsys, argv) -> str:
 
 BAD = [
     (["demo", "--world-size", "0"], "argument --world-size: must be at least 1, got 0"),
+    (["demo", "--world-size", "1", "--splits", "idle"], "--splits idle needs --world-size >= 2"),
     (["demo", "--world-size", "-3"], "argument --world-size: must be at least 1, got -3"),
     (["demo", "--world-size", "two"], "argument --world-size: expected an integer, got 'two'"),
     (["demo", "--strategies", "bogus"], "argument --strategies: unknown 'bogus'; choose from allreduce, agrs, "

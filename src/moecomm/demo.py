@@ -485,7 +485,10 @@ def _check_arguments(world_size, num_sentences, num_experts, top_k, strategies, 
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     elif device == "cuda" and gpus < world_size:
         raise ValueError(f"--device cuda needs one GPU per rank: {world_size} ranks, {gpus} GPUs visible")
-    return _Arguments(n, num_experts, top_k, [s for s in splits if s != "idle" or world_size >= 2], device)
+    runnable = [s for s in splits if s != "idle" or world_size >= 2]
+    if not runnable:
+        raise ValueError("--splits idle needs --world-size >= 2 (one rank cannot be idle and serve the batch)")
+    return _Arguments(n, num_experts, top_k, runnable, device)
 
 
 def run_demo(
@@ -517,7 +520,8 @@ def run_demo(
         Dispatch strategies of :data:`STRATEGY_CHOICES`; ``"auto"`` runs what
         :func:`resolve_strategy` gives (``StrategyResult.resolved_strategy``).
     splits : sequence of str
-        ``"uneven"`` and / or ``"idle"``; ``idle`` needs ``world_size >= 2`` and is skipped otherwise.
+        ``"uneven"`` and / or ``"idle"``; ``idle`` needs ``world_size >= 2`` and is skipped otherwise
+        (``ValueError`` when nothing else is left to run).
     device : str
         ``"auto"`` (cuda when there is one GPU per rank), ``"cpu"`` or ``"cuda"``.
     progress : bool
