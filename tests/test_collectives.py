@@ -303,9 +303,19 @@ def test_launch_rejects_bad_arguments_and_silent_exits():
         launch(_exit_silently, 2, backend="gloo", timeout=60)
 
 
+def _abort_on_rank_1():
+    import os
+
+    if dist.get_rank() == 1:
+        os.abort()
+    dist.barrier()  # rank 0 then fails on the closed connection: the message names rank 1 first
+
+
 def test_launch_reports_failure_and_timeout():
     with pytest.raises(RankError, match="(?s)rank 1 of 2.*boom on rank 1"):
         launch(_fail_on_rank_1, 2, backend="gloo", timeout=60)
+    with pytest.raises(RankError, match=r"^rank 1 exited \(code -6\) without returning a result"):
+        launch(_abort_on_rank_1, 2, backend="gloo", timeout=60)
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
         launch(_hang, 2, backend="gloo", timeout=20)

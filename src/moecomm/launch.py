@@ -128,8 +128,9 @@ def launch(
     Raises
     ------
     RankError
-        A rank raised; the message names the first rank that reported a failure and holds its
-        traceback (the other ranks are then stopped: they may wait in a collective).
+        A rank raised or died; the message names first a rank that died without a result (a signal,
+        ``os.abort``), if any, then the first rank that reported a failure, with its traceback (the
+        other ranks are then stopped: they may wait in a collective).
     TimeoutError
         The ranks did not all finish within ``timeout`` seconds (e.g. a hang in a collective).
     ValueError
@@ -204,5 +205,8 @@ def launch(
                 p.kill()
                 p.join()
     if failed:
-        raise RankError(f"rank {failed[0]} of {world_size} raised:\n{results[failed[0]][1]}")
+        # A rank that died without reporting (a signal, os.abort) is usually why its peers raised.
+        dead = [f"rank {r} exited (code {p.exitcode}) without returning a result; "
+                for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0, -9)]
+        raise RankError(f"{''.join(dead[:1])}rank {failed[0]} of {world_size} raised:\n{results[failed[0]][1]}")
     return [pickle.loads(results[r][1]) for r in range(world_size)]
