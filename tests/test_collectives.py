@@ -16,6 +16,7 @@ from moecomm.collectives import (
     VALIDATE_ENV,
     Algorithm,
     all_gatherv_ref,
+    all_reduce,
     choose_algorithm,
     gather_sizes,
     reduce_scatterv_ref,
@@ -163,6 +164,7 @@ def _error_cases():
                                                           out=torch.empty(rank + 2, 4))),
         "out dtype": error_of(lambda: all_gatherv(x, sizes, out=torch.empty(sum(sizes), 4, dtype=torch.half))),
         "not a tensor": error_of(lambda: all_gatherv([x, "ids"], sizes)),
+        "all_reduce of a list": error_of(lambda: all_reduce([x])),
         # Only one rank is wrong or ranks disagree: validate=True makes every rank raise.
         "rows on rank 1 only": error_of(
             lambda: all_gatherv(torch.randn(99 if rank == 1 else rank + 1, 4), sizes, validate=True)),

@@ -451,6 +451,10 @@ def test_flags_and_graphs_refuse_what_they_cannot_take():
 
     with pytest.raises(TypeError, match="validate must be a bool"):
         validation_enabled("no")
+    from moecomm.dispatch import combine
+
+    with pytest.raises(TypeError, match="needs the DispatchHandle"):
+        combine(torch.randn(4, HIDDEN).bfloat16(), {"rows": 4})
 
 
 def test_chunks_argument():

@@ -731,8 +731,11 @@ def reduce_scatterv(
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum the contiguous ``tensor`` (bf16, fp16, fp32 or int32) over the ranks of ``group``, in place, through
     the same communication layer as :func:`all_gatherv` (the classic DP baseline's all-reduce). Returns
-    ``tensor``. Raises ``ValueError`` for another dtype, a non-contiguous tensor or a rank outside the group."""
+    ``tensor``. Raises ``ValueError`` for another dtype, a non-contiguous tensor or a rank outside the group,
+    ``TypeError`` for a non-tensor."""
     rank, world = _world(group)
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"rank {rank}: all_reduce takes one tensor, got {type(tensor).__name__}")
     if tensor.dtype not in (*REDUCE_DTYPES, torch.int32) or not tensor.is_contiguous():
         raise ValueError(f"rank {rank}: all_reduce needs a contiguous bf16/fp16/fp32/int32 tensor, got "
                          f"{tensor.dtype} {tuple(tensor.shape)} strides {tensor.stride()}")

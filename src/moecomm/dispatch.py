@@ -501,8 +501,13 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     for ``allreduce`` (which sums ``partial`` in place). In the padded layout the result is a view of the
     first ``sizes[rank]`` rows of a ``[max(sizes), hidden]`` buffer (or written to ``out``).
     Raises ``ValueError`` when ``partial`` does not have ``handle.rows`` rows or ``out`` is not
-    ``[sizes[rank], hidden]`` of ``partial``'s dtype.
+    ``[sizes[rank], hidden]`` of ``partial``'s dtype; ``TypeError`` when ``handle`` is not a
+    :class:`DispatchHandle` or ``out`` not a tensor.
     """
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"combine needs the DispatchHandle that dispatch returned, got {type(handle).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise TypeError(f"rank {handle.rank}: out must be a tensor, got {type(out).__name__}")
     sizes, rank = list(handle.sizes), handle.rank
     if not isinstance(partial, torch.Tensor) or partial.dim() != 2 or partial.shape[0] != handle.rows:
         raise ValueError(f"rank {rank}: partial must be [{handle.rows}, hidden] (the dispatched rows), got "
