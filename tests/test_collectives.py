@@ -165,6 +165,7 @@ def _error_cases():
         "out dtype": error_of(lambda: all_gatherv(x, sizes, out=torch.empty(sum(sizes), 4, dtype=torch.half))),
         "not a tensor": error_of(lambda: all_gatherv([x, "ids"], sizes)),
         "all_reduce of a list": error_of(lambda: all_reduce([x])),
+        "out of ints": error_of(lambda: all_gatherv(x, sizes, out=[3])),
         # Only one rank is wrong or ranks disagree: validate=True makes every rank raise.
         "rows on rank 1 only": error_of(
             lambda: all_gatherv(torch.randn(99 if rank == 1 else rank + 1, 4), sizes, validate=True)),
@@ -186,6 +187,7 @@ def _error_cases():
 def test_errors_raise_on_every_rank():
     results = launch(_error_cases, 3, backend="gloo", timeout=120)
     assert_raised_on_every_rank(results)
+    assert "out[0] is a int" in results[0]["out of ints"]
     assert "rank 1" in results[0]["rows on rank 1 only"] and "99 rows" in results[0]["rows on rank 1 only"]
     assert "disagree on sizes" in results[2]["sizes disagree"]
     assert "len(sizes) = 2" in results[0]["sizes too short"]

@@ -1224,3 +1224,12 @@ def test_out_with_overlapping_rows_is_rejected():
                  torch.zeros(64, dtype=torch.uint8).as_strided((4, 32), (8, 1))):
         with pytest.raises(ValueError, match="overlapping rows"):
             Q.quantize_nvfp4(x, 2.0, out=(rows, scales))
+
+
+def test_dequantize_mxfp4_names_the_block_and_the_scale_shape():
+    packed = torch.randint(0, 256, (2, 8), dtype=torch.uint8)  # hidden 16: not a multiple of 32
+    with pytest.raises(ValueError, match="hidden = 2 \\* packed.shape\\[1\\] = 16 must be a multiple of 32"):
+        Q.dequantize_mxfp4(packed, torch.full((2, 1), 127, dtype=torch.uint8))
+    packed = torch.randint(0, 256, (2, 32), dtype=torch.uint8)  # hidden 64: two e8m0 scales per row
+    with pytest.raises(ValueError, match=r"scales must be \[2, 2\], got \[2, 3\]"):
+        Q.dequantize_mxfp4(packed, torch.full((2, 3), 127, dtype=torch.uint8))

@@ -145,14 +145,14 @@ def _check_sizes(sizes: Sequence[int], world_size: int) -> list[int]:
     return checked
 
 
-def _as_list(tensors: TensorOrList) -> tuple[list[torch.Tensor | None], bool]:
+def _as_list(tensors: TensorOrList, name: str = "tensors") -> tuple[list[torch.Tensor | None], bool]:
     if isinstance(tensors, torch.Tensor):
         return [tensors], True
     if not isinstance(tensors, (list, tuple)):
-        raise TypeError(f"expected a tensor or a list/tuple of tensors, got {type(tensors).__name__}")
+        raise TypeError(f"{name}: expected a tensor or a list/tuple of tensors, got {type(tensors).__name__}")
     for i, t in enumerate(tensors):
         if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensors[{i}] is a {type(t).__name__}, expected a tensor or None")
+            raise TypeError(f"{name}[{i}] is a {type(t).__name__}, expected a tensor or None")
     return list(tensors), False
 
 
@@ -589,7 +589,7 @@ def _prepare_gather(tensors, sizes, out, group):
     _check_rows(ts, sizes[rank], rank, "tensors", group)
     outs = None
     if out is not None:
-        outs, _ = _as_list(out)
+        outs, _ = _as_list(out, "out")
         _check_out(outs, ts, sum(sizes), rank, group)
     return ts, single, sizes, outs, rank, world
 

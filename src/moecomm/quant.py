@@ -732,8 +732,11 @@ def dequantize_mxfp4(packed: Tensor, scales: Tensor, *, dtype=torch.float32) -> 
     m, k = packed.shape[0], packed.shape[1] * 2
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.uint8:
         raise TypeError(f"dequantize_mxfp4: scales must be uint8 (e8m0), got {_describe(scales)}")
-    if k % MXFP4_BLOCK or tuple(scales.shape) != (m, k // MXFP4_BLOCK):
-        raise ValueError(f"dequantize_mxfp4: scales must be [{m}, {k / MXFP4_BLOCK:g}], got {list(scales.shape)}")
+    if k % MXFP4_BLOCK:
+        raise ValueError(f"dequantize_mxfp4: hidden = 2 * packed.shape[1] = {k} must be a multiple of "
+                         f"{MXFP4_BLOCK} (one e8m0 scale per {MXFP4_BLOCK} values)")
+    if tuple(scales.shape) != (m, k // MXFP4_BLOCK):
+        raise ValueError(f"dequantize_mxfp4: scales must be [{m}, {k // MXFP4_BLOCK}], got {list(scales.shape)}")
     _check_deq_dtype(dtype, "dequantize_mxfp4")
     values = _unpack_e2m1(packed).double().reshape(m, k // MXFP4_BLOCK, MXFP4_BLOCK)
     e = scales.to(torch.int32)
