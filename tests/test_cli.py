@@ -84,6 +84,12 @@ def test_bad_arguments_end_in_one_line_and_exit_2(capsys, argv, message):
 
 
 @pytest.mark.skipif(CUDA, reason="checks a machine without CUDA")
+def test_graphs_without_cuda(capsys):
+    line = _usage_error(capsys, ["bench", "moe", "--world-size", "2", "--graphs"])
+    assert line.endswith("--graphs replays CUDA graphs: it needs one GPU per rank (2 ranks, 0 GPUs)")
+
+
+@pytest.mark.skipif(CUDA, reason="checks a machine without CUDA")
 @pytest.mark.parametrize("command", [["demo"], ["bench", "quant"], ["bench", "experts"]])
 def test_device_cuda_without_cuda(capsys, command):
     line = _usage_error(capsys, [*command, "--device", "cuda"])

@@ -23,6 +23,7 @@ time to issue one call in a loop of calls issued back to back (what an eager ste
 ``--graphs`` also replays the step in CUDA graphs (:class:`moecomm.dispatch.GraphedMoE`, bucket =
 ``max(sizes)``, ``sizes`` passed so no all-reduce): the decode cases as balanced / skewed / idle ranks
 with the same total, and the padding tax: one live token per rank replayed in bucket 1 and in bucket 256.
+It needs one GPU per rank; on a CPU it is refused (exit status 2).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from moecomm._args import (
+    UsageError,
     add_output_arguments,
     add_world_size_arguments,
     check_world_size,
@@ -313,6 +315,8 @@ def run(args: argparse.Namespace) -> int:
     world = args.world_size if args.world_size is not None else (gpus or 4)
     on_gpu = gpus >= world
     check_world_size(world, gpu=on_gpu, force=args.force)
+    if args.graphs and not on_gpu:
+        raise UsageError(f"--graphs replays CUDA graphs: it needs one GPU per rank ({world} ranks, {gpus} GPUs)")
     small = args.small or not on_gpu
     shape = SMALL if small else DEEPSEEK_V3
     experts = args.experts
