@@ -164,11 +164,13 @@ def _ops_compiled(seed, steps):
         collectives.all_gatherv(x, ops.sizes_tensor(sizes).float())
     # out= buffers are checked before the collective, as with a list (every rank raises alike)
     st, rows = ops.sizes_tensor(sizes), sum(sizes)
-    for bad in (torch.empty(rows, x.shape[1], dtype=torch.int64), torch.empty(2, rows, x.shape[1], dtype=x.dtype),
-                torch.empty(rows + 1, x.shape[1], dtype=x.dtype)):
-        with pytest.raises(ValueError, match="all_gatherv out"):
+    for bad, message in ((torch.empty(rows, x.shape[1], dtype=torch.int64), r"out\[0\] is torch.int64"),
+                         (torch.empty(2, rows, x.shape[1], dtype=x.dtype), rf"out\[0\] is {x.dtype} \(2, "),
+                         (torch.empty(rows + 1, x.shape[1], dtype=x.dtype), rf"out\[0\] has {rows + 1} rows, "
+                                                                             rf"expected {rows}")):
+        with pytest.raises(ValueError, match=message):
             collectives.all_gatherv(x, st, out=bad)
-    with pytest.raises(ValueError, match=rf"reduce_scatterv: out must be .*\[{sizes[rank]}, "):
+    with pytest.raises(ValueError, match=rf"out\[0\] has {sizes[rank] + 1} rows, expected {sizes[rank]}"):
         collectives.reduce_scatterv(everyone, st, out=torch.empty(sizes[rank] + 1, everyone.shape[1],
                                                                    dtype=everyone.dtype))
     good = torch.empty(rows, x.shape[1], dtype=x.dtype)

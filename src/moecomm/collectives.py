@@ -179,7 +179,9 @@ def _check_rows(ts: list[torch.Tensor | None], rows: int, rank: int, what: str, 
                              f"backend needs {'cuda' if cuda else 'cpu'} tensors")
 
 
-def _check_out(out_list, ts, rows: int, rank: int, group) -> None:
+def _check_out(out_list, ts, rows: int | None, rank: int, group) -> None:
+    """``out`` buffers for ``ts`` gathered (or scattered) to ``rows`` rows; ``rows`` None (while tracing
+    under torch.compile, where the count is data-dependent) skips the row count and device-kind check."""
     if len(out_list) != len(ts):
         raise ValueError(f"rank {rank}: {len(out_list)} outputs for {len(ts)} inputs")
     for i, (o, t) in enumerate(zip(out_list, ts)):
@@ -196,7 +198,8 @@ def _check_out(out_list, ts, rows: int, rank: int, group) -> None:
             raise ValueError(f"rank {rank}: out[{i}] must be contiguous")
         if o.device != t.device:
             raise ValueError(f"rank {rank}: out[{i}] is on {o.device}, the input on {t.device}")
-    _check_rows(out_list, rows, rank, "out", group)
+    if rows is not None:
+        _check_rows(out_list, rows, rank, "out", group)
 
 
 def _meta(tensors) -> list:

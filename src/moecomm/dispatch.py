@@ -63,7 +63,7 @@ from moecomm.collectives import (
     run_checks,
 )
 from moecomm.moe import ExpertWeights, experts_forward
-from moecomm.quant import QuantFormat, QuantizedTensor, quantize, row_bytes
+from moecomm.quant import QuantFormat, QuantizedTensor, _round_up, quantize, row_bytes
 from moecomm.routing import ids_int32
 
 __all__ = [
@@ -159,14 +159,12 @@ def message_layout(fmt: QuantFormat | None, hidden: int, topk: int) -> MessageLa
         payload, scales = 2 * hidden, 0
     else:
         payload, scales = row_bytes(fmt, hidden)
-    def align4(n):  # fp32 scales, int32 ids and fp32 weights start on 4-byte boundaries (odd hidden sizes)
-        return -(-n // 4) * 4
-
-    a = align4(payload)
-    b = align4(a + scales)
+    # fp32 scales, int32 ids and fp32 weights start on 4-byte columns (gaps only for odd hidden sizes)
+    a = _round_up(payload, 4)
+    b = _round_up(a + scales, 4)
     c, d = b + 4 * topk, b + 8 * topk
-    rb = -(-d // MESSAGE_ALIGN) * MESSAGE_ALIGN
-    return MessageLayout(fmt, hidden, topk, slice(0, payload), slice(a, a + scales), slice(b, c), slice(c, d), rb)
+    return MessageLayout(fmt, hidden, topk, slice(0, payload), slice(a, a + scales), slice(b, c), slice(c, d),
+                         _round_up(d, MESSAGE_ALIGN))
 
 
 def wire_bytes_per_token(strategy: Strategy | str, hidden: int, topk: int,

@@ -144,19 +144,6 @@ def _rows(sizes, pick) -> int | None:
     return pick(sizes.tolist() if isinstance(sizes, Tensor) else list(sizes))
 
 
-def _check_out(out, like: Tensor, rows: int | None, what: str) -> None:
-    """``out`` must take a ``[rows, *like.shape[1:]]`` result of ``like``'s dtype; checked before the
-    collective starts, as the eager entry points do."""
-    if not isinstance(out, Tensor):
-        raise TypeError(f"{what}: out must be a tensor, got {type(out).__name__}")
-    want = (like.dtype, like.dim(), tuple(like.shape[1:]))
-    if (out.dtype, out.dim(), tuple(out.shape[1:])) != want or (rows is not None and out.shape[0] != rows):
-        raise ValueError(f"{what}: out must be {like.dtype} [{'rows' if rows is None else rows}, "
-                         f"{', '.join(map(str, like.shape[1:]))}], got {out.dtype} {tuple(out.shape)}")
-    if not out.is_contiguous():
-        raise ValueError(f"{what}: out must be contiguous")
-
-
 # ----------------------------------------------------------------------------------------------------
 # moe_forward
 # ----------------------------------------------------------------------------------------------------
@@ -372,16 +359,11 @@ def all_gatherv(tensors, sizes, group=None, *, out=None, validate=False, algorit
     single = isinstance(tensors, Tensor)
     items = [tensors] if single else list(tensors)
     present = [t for t in items if t is not None]
-    if out is not None:
+    if out is not None:  # checked before the collective, as the eager path does
+        from moecomm import collectives
+
         outs = [out] if single else list(out)
-        if len(outs) != len(items):
-            raise ValueError(f"all_gatherv: out holds {len(outs)} entries for {len(items)} tensors")
-        rows = _rows(sizes, sum)
-        for i, (o, t) in enumerate(zip(outs, items)):
-            if (o is None) != (t is None):
-                raise ValueError(f"all_gatherv: out[{i}] and tensors[{i}] must both be None or both tensors")
-            if t is not None:
-                _check_out(o, t, rows, f"all_gatherv out[{i}]")
+        collectives._check_out(outs, items, _rows(sizes, sum), dist.get_rank(group), group)
     gathered = iter(torch.ops.moecomm.all_gatherv(present, _as_sizes(sizes), _group_name(group), _value(algorithm),
                                                   validate))
     results = [None if t is None else next(gathered) for t in items]
@@ -435,9 +417,12 @@ def reduce_scatterv(tensor, sizes, group=None, *, out=None, validate=False, algo
         ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor. When the op runs: as
         :func:`moecomm.collectives.reduce_scatterv`.
     """
-    if out is not None:
+    if out is not None:  # checked before the collective, as the eager path does
+        from moecomm import collectives
+
         rank = dist.get_rank(group)  # -1 outside the group: the op raises that
-        _check_out(out, tensor, _rows(sizes, lambda s: s[rank] if 0 <= rank < len(s) else None), "reduce_scatterv")
+        rows = _rows(sizes, lambda s: s[rank] if 0 <= rank < len(s) else None)
+        collectives._check_out([out], [tensor], rows, rank, group)
     result = torch.ops.moecomm.reduce_scatterv(tensor, _as_sizes(sizes), _group_name(group), _value(algorithm),
                                                validate)
     return result if out is None else out.copy_(result)
