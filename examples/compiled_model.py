@@ -14,9 +14,8 @@ import torch.distributed as dist
 from torch._dynamo.decorators import mark_unbacked
 from torch._dynamo.utils import counters
 
-from moecomm.collectives import gather_sizes
-from moecomm.dispatch import moe_forward
-from moecomm.launch import launch, rank_device
+from moecomm.comm import gather_sizes, launch, rank_device
+from moecomm.layer import moe_forward
 from moecomm.moe import make_expert_weights
 from moecomm.ops import sizes_tensor
 from moecomm.quant import QuantFormat, nvfp4_global_scale

@@ -12,9 +12,8 @@ experts quantize their input to NVFP4 anyway).
 import torch
 import torch.distributed as dist
 
-from moecomm.collectives import gather_sizes
-from moecomm.dispatch import moe_forward, wire_bytes_per_token
-from moecomm.launch import launch, rank_device
+from moecomm.comm import gather_sizes, launch, rank_device
+from moecomm.layer import moe_forward, wire_bytes_per_token
 from moecomm.moe import experts_forward_ref, make_expert_weights, topk_softmax
 from moecomm.quant import QuantFormat, nvfp4_global_scale
 

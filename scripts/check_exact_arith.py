@@ -1,4 +1,4 @@
-"""Exhaustive checks of the exact-arithmetic shortcuts in moecomm._quant_triton (CPU, about a minute).
+"""Exhaustive checks of the exact-arithmetic shortcuts in moecomm.quant._kernels (CPU, about a minute).
 
 Every claim below is checked over all fp32 operands it covers, with IEEE fp32 arithmetic (numpy, and a
 correctly rounded fp32 fma from Triton's interpreter); exact quotients come from float64 division,

@@ -21,7 +21,7 @@ def pack() -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from moecomm.minilm import load_tokenizer, model_dir, read_sentences
+    from moecomm.demo.minilm import load_tokenizer, model_dir, read_sentences
 
     src = model_dir()
     tok = load_tokenizer()

@@ -10,8 +10,8 @@ import sys
 import torch
 
 from moecomm.bench.timing import loop_time
-from moecomm.dispatch import combine, dispatch, moe_forward
-from moecomm.launch import launch, rank_device
+from moecomm.comm import launch, rank_device
+from moecomm.layer import combine, dispatch, moe_forward
 from moecomm.moe import WeightFormat, experts_forward, grouped_topk, make_expert_weights
 from moecomm.quant import QuantFormat, quantize
 

@@ -12,18 +12,25 @@ import torch
 import torch.distributed as dist
 
 from moecomm import all_gatherv, check_consistency, reduce_scatterv
-from moecomm.collectives import (
+from moecomm.comm import (
     VALIDATE_ENV,
     Algorithm,
+    RankError,
     all_gatherv_ref,
     all_reduce,
     choose_algorithm,
     gather_sizes,
+    launch,
+    rank_device,
     reduce_scatterv_ref,
     size_pattern,
 )
-from moecomm.launch import RankError, launch, rank_device
-from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of, on_every_gpu_count
+from moecomm.testing import (
+    assert_close,
+    assert_raised_on_every_rank,
+    error_of,
+    on_every_gpu_count,
+)
 
 # (trailing shape, dtype) of the tensors gathered together in one call; None is a hole in the list.
 GATHER_SPECS = [
@@ -194,7 +201,7 @@ def test_errors_raise_on_every_rank():
 
 
 def test_choose_algorithm_reads_the_measured_table(monkeypatch):
-    import moecomm.collectives as c
+    import moecomm.comm.algorithms as c
 
     assert size_pattern([4, 4]) == "balanced" and size_pattern([0, 4]) == "idle" and size_pattern([1, 4]) == "skewed"
     assert size_pattern([0, 0]) == "balanced"

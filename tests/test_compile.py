@@ -20,8 +20,9 @@ from torch._dynamo.decorators import mark_unbacked
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from moecomm import collectives, dispatch, ops, quant
-from moecomm.launch import launch, rank_device
+from moecomm import ops, quant
+from moecomm.comm import collectives, launch, rank_device
+from moecomm.layer import step as dispatch
 from moecomm.moe import experts_forward_ref, make_expert_weights
 from moecomm.quant import QuantFormat, nvfp4_global_scale
 from moecomm.testing import assert_close
@@ -208,7 +209,7 @@ def test_sizes_tensor():
     t = ops.sizes_tensor([3, 0, 5])
     assert t.dtype == torch.int64 and t.device.type == "cpu" and t.tolist() == [3, 0, 5]
     with pytest.raises(TypeError, match="CPU int64"):
-        ops._as_sizes(torch.tensor([1.0, 2.0]))
+        collectives.as_sizes(torch.tensor([1.0, 2.0]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
 from moecomm.demo import default_num_experts, split_counts  # noqa: E402
-from moecomm.minilm import (  # noqa: E402
+from moecomm.demo.minilm import (  # noqa: E402
     MiniLM,
     all_experts_routing,
     cluster_neurons,

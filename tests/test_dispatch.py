@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moecomm.collectives import Algorithm
-from moecomm.dispatch import (
+from moecomm.comm import Algorithm, launch, rank_device
+from moecomm.layer import (
     DISABLE_ENV,
     Strategy,
     choose_strategy,
@@ -16,10 +16,19 @@ from moecomm.dispatch import (
     moe_forward,
     wire_bytes_per_token,
 )
-from moecomm.launch import launch, rank_device
-from moecomm.moe import experts_forward, experts_forward_ref, make_expert_weights, topk_softmax
+from moecomm.moe import (
+    experts_forward,
+    experts_forward_ref,
+    make_expert_weights,
+    topk_softmax,
+)
 from moecomm.quant import QuantFormat, nvfp4_global_scale
-from moecomm.testing import assert_close, assert_raised_on_every_rank, error_of, on_every_gpu_count
+from moecomm.testing import (
+    assert_close,
+    assert_raised_on_every_rank,
+    error_of,
+    on_every_gpu_count,
+)
 
 HIDDEN, INTER, TOPK = 128, 32, 3
 # Tolerance vs the float32 single-process reference: bf16 partial outputs, summed in bf16 across ranks.
@@ -220,7 +229,7 @@ def _errors():
 def _odd_hidden_sizes():
     """Hidden sizes whose payload is not a multiple of 4 bytes: the ids and weights still land on 4-byte
     columns, and the packed message carries the same values as separate tensors."""
-    from moecomm.dispatch import dispatch
+    from moecomm.layer import dispatch
 
     rank, world = dist.get_rank(), dist.get_world_size()
     sizes = [3, 0, 2][:world]
@@ -267,7 +276,7 @@ def test_bad_input_raises_on_every_rank():
 
 def _padded_layout_and_deferred_errors():
     from moecomm import errors
-    from moecomm.dispatch import combine, dispatch
+    from moecomm.layer import combine, dispatch
 
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
@@ -306,8 +315,8 @@ def test_padded_layout_and_deferred_errors():
 
 
 def _graph_vs_eager(seed):
-    from moecomm.collectives import gather_sizes
-    from moecomm.dispatch import GraphedMoE
+    from moecomm.comm import gather_sizes
+    from moecomm.layer import GraphedMoE
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device())
@@ -363,8 +372,8 @@ def test_strategies_match_reference_nccl():
 def _eager_step_never_syncs(seed):
     """An eager step reads no device value on the host: torch's sync debug mode "error" raises on any."""
     from moecomm import errors
-    from moecomm.collectives import gather_sizes
-    from moecomm.dispatch import combine, dispatch
+    from moecomm.comm import gather_sizes
+    from moecomm.layer import combine, dispatch
     from moecomm.moe import WeightFormat
     from moecomm.quant import quantize
 
@@ -440,35 +449,35 @@ def test_chunks_are_bit_identical(world_size):
 
 
 def test_flags_and_graphs_refuse_what_they_cannot_take():
-    from moecomm.dispatch import GraphedMoE, choose_strategy
+    from moecomm.layer import GraphedMoE, choose_strategy
 
     w13, w2 = torch.randn(4, 2 * INTER, HIDDEN), torch.randn(4, HIDDEN, INTER)
     with pytest.raises(ValueError, match="needs a CUDA device"):  # CPU weights (and, here, no CUDA at all)
         GraphedMoE(make_expert_weights(w13, w2), hidden_size=HIDDEN, topk=TOPK, buckets=[1, 2])
     with pytest.raises(TypeError, match="allow_quantized must be a bool"):
         choose_strategy(QuantFormat.NVFP4, 4096, world_size=2, ep_size=2, allow_quantized="no")
-    from moecomm.collectives import validation_enabled
+    from moecomm.comm import validation_enabled
 
     with pytest.raises(TypeError, match="validate must be a bool"):
         validation_enabled("no")
-    from moecomm.dispatch import combine
+    from moecomm.layer import combine
 
     with pytest.raises(TypeError, match="needs the DispatchHandle"):
         combine(torch.randn(4, HIDDEN).bfloat16(), {"rows": 4})
 
 
 def test_chunks_argument():
-    from moecomm.dispatch import _check_chunks
+    from moecomm.layer.strategy import resolve_chunks
 
-    assert _check_chunks(3, [4, 4], 2) == 3
-    assert _check_chunks(None, [4, 4], 2) == 1  # nothing measured: no chunking
+    assert resolve_chunks(3, [4, 4], 2) == 3
+    assert resolve_chunks(None, [4, 4], 2) == 1  # nothing measured: no chunking
     for bad in (0, -1, 2.0, True, "2"):
         with pytest.raises(ValueError, match="chunks must be a positive int"):
-            _check_chunks(bad, [4, 4], 2)
+            resolve_chunks(bad, [4, 4], 2)
 
 
 def _chunks_on_gpu(seed):
-    from moecomm.dispatch import GraphedMoE
+    from moecomm.layer import GraphedMoE
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device())

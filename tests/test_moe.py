@@ -1,4 +1,4 @@
-"""moecomm.moe / moecomm.routing: routing, expert weights under EP, expert compute.
+"""moecomm.moe / moecomm.moe: routing, expert weights under EP, expert compute.
 
 * the float32 reference vs an independent float64 computation, one token and one expert at a time;
 * the grouped backend (and the emulated FP8 one) vs the reference;
@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moecomm import _moe_triton, moe, quant
+from moecomm import moe, quant
 from moecomm.moe import (
     Activation,
     WeightFormat,
@@ -31,6 +31,8 @@ from moecomm.moe import (
     normalize_topk,
     topk_softmax,
 )
+from moecomm.moe import _kernels as _moe_triton
+from moecomm.moe import experts as moe_experts
 from moecomm.quant import QuantFormat, QuantizedTensor
 from moecomm.testing import assert_close, rel_error
 
@@ -596,7 +598,7 @@ def _plan_case(act=Activation.SILU, bias=False, num_tokens=37, k=3, device="cpu"
     w13, w2, b13, b2 = _weights(8, act, bias=bias, device=device)
     weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=1, activation=act, b13=b13, b2=b2)
     ids, tw = _route(num_tokens, 8, k)
-    plan = moe._plan(ids.to(device), weights.first_expert, weights.num_local, 8)
+    plan = moe_experts._plan(ids.to(device), weights.first_expert, weights.num_local, 8)
     m = int(plan.end)
     assert 0 < m < num_tokens * k  # some padding rows
     return weights, plan, tw.to(device), m
@@ -617,7 +619,7 @@ def _distinct_ids(num_tokens, k, num_experts, exclude=(), device="cpu"):
 
 def _check_plan(ids, first, num_local, num_experts):
     got = _moe_triton.plan(ids, first, num_local, num_experts)
-    for name, a, b in zip(("src_rows", "row_expert", "offs", "inv"), got, moe._plan_torch(ids, first, num_local)):
+    for name, a, b in zip(("src_rows", "row_expert", "offs", "inv"), got, moe_experts._plan_torch(ids, first, num_local)):
         assert torch.equal(a, b), name
 
 
@@ -636,7 +638,7 @@ def _check_permute_kernels(tokens, plan, m):
         assert torch.equal(codes.view(torch.uint8), tokens.data.view(torch.uint8)[rows])
     else:
         got = _moe_triton.gather_rows(tokens, plan.src_rows, plan.end)
-    assert_close(got[:m], moe._permute_torch(tokens, plan)[:m], rel=0)
+    assert_close(got[:m], moe_experts._permute_torch(tokens, plan)[:m], rel=0)
 
 
 @pytest.mark.parametrize("strided", [False, True])
@@ -657,7 +659,7 @@ def test_triton_activation(act, bias):
     h = torch.randn(plan.src_rows.shape[0], weights.w13.shape[1]).bfloat16() * 3
     got = _moe_triton.activation(h, weights.b13, plan.row_expert, plan.end, gated=act is Activation.SILU)
     # exp / erf differ in the last float32 bit between numpy and torch: at most one bf16 rounding step
-    assert_close(got[:m], moe._act_torch(h, plan, weights)[:m], rel=2e-3)
+    assert_close(got[:m], moe_experts._act_torch(h, plan, weights)[:m], rel=2e-3)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -665,7 +667,7 @@ def test_triton_unpermute(bias):
     weights, plan, tw, _ = _plan_case(bias=bias)
     y = torch.randn(plan.src_rows.shape[0], H).bfloat16()
     got = _moe_triton.unpermute(y, plan.inv, tw, weights.b2, plan.local_ids, torch.empty(37, H, dtype=torch.bfloat16))
-    expect = moe._unpermute_torch(y, plan, tw, weights.b2, torch.empty(37, H, dtype=torch.bfloat16))
+    expect = moe_experts._unpermute_torch(y, plan, tw, weights.b2, torch.empty(37, H, dtype=torch.bfloat16))
     assert_close(got, expect, rel=0)
 
 
@@ -760,7 +762,7 @@ def test_gpu_dsv3_vs_reference(dsv3, wfmt, tfmt, backend, tol):
     out = experts_forward(tokens, ids, tw, weights[wfmt], backend=backend)
     assert_close(out, ref, rel=tol)
     if tfmt is QuantFormat.FP8_TOKEN and wfmt is WeightFormat.FP8_CHANNEL:
-        assert moe._pick_backend("auto", tokens, weights[wfmt]) == "fp8"  # native on sm90
+        assert moe_experts._pick_backend("auto", tokens, weights[wfmt]) == "fp8"  # native on sm90
 
 
 @pytest.mark.gpu
@@ -789,11 +791,11 @@ def test_gpu_kernels_match_torch(act):
         _check_permute_kernels(_strided(tokens) if tfmt else tokens, plan, m)
     h = torch.randn(plan.src_rows.shape[0], weights.w13.shape[1], device="cuda").bfloat16() * 3
     got = _moe_triton.activation(h, weights.b13, plan.row_expert, plan.end, gated=act is Activation.SILU)
-    assert_close(got[:m], moe._act_torch(h, plan, weights)[:m], rel=2e-3)
+    assert_close(got[:m], moe_experts._act_torch(h, plan, weights)[:m], rel=2e-3)
     y = torch.randn(plan.src_rows.shape[0], H, device="cuda").bfloat16()
     out = torch.empty(300, H, device="cuda", dtype=torch.bfloat16)
     got = _moe_triton.unpermute(y, plan.inv, tw, weights.b2, plan.local_ids, out.clone())
-    assert_close(got, moe._unpermute_torch(y, plan, tw, weights.b2, out.clone()), rel=1e-3)  # FMA contraction
+    assert_close(got, moe_experts._unpermute_torch(y, plan, tw, weights.b2, out.clone()), rel=1e-3)  # FMA contraction
 
 
 @pytest.mark.gpu

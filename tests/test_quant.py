@@ -40,7 +40,7 @@ VARIANTS = {
     "fp8-group16-ue8m0": 16,
 }
 
-E2M1_GRID = np.array(Q.E2M1_VALUES)
+E2M1_GRID = np.array(Q.common.E2M1_VALUES)
 
 
 def e4m3_grid() -> np.ndarray:
@@ -178,8 +178,8 @@ def test_mxfp4_e2m1_thresholds_and_ties(backend, rounding):
 
 def test_e2m1_codes_match_brute_force():
     """The threshold rule of the references equals nearest-even rounding onto the e2m1 grid (float64)."""
-    v = torch.cat([torch.rand(20000, dtype=torch.float64) * 7, torch.tensor([t for t, _ in Q.E2M1_THRESHOLDS])])
-    assert Q._e2m1_codes(v).tolist() == nearest_even(v.numpy(), E2M1_GRID).tolist()
+    v = torch.cat([torch.rand(20000, dtype=torch.float64) * 7, torch.tensor([t for t, _ in Q.common.E2M1_THRESHOLDS])])
+    assert Q.common._e2m1_codes(v).tolist() == nearest_even(v.numpy(), E2M1_GRID).tolist()
 
 
 def _block_with_amax(amaxes, block: int) -> torch.Tensor:
@@ -208,7 +208,7 @@ def test_e4m3_rounding_of_reference_cast():
     below = np.nextafter(mids.astype(np.float32), np.float32(0))
     above = np.nextafter(mids.astype(np.float32), np.float32(np.inf))
     vals = np.concatenate([grid, mids, below, above, [448.0, 464.0, 500.0, 1e38]]).astype(np.float32)
-    got = Q._e4m3_bytes(torch.from_numpy(vals)).view(torch.uint8).numpy()
+    got = Q.common._e4m3_bytes(torch.from_numpy(vals)).view(torch.uint8).numpy()
     assert got.tolist() == nearest_even(vals, grid).tolist()
     decoded = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).double().numpy()
     assert decoded.tolist() == grid.tolist()
@@ -336,14 +336,14 @@ def test_nan_propagates_per_block(backend):
     x, clean = x.to(dev(backend)), clean.to(dev(backend))
     packed, scales = Q.quantize_nvfp4(x, 1.0, backend=backend)
     ref_packed, ref_scales = Q.quantize_nvfp4(clean, 1.0, backend=backend)
-    assert scales.view(torch.uint8)[0, 0].item() == Q.E4M3_NAN and packed[0, :8].eq(0).all()
+    assert scales.view(torch.uint8)[0, 0].item() == Q.common.E4M3_NAN and packed[0, :8].eq(0).all()
     assert torch.equal(packed[:, 8:], ref_packed[:, 8:]) and torch.equal(packed[1], ref_packed[1])
     assert torch.equal(scales.view(torch.uint8)[:, 1:], ref_scales.view(torch.uint8)[:, 1:])
     deq = Q.dequantize_nvfp4(packed, scales, 1.0)
     assert deq[0, :16].isnan().all() and not deq[0, 16:].isnan().any() and not deq[1].isnan().any()
 
     packed, scales = Q.quantize_mxfp4(x, backend=backend)
-    assert scales[0, 0].item() == Q.E8M0_NAN and packed[0, :16].eq(0).all()
+    assert scales[0, 0].item() == Q.common.E8M0_NAN and packed[0, :16].eq(0).all()
     deq = Q.dequantize_mxfp4(packed, scales)
     assert deq[0, :32].isnan().all() and not deq[0, 32:].isnan().any()
 
@@ -505,14 +505,14 @@ def test_nvfp4_kernel_ties_at_every_scale(gs):
     """Elements at and next to every threshold t * s, for every e4m3 block scale s.
 
     The kernel compares ``x * gs`` with ``t * s`` instead of rounding ``x * gs / s`` (the reference);
-    the two are equivalent (see moecomm._quant_triton) and this checks it where it matters.
+    the two are equivalent (see moecomm.quant._kernels) and this checks it where it matters.
     """
     gs32 = np.float32(gs)
     rows = []
     for code in range(1, 0x7F):
         s = np.float32(E4M3_GRID[code])
         vals = []
-        for t, _ in Q.E2M1_THRESHOLDS:
+        for t, _ in Q.common.E2M1_THRESHOLDS:
             a = np.float32(t) * s  # exact
             x = a / gs32
             vals += [x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, np.float32(0))]
@@ -996,7 +996,7 @@ def test_dequantize_strided_inputs():
 
 def test_every_launch_runs_inside_the_device_guard(monkeypatch):
     """Record guard entries / exits and kernel launches at each launch site (CPU, interpreter)."""
-    from moecomm import _quant_triton as K
+    from moecomm.quant import _kernels_fp8, _kernels_mxfp4, _kernels_nvfp4
 
     events = []
 
@@ -1016,11 +1016,13 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch):
                 return self.kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(K, "device_guard", recorder)
-    kernels = ["_nvfp4_kernel", "_mxfp4_kernel", "_fp8_group_kernel", "_fp8_token_kernel",
-               "_dequant_nvfp4_kernel", "_dequant_fp8_kernel"]  # fmt: skip
-    for name in kernels:
-        monkeypatch.setattr(K, name, Spy(name, getattr(K, name)))
+    modules = {"_nvfp4_kernel": _kernels_nvfp4, "_mxfp4_kernel": _kernels_mxfp4, "_fp8_group_kernel": _kernels_fp8,
+               "_fp8_token_kernel": _kernels_fp8, "_dequant_nvfp4_kernel": _kernels_nvfp4,
+               "_dequant_fp8_kernel": _kernels_fp8}  # fmt: skip
+    kernels = list(modules)
+    for name, module in modules.items():
+        monkeypatch.setattr(module, "device_guard", recorder)
+        monkeypatch.setattr(module, name, Spy(name, getattr(module, name)))
     x = torch.randn(3, 256, dtype=torch.bfloat16)
     calls = {
         "_nvfp4_kernel": [lambda: Q.quantize_nvfp4(x, 2.0, backend="triton"),
@@ -1119,7 +1121,7 @@ def test_gpu_invalid_global_scale_poisons_scales(backend):
     x = torch.randn(4, 64, device="cuda")
     for bad in [0.0, -1.0, float("inf"), float("nan")]:
         packed, scales = Q.quantize_nvfp4(x, torch.tensor(bad, device="cuda"), backend=backend)
-        assert scales.view(torch.uint8).eq(Q.E4M3_NAN).all() and packed.eq(0).all()
+        assert scales.view(torch.uint8).eq(Q.common.E4M3_NAN).all() and packed.eq(0).all()
 
 
 @gpu

@@ -1,4 +1,4 @@
-"""moecomm.routing: ties broken by expert id, the same in every batch and on every device, and non-finite
+"""moecomm.moe: ties broken by expert id, the same in every batch and on every device, and non-finite
 router logits (docs/experts.md, "Routing: ties and non-finite logits").
 
 Expected ids come from an independent Python sort by (-score, id); expected weights are hand-computed
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from moecomm.routing import grouped_topk, ids_int32, normalize_topk, topk_softmax
+from moecomm.moe import grouped_topk, ids_int32, normalize_topk, topk_softmax
 from moecomm.testing import assert_close
 
 INF, NAN = float("inf"), float("nan")

@@ -43,7 +43,7 @@ def error_buffer(device: torch.device) -> torch.Tensor:
 def record_bad_ids(ids: torch.Tensor, num_experts: int) -> None:
     """Flag ids outside ``[-1, num_experts)`` in :func:`error_buffer` with torch ops (no sync).
 
-    The CUDA path does the same inside the expert sort kernel (``moecomm._moe_triton.plan``).
+    The CUDA path does the same inside the expert sort kernel (``moecomm.moe._kernels.plan``).
     """
     if ids.numel() == 0:
         return
@@ -98,8 +98,17 @@ def check_errors(*, group=None, every_rank: bool = False) -> None:
     rank = dist.get_rank(group) if dist.is_initialized() else None
     error = ValueError(f"rank {rank}: " + "; ".join(messages) if rank is not None else "; ".join(messages))
     if every_rank:
-        from moecomm.collectives import check_agreement
-
-        check_agreement("check_errors", {}, group, error if messages else None)
+        _raise_on_every_rank(error if messages else None, group)
     elif messages:
         raise error
+
+
+def _raise_on_every_rank(error: ValueError | None, group) -> None:
+    """Exchange ``error`` (or None) over ``group`` and raise on every rank when any rank had one."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, None if error is None else str(error), group=group)
+    bad = [m for m in everyone if m]
+    if bad:
+        raise ValueError(f"check_errors: errors on {len(bad)} rank(s): " + "; ".join(bad))

@@ -61,7 +61,7 @@ def on_every_gpu_count(fn, *args) -> None:
     return ``"ok"``. The seed is fresh and appears in the failure message."""
     import random
 
-    from moecomm.launch import launch
+    from moecomm.comm import launch
 
     seed = random.randrange(1 << 30)
     for ws in sorted({1, torch.cuda.device_count()}):

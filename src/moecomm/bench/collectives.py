@@ -37,9 +37,10 @@ from moecomm._args import (
     merge_path,
     positive_int,
 )
-from moecomm.bench.timing import device_name, graph_time, loop_time, print_table, write_json
-from moecomm.collectives import all_gather_single, all_gatherv, reduce_scatter_single, reduce_scatterv
-from moecomm.launch import launch, rank_device
+from moecomm._output import device_name, print_table, write_json
+from moecomm.bench.timing import graph_time, loop_time
+from moecomm.comm import all_gatherv, launch, rank_device, reduce_scatterv
+from moecomm.comm.transport import all_gather_single, reduce_scatter_single
 
 BF16_HIDDEN = 7168
 NVFP4_MSG = [(4096, torch.uint8)]  # bytes per row of the packed message (hidden 7168, top-8)
@@ -48,7 +49,7 @@ PAYLOADS = {"bf16": [(BF16_HIDDEN, torch.bfloat16)], "nvfp4-msg": NVFP4_MSG, "nv
 PAYLOAD_NOTES = ("bf16 = hidden rows, 7168 bf16 per row; nvfp4-msg = the packed NVFP4 dispatch message, one uint8 "
                  "tensor of 4096 B per row; nvfp4-4t = the same bytes as four tensors (values, scales, ids, "
                  "weights) in one call; reduce_scatterv runs on bf16.")
-IMPL_NOTES = ("impl: broadcast, padded, symm, allreduce = moecomm's algorithms (moecomm.collectives), auto = "
+IMPL_NOTES = ("impl: broadcast, padded, symm, allreduce = moecomm's algorithms (moecomm.comm), auto = "
               "its per-call choice; torch ... = torch.distributed's own calls (torch copy_ at world size 1); "
               "nccl binding alone = NCCL through moecomm's binding with none of its Python (a floor).")
 PATTERNS = ("balanced", "skewed", "idle")
@@ -105,7 +106,7 @@ def _gather_impls(payload: str, sizes: list[int], device) -> dict[str, Callable 
     if world == 1:
         impls["torch copy_"] = lambda: [o.copy_(x) for o, x in zip(outs, xs)]
     elif nccl and len(xs) == 1 and len(set(sizes)) == 1:
-        from moecomm import _nccl
+        from moecomm.comm import _nccl
 
         if _nccl.available():  # the floor: NCCL itself through the binding, none of moecomm's Python
             comm = _nccl.communicator(None, device)

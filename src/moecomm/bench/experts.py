@@ -19,8 +19,15 @@ import dataclasses
 import torch
 
 from moecomm import quant
-from moecomm._args import add_output_arguments, choice_list, device_choice, int_list, positive_int
-from moecomm.bench.timing import capture, median_time, print_table, write_json
+from moecomm._args import (
+    add_output_arguments,
+    choice_list,
+    device_choice,
+    int_list,
+    positive_int,
+)
+from moecomm._output import print_table, write_json
+from moecomm.bench.timing import capture, median_time
 from moecomm.moe import WeightFormat, experts_forward, grouped_topk, make_expert_weights
 from moecomm.quant import QuantFormat
 

@@ -20,7 +20,7 @@ the already-gathered tokens (no communication: the floor that overlapping commun
 ``speedup`` is ``total(allreduce) / total`` for the same case. On CUDA, ``host`` columns give the host
 time to issue one call in a loop of calls issued back to back (what an eager step costs the CPU), decode cases.
 
-``--graphs`` also replays the step in CUDA graphs (:class:`moecomm.dispatch.GraphedMoE`, bucket =
+``--graphs`` also replays the step in CUDA graphs (:class:`moecomm.layer.GraphedMoE`, bucket =
 ``max(sizes)``, ``sizes`` passed so no all-reduce): the decode cases as balanced / skewed / idle ranks
 with the same total, and the padding tax: one live token per rank replayed in bucket 1 and in bucket 256.
 It needs one GPU per rank; on a CPU it is refused (exit status 2).
@@ -46,10 +46,18 @@ from moecomm._args import (
     nonnegative_int,
     positive_int,
 )
+from moecomm._output import device_name, print_table, write_json
 from moecomm.bench.collectives import PATTERN_NOTES, pattern_sizes
-from moecomm.bench.timing import device_name, loop_time, median_time, print_table, write_json
-from moecomm.dispatch import GraphedMoE, Strategy, combine, dispatch, moe_forward, wire_bytes_per_token
-from moecomm.launch import launch, rank_device
+from moecomm.bench.timing import loop_time, median_time
+from moecomm.comm import launch, rank_device
+from moecomm.layer import (
+    GraphedMoE,
+    Strategy,
+    combine,
+    dispatch,
+    moe_forward,
+    wire_bytes_per_token,
+)
 from moecomm.moe import WeightFormat, experts_forward, grouped_topk, make_expert_weights
 from moecomm.quant import QuantFormat, nvfp4_global_scale, quantize
 
@@ -158,7 +166,7 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chun
                sm_carveout: int) -> list[dict]:
     import os
 
-    from moecomm.dispatch import CARVEOUT_ENV
+    from moecomm.layer import CARVEOUT_ENV
 
     os.environ[CARVEOUT_ENV] = str(sm_carveout)
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()

@@ -38,7 +38,8 @@ from moecomm._args import (
     nonnegative_int,
     positive_int,
 )
-from moecomm.bench.timing import copy_bandwidth, device_name, median_time, print_table, write_json
+from moecomm._output import device_name, print_table, write_json
+from moecomm.bench.timing import copy_bandwidth, median_time
 
 VARIANTS = {  # name -> what it is (the tables' captions)
     "nvfp4": "e2m1 values, an e4m3 scale per 16 and an fp32 global scale, scales in row order",

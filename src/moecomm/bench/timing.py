@@ -1,4 +1,4 @@
-"""The one timing helper and the table/JSON output shared by all benchmarks.
+"""The one timing helper shared by all benchmarks (tables and JSON: :mod:`moecomm._output`).
 
 ``median_time`` warms up, then times ``iters`` calls and returns the median in seconds: CUDA events on a
 GPU (the work is asynchronous), ``time.perf_counter`` around a synchronised call on the CPU. Inputs that
@@ -8,19 +8,13 @@ index) or size inputs well past the 60 MB L2 of an H200.
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
-import platform
 import statistics
-import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["median_time", "capture", "graph_time", "loop_time", "device_name", "print_table", "write_json",
-           "copy_bandwidth"]
+__all__ = ["median_time", "capture", "graph_time", "loop_time", "copy_bandwidth"]
 
 
 def median_time(
@@ -120,13 +114,6 @@ def loop_time(fn: Callable[[], Any], device: torch.device, *, iters: int = 20, r
     return statistics.median(walls), statistics.median(hosts)
 
 
-def device_name(device: torch.device) -> str:
-    """A human-readable name of the device, e.g. ``NVIDIA H200`` or the CPU's processor string."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     if device.type != "cuda":
@@ -135,48 +122,3 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     t = median_time(lambda i: dst.copy_(src), device, warmup=3, iters=10)
     return 2 * nbytes / t
-
-
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str | None = None) -> None:
-    """Print ``rows`` under ``columns`` as a rich table (floats with 4 significant digits, NaN as n/a)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, caption=caption, caption_justify="left")
-    for c in columns:
-        table.add_column(c, justify="right", overflow="fold")  # wrap a long cell, never cut it
-    for row in rows:
-        table.add_row(*[_cell(v) for v in row])
-    Console(width=200).print(table)
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else "n/a"
-    return str(v)
-
-
-def write_json(path: str, device: torch.device, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` with the device, date (UTC) and command line added.
-
-    Values that were not measured (NaN in the tables) are written as ``null``: strict JSON.
-    """
-    meta = {
-        "device": device_name(device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "torch": torch.__version__,
-    }
-    with open(path, "w") as f:
-        json.dump(_finite_or_none({"meta": meta, **payload}), f, indent=1, allow_nan=False)

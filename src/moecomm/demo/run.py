@@ -5,7 +5,7 @@ What runs (docs/demo.md has the recorded numbers):
 1. The original model, fp32, in this process: the *oracle*. It encodes the sentences of
    ``moecomm/data/sentences.txt`` and, on the disjoint ``calibration.txt``, records each layer's FFN-input amax,
    from which the static per-layer NVFP4 global scale ``448 * 6 / amax`` is fixed (as ModelOpt calibrates).
-2. Each FFN is MoEfied (:func:`moecomm.minilm.moefy`): its 1536 neurons split into E experts, E / world_size
+2. Each FFN is MoEfied (:func:`moecomm.demo.minilm.moefy`): its 1536 neurons split into E experts, E / world_size
    experts per rank. By default every token selects every expert at weight 1, so the MoE equals the dense FFN
    exactly and any difference from the oracle comes from bf16 arithmetic and the wire format only. With
    ``--top-k K < E`` the neurons are clustered and a linear router fitted on the calibration set picks K
@@ -13,9 +13,9 @@ What runs (docs/demo.md has the recorded numbers):
 3. ``world_size`` ranks (gloo on CPU, NCCL on GPUs) each encode their own sentences -- different counts per rank
    (the ``uneven`` split), and in the ``idle`` split the last rank has none. Attention runs on each rank's own
    batch (data parallel); the non-padding tokens become rows ``[n_r, H]`` for
-   :func:`moecomm.dispatch.moe_forward`, which dispatches them to every rank's experts with the chosen strategy
+   :func:`moecomm.layer.moe_forward`, which dispatches them to every rank's experts with the chosen strategy
    and combines the partial sums back.
-4. Per strategy and split (``auto`` runs what :func:`moecomm.dispatch.choose_strategy` picks, shown beside it):
+4. Per strategy and split (``auto`` runs what :func:`moecomm.layer.choose_strategy` picks, shown beside it):
    bytes on the wire per token and layer, seconds of the distributed forward (slowest
    rank), and agreement with the oracle: cosine of the sentence embeddings (min, mean), max abs difference of the
    final hidden states, and whether each sentence's nearest neighbours among the others are unchanged.
@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
-import numpy as np
 import torch
 
 from moecomm._args import (
@@ -43,184 +42,26 @@ from moecomm._args import (
     device_choice,
     positive_int,
 )
+from moecomm.demo.moefied import (
+    SPLITS,
+    STRATEGIES,
+    STRATEGY_CHOICES,
+    MoEPlan,
+    build_experts,
+    default_num_experts,
+    make_plan,
+    moe_ffn,
+    resolve_strategy,
+    split_counts,
+)
+from moecomm.demo.oracle import (
+    Oracle,
+    compare,
+    run_moe_reference,
+    run_oracle,
+)
 
-__all__ = [
-    "STRATEGIES",
-    "STRATEGY_CHOICES",
-    "SPLITS",
-    "add_arguments",
-    "run",
-    "run_demo",
-    "split_counts",
-    "default_num_experts",
-    "resolve_strategy",
-    "MoEPlan",
-    "StrategyResult",
-    "Oracle",
-]
-
-STRATEGIES = ("allreduce", "agrs", "agrs-nvfp4", "agrs-fp8")  # the default: every concrete strategy
-STRATEGY_CHOICES = (*STRATEGIES, "auto")
-SPLITS = ("uneven", "idle")  # every rank busy with different counts / the last rank has no sentences
-
-
-def split_counts(num_sentences: int, world_size: int, *, idle_last: bool = False) -> list[int]:
-    """Sentences per rank, proportional to 1, 2, ..., busy ranks (largest remainder); sums to ``num_sentences``.
-
-    With ``idle_last`` the last rank gets 0 and the others share all sentences.
-
-    Raises
-    ------
-    ValueError
-        ``world_size < 1``, ``num_sentences < 0``, or ``idle_last`` with a single rank.
-    """
-    if world_size < 1 or num_sentences < 0:
-        raise ValueError(f"need world_size >= 1 and num_sentences >= 0, got {world_size}, {num_sentences}")
-    if idle_last and world_size < 2:
-        raise ValueError("an idle rank needs world_size >= 2")
-    busy = world_size - 1 if idle_last else world_size
-    weights = list(range(1, busy + 1))
-    exact = [num_sentences * w / sum(weights) for w in weights]
-    counts = [math.floor(x) for x in exact]
-    for i in sorted(range(busy), key=lambda i: counts[i] - exact[i])[: num_sentences - sum(counts)]:
-        counts[i] += 1
-    return counts + [0] * (world_size - busy)
-
-
-def default_num_experts(world_size: int, base: int = 8) -> int:
-    """``base`` when ``world_size`` divides it, else the smallest multiple of ``world_size`` above ``base``."""
-    return base if base % world_size == 0 else world_size * math.ceil(base / world_size)
-
-
-def resolve_strategy(strategy: str, sizes: Sequence[int]) -> str:
-    """The concrete strategy :func:`moecomm.dispatch.moe_forward` runs for ``strategy`` with these ``sizes``.
-
-    ``"auto"`` is resolved as ``moe_forward`` resolves it for the demo's experts, which are bf16 and quantize
-    nothing (so it runs ``agrs``); any other strategy is returned as it is.
-    """
-    from moecomm.dispatch import choose_strategy
-
-    if strategy != "auto":
-        return strategy
-    return choose_strategy(None, sum(sizes), world_size=len(sizes), ep_size=len(sizes)).value
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# How the FFNs become MoEs, and the MoE step: the one place that calls the library.
-
-
-@dataclass(frozen=True)
-class MoEPlan:
-    """How every layer's FFN is split and routed; the same on every rank (numpy, so it pickles by value).
-
-    ``top_k == num_experts``: contiguous neuron groups, every token to every expert at weight 1 -- exact.
-    ``top_k < num_experts``: clustered neuron groups and a linear router per layer -- approximate.
-    """
-
-    num_experts: int
-    top_k: int
-    groups: tuple[tuple[np.ndarray, ...], ...] | None = None  # [layer][expert] neuron ids; None: contiguous
-    routers: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None  # [layer] (weight [E, H], bias [E]) fp32
-
-    @property
-    def exact(self) -> bool:
-        return self.top_k == self.num_experts
-
-    def layer_groups(self, layer: int) -> list[torch.Tensor] | None:
-        return None if self.groups is None else [torch.from_numpy(g) for g in self.groups[layer]]
-
-    def route(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(topk_ids [T, k] int32, topk_weights [T, k] fp32)`` for rows ``[T, H]`` of ``layer``."""
-        from moecomm.minilm import Router, all_experts_routing
-
-        if self.exact:
-            return all_experts_routing(rows.shape[0], self.num_experts, rows.device)
-        w, b = self.routers[layer]
-        return Router(torch.from_numpy(w), torch.from_numpy(b)).route(rows, self.top_k)
-
-
-def make_plan(model, num_experts: int, top_k: int, calibration_rows: Sequence[torch.Tensor] | None) -> MoEPlan:
-    """The exact plan, or for ``top_k < num_experts`` clustered experts and routers fitted on ``calibration_rows``."""
-    from moecomm.minilm import cluster_neurons, fit_router, moefy
-
-    if top_k == num_experts:
-        return MoEPlan(num_experts, top_k)
-    groups, routers = [], []
-    for i, w in enumerate(model.layers):
-        g = cluster_neurons(w, num_experts)
-        r = fit_router(moefy(w, num_experts, groups=g), calibration_rows[i])
-        groups.append(tuple(x.numpy() for x in g))
-        routers.append((r.weight.cpu().numpy(), r.bias.cpu().numpy()))
-    return MoEPlan(num_experts, top_k, tuple(groups), tuple(routers))
-
-
-@dataclass(frozen=True)
-class LayerExperts:
-    """One layer's MoE on this rank: its experts and the dense FFN's down-projection bias."""
-
-    experts: Any  # moecomm.moe.ExpertWeights: this rank's E / ep_size experts, bf16, GELU, b13 in fp32, b2=None
-    b2: torch.Tensor  # [H] fp32, added once to the combined output (the experts carry no b2)
-
-
-def build_experts(model, plan: MoEPlan, ep_size: int, ep_rank: int) -> list[LayerExperts]:
-    """This rank's experts of every layer (MoEfied with :func:`moecomm.minilm.moefy`), on the model's device.
-
-    The dense ``b2`` stays out of the experts and is added once after the combine, which
-    :func:`moecomm.moe.make_expert_weights` documents as exact for any routing.
-    """
-    from moecomm.minilm import moefy
-    from moecomm.moe import Activation, WeightFormat, make_expert_weights
-
-    layers = []
-    for i, w in enumerate(model.layers):
-        moe = moefy(w, plan.num_experts, groups=plan.layer_groups(i))
-        experts = make_expert_weights(
-            moe.w13.to(torch.bfloat16),
-            moe.w2.to(torch.bfloat16),
-            ep_size=ep_size,
-            ep_rank=ep_rank,
-            format=WeightFormat.BF16,
-            activation=Activation.GELU,
-            b13=moe.b13,  # stored in fp32 by make_expert_weights
-            b2=None,
-        )
-        layers.append(LayerExperts(experts, moe.b2.float()))
-    return layers
-
-
-def moe_ffn(layers: list[LayerExperts], plan: MoEPlan, *, strategy: str, sizes: list[int],
-            global_scales: Sequence[float], on_layer=None):
-    """An FFN hook for :meth:`MiniLM.encode` running each layer's MoE over all ranks with ``strategy`` (concrete).
-
-    Rows ``[n, H]`` fp32 are routed by ``plan``, cast to bf16 and passed to :func:`moecomm.dispatch.moe_forward`;
-    its bf16 output comes back as fp32 plus the dense ``b2``. ``moe_forward`` is collective: every rank calls the
-    hook for every layer, also with ``n = 0``.
-    """
-    from moecomm.dispatch import Strategy, moe_forward
-
-    strat = Strategy(strategy)
-
-    def ffn(layer: int, rows: torch.Tensor) -> torch.Tensor:
-        ids, wts = plan.route(layer, rows)
-        gs = torch.tensor(global_scales[layer], dtype=torch.float32, device=rows.device)
-        out = moe_forward(
-            rows.to(torch.bfloat16),
-            ids,
-            wts,
-            layers[layer].experts,
-            sizes=sizes,
-            strategy=strat,
-            global_scale=gs if strat is Strategy.AGRS_NVFP4 else None,
-        )
-        if on_layer is not None:
-            on_layer(layer)
-        return out.float() + layers[layer].b2
-
-    return ffn
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rank side.
+__all__ = ["add_arguments", "run", "run_demo", "StrategyResult", "print_results"]
 
 
 @dataclass(frozen=True)
@@ -240,9 +81,8 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
     """Every rank: encode its sentences once per strategy. Rank 0 returns every rank's outputs, the others None."""
     import torch.distributed as dist
 
-    from moecomm.collectives import gather_sizes
-    from moecomm.launch import rank_device
-    from moecomm.minilm import MiniLM, load_tokenizer, tokenize
+    from moecomm.comm import gather_sizes, rank_device
+    from moecomm.demo.minilm import MiniLM, load_tokenizer, tokenize
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = rank_device()
@@ -300,126 +140,6 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
     return gathered
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Driver side.
-
-
-@dataclass
-class Oracle:
-    """The original fp32 model's outputs for every sentence (global order), and the calibration."""
-
-    embeddings: torch.Tensor  # [N, H]
-    hidden_rows: torch.Tensor  # [sum of tokens, H], sentence-major
-    tokens_per_sentence: list[int]
-    seconds: float
-    global_scales: list[float]  # per layer
-    calibration_amax: list[float]  # per layer, FFN-input amax over the calibration sentences
-    eval_amax: list[float]  # per layer, FFN-input amax over the demo sentences (only reported)
-    calibration_rows: list[torch.Tensor] | None  # per layer [T_cal, H] FFN inputs, kept for fitting routers
-
-
-def run_oracle(sentences: Sequence[str], calibration: Sequence[str], device, *, keep_calibration_rows: bool = False,
-               batch: int = 64, on_step=None) -> Oracle:
-    """Encode ``sentences`` with the original fp32 model; calibrate the NVFP4 global scales on ``calibration``."""
-    from moecomm.minilm import MiniLM, load_tokenizer, tokenize
-    from moecomm.quant import nvfp4_global_scale
-
-    model = MiniLM(device=device)
-    tok = load_tokenizer(max_length=model.config.max_seq_length)
-    layers = model.config.layers
-    amax, eval_amax = [0.0] * layers, [0.0] * layers
-    cal_rows: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-
-    def calib_ffn(layer: int, rows: torch.Tensor) -> torch.Tensor:
-        amax[layer] = max(amax[layer], float(rows.abs().max()))
-        if keep_calibration_rows:
-            cal_rows[layer].append(rows.cpu())
-        return model.dense_ffn(layer, rows)
-
-    def eval_ffn(layer: int, rows: torch.Tensor) -> torch.Tensor:
-        eval_amax[layer] = max(eval_amax[layer], float(rows.abs().max()))
-        return model.dense_ffn(layer, rows)
-
-    with torch.inference_mode():
-        for i in range(0, len(calibration), batch):
-            ids, mask = tokenize(tok, calibration[i : i + batch], device)
-            model.encode(ids, mask, calib_ffn)
-            if on_step:
-                on_step()
-        embs, rows, counts = [], [], []
-        t0 = time.perf_counter()
-        for i in range(0, len(sentences), batch):
-            ids, mask = tokenize(tok, sentences[i : i + batch], device)
-            h = model.encode(ids, mask, eval_ffn)
-            embs.append(MiniLM.pool(h, mask).cpu())
-            rows.append(h[mask].cpu())
-            counts += mask.sum(1).tolist()
-            if on_step:
-                on_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    scales = [float(nvfp4_global_scale(torch.tensor(a, dtype=torch.float32))) for a in amax]
-    return Oracle(torch.cat(embs), torch.cat(rows), counts, seconds, scales, amax, eval_amax,
-                  [torch.cat(r) for r in cal_rows] if keep_calibration_rows else None)
-
-
-def run_moe_reference(
-    sentences: Sequence[str], plan: MoEPlan, device, *, batch: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(embeddings, hidden_rows)`` of the MoE model of ``plan`` in one process, fp32, plain torch (no library).
-
-    Separates what routing costs (this vs the oracle) from what communication costs (the ranks vs this).
-    """
-    from moecomm.minilm import MiniLM, load_tokenizer, moe_ffn_ref, moefy, tokenize
-
-    model = MiniLM(device=device)
-    tok = load_tokenizer(max_length=model.config.max_seq_length)
-    moes = [moefy(w, plan.num_experts, groups=plan.layer_groups(i)) for i, w in enumerate(model.layers)]
-
-    def ffn(layer: int, rows: torch.Tensor) -> torch.Tensor:
-        ids, wts = plan.route(layer, rows)
-        return moe_ffn_ref(rows, moes[layer], ids, wts)
-
-    embs, rows = [], []
-    with torch.inference_mode():
-        for i in range(0, len(sentences), batch):
-            ids, mask = tokenize(tok, sentences[i : i + batch], device)
-            h = model.encode(ids, mask, ffn)
-            embs.append(MiniLM.pool(h, mask).cpu())
-            rows.append(h[mask].cpu())
-    return torch.cat(embs), torch.cat(rows)
-
-
-def _neighbours(emb: torch.Tensor, k: int) -> torch.Tensor:
-    """``[N, k]`` indices of each row's ``k`` most cosine-similar other rows (``emb`` is L2-normalised)."""
-    sim = emb.double() @ emb.double().T
-    sim.fill_diagonal_(-math.inf)
-    return sim.topk(min(k, emb.shape[0] - 1), dim=1).indices
-
-
-def compare(oracle: Oracle, embeddings: torch.Tensor, hidden_rows: torch.Tensor) -> dict[str, float]:
-    """Agreement of a run's outputs (global sentence order) with the oracle's.
-
-    ``nn_top1_agreement``: fraction of sentences whose nearest neighbour among the other sentences (cosine) is the
-    oracle's; ``nn_top5_overlap``: mean fraction of the oracle's 5 nearest neighbours that stay among the 5 nearest.
-    """
-    cos = torch.nn.functional.cosine_similarity(embeddings.double(), oracle.embeddings.double(), dim=1)
-    out = {
-        "cosine_min": float(cos.min()),
-        "cosine_mean": float(cos.mean()),
-        "hidden_max_abs_diff": float((hidden_rows.double() - oracle.hidden_rows.double()).abs().max()),
-        "nn_top1_agreement": 1.0,
-        "nn_top5_overlap": 1.0,
-    }
-    if embeddings.shape[0] >= 2:
-        a, b = _neighbours(oracle.embeddings, 5), _neighbours(embeddings, 5)
-        out["nn_top1_agreement"] = float((a[:, 0] == b[:, 0]).double().mean())
-        overlap = [len(set(x.tolist()) & set(y.tolist())) / a.shape[1] for x, y in zip(a, b)]
-        out["nn_top5_overlap"] = sum(overlap) / len(overlap)
-    return out
-
-
 @dataclass
 class StrategyResult:
     """One strategy on one split, compared with the oracle."""
@@ -458,7 +178,7 @@ class _Arguments(NamedTuple):
 
 def _check_arguments(world_size, num_sentences, num_experts, top_k, strategies, splits, device) -> _Arguments:
     """Check :func:`run_demo`'s arguments (no work done); raises ``ValueError`` naming the command-line option."""
-    from moecomm.minilm import read_sentences
+    from moecomm.demo.minilm import read_sentences
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"--world-size must be a positive integer, got {world_size!r}")
@@ -546,9 +266,9 @@ def run_demo(
     """
     import torch.multiprocessing as mp
 
-    from moecomm.dispatch import wire_bytes_per_token
-    from moecomm.launch import launch
-    from moecomm.minilm import MiniLM, MiniLMConfig, model_dir, read_sentences
+    from moecomm.comm import launch
+    from moecomm.demo.minilm import MiniLM, MiniLMConfig, model_dir, read_sentences
+    from moecomm.layer import wire_bytes_per_token
 
     n, num_experts, top_k, splits, device = _check_arguments(world_size, num_sentences, num_experts, top_k,
                                                              strategies, splits, device)
@@ -766,7 +486,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print_results(oracle, results, config)
     if args.json is not None:
-        from moecomm.bench.timing import write_json
+        from moecomm._output import write_json
 
         write_json(args.json, torch.device(config["device"]),
                    {"config": config, "strategies": [r.to_json() for r in results]})

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moecomm.comm.group import rank_device
+
 __all__ = ["launch", "default_backend", "rank_device", "RankError"]
 
 
@@ -43,13 +45,6 @@ def default_backend(world_size: int) -> str:
     if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
         return "nccl"
     return "gloo"
-
-
-def rank_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """The device this rank's tensors live on: ``cuda:<local rank>`` under NCCL, else CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _free_port() -> int:

@@ -1,8 +1,8 @@
-"""A thin ctypes binding of NCCL for the hot path (private; :mod:`moecomm.collectives` uses it).
+"""A thin ctypes binding of NCCL for the hot path (private; :mod:`moecomm.comm.transport` uses it).
 
 Why: a collective through ``torch.distributed``'s ProcessGroupNCCL costs about 46 us of host time per
-call on an H200 host (work objects, events, watchdog bookkeeping; measured 2026-11-30, probe in
-``scripts/probe_comm_ws2.py``), several times the device time of a decode-sized gather. Calling the
+call on an H200 host (work objects, events, watchdog bookkeeping; measured 2026-11-30, recorded in
+docs/benchmarks.md), several times the device time of a decode-sized gather. Calling the
 NCCL library that torch already loaded, through ctypes, costs a few microseconds. vLLM (``pynccl``)
 and SGLang do the same for the same reason.
 

@@ -1,5 +1,5 @@
-"""Triton kernels of the grouped MoE backend (private). Plain-torch versions live in :mod:`moecomm.moe`
-(``_permute_torch``, ``_act_torch``, ``_unpermute_torch``) and tests compare the two.
+"""Triton kernels of the grouped MoE backend (private). Plain-torch versions live beside their callers in
+:mod:`moecomm.moe.experts` (``_permute_torch``, ``_act_torch``, ``_unpermute_torch``) and tests compare the two.
 
 * :func:`plan` -- a stable counting sort of the (token, slot) pairs by local expert.
 * :func:`permute_dequant` -- gather token rows in expert order and dequantize NVFP4 / FP8 to bf16;

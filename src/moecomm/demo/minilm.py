@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from moecomm.routing import topk_softmax
+from moecomm.moe import topk_softmax
 
 __all__ = [
     "MiniLMConfig",

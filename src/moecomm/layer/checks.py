@@ -1,0 +1,106 @@
+"""Checks at the door of the layer step: the local checks of :func:`~moecomm.layer.exchange.dispatch` and
+:func:`~moecomm.layer.step.moe_forward` (shapes, dtypes, devices, the NVFP4 global scale, the experts'
+EP share), and what the ranks must agree on when validating (exchanged by
+:func:`moecomm.comm.checks.run_checks`). Everything behind these checks trusts its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from moecomm import errors
+from moecomm.comm import Algorithm
+from moecomm.comm.checks import check_sizes
+from moecomm.comm.group import rank_and_world
+from moecomm.layer.message import message_layout
+from moecomm.layer.strategy import Strategy, wire_format
+from moecomm.moe import ExpertWeights
+from moecomm.quant import QuantFormat
+
+__all__ = ["check_global_scale", "check_dispatch", "dispatch_agreement", "check_experts"]
+
+
+def check_global_scale(global_scale, rank: int) -> None:
+    """An NVFP4 global scale: a finite positive number or one-element tensor (a CUDA tensor's value is
+    checked by the quantizer on the device: an invalid one makes every block scale NaN)."""
+    if global_scale is None:
+        raise ValueError(f"rank {rank}: NVFP4 on the wire needs the layer's static global_scale")
+    if isinstance(global_scale, bool) or not isinstance(global_scale, (int, float, torch.Tensor)):
+        raise TypeError(f"rank {rank}: global_scale must be a number or a one-element tensor, got {global_scale!r}")
+    if isinstance(global_scale, torch.Tensor):
+        if global_scale.numel() != 1:
+            raise ValueError(f"rank {rank}: global_scale must have one element, got shape {tuple(global_scale.shape)}")
+        if global_scale.is_cuda:
+            return
+    value = float(global_scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"rank {rank}: global_scale must be finite and > 0, got {value}")
+
+
+def check_dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format, pack):
+    """Local checks of a dispatch; returns ``(sizes as a list, rank, world)``. Raises ValueError/TypeError."""
+    rank, world = rank_and_world(group)
+    if not isinstance(pack, bool):
+        raise TypeError(f"rank {rank}: pack must be a bool, got {pack!r}")
+    for name, t in (("hidden", hidden), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rank {rank}: {name} must be a tensor, got {type(t).__name__}")
+    sizes = check_sizes(sizes, world)
+    if hidden.dim() != 2 or hidden.dtype != torch.bfloat16:
+        raise ValueError(f"rank {rank}: hidden must be bf16 [tokens, hidden], got {hidden.dtype} {tuple(hidden.shape)}")
+    n = hidden.shape[0]
+    if n != sizes[rank]:
+        raise ValueError(f"rank {rank}: hidden has {n} rows but sizes[{rank}] = {sizes[rank]}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"rank {rank}: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [{n}, topk]")
+    if topk_ids.dtype not in (torch.int32, torch.int64) or topk_weights.dtype != torch.float32:
+        raise ValueError(f"rank {rank}: topk_ids must be int32/int64 and topk_weights float32, got "
+                         f"{topk_ids.dtype} and {topk_weights.dtype}")
+    if topk_ids.device != hidden.device or topk_weights.device != hidden.device:
+        raise ValueError(f"rank {rank}: hidden, topk_ids and topk_weights must be on one device, got "
+                         f"{hidden.device}, {topk_ids.device}, {topk_weights.device}")
+    fmt = wire_format(strategy, expert_input_format)
+    if fmt is not None:
+        if expert_input_format is not None and QuantFormat(expert_input_format) != fmt:
+            raise ValueError(f"rank {rank}: {strategy.value} sends {fmt.value} tokens but the experts consume "
+                             f"{QuantFormat(expert_input_format).value}: the experts would see other values than "
+                             f"their own quantizer's; use strategy 'auto' or the matching one")
+        if fmt == QuantFormat.NVFP4:
+            check_global_scale(global_scale, rank)
+    message_layout(fmt, hidden.shape[1], topk_ids.shape[1])  # raises on a bad hidden size
+    return sizes, rank, world
+
+
+def dispatch_agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack, algorithm,
+               num_experts=None) -> dict:
+    """What every rank must agree on for one dispatch (exchanged by validation, which may sync: it reads a
+    CUDA global scale and checks the ids on the host)."""
+    fmt = wire_format(strategy, expert_input_format)
+    if topk_ids.numel() and num_experts is None:  # dispatch alone: at least no id below -1
+        errors.check_ids(topk_ids, 2**31 - 1, dist.get_rank())
+    elif num_experts is not None:
+        errors.check_ids(topk_ids, num_experts, dist.get_rank())
+    return {
+        "sizes": list(sizes), "hidden": tuple(hidden.shape[1:]), "topk": tuple(topk_ids.shape[1:]),
+        "strategy": strategy.value, "wire format": None if fmt is None else fmt.value,
+        "pack": pack if strategy != Strategy.ALLREDUCE else None, "algorithm": Algorithm(algorithm).value,
+        "global_scale": float(global_scale) if fmt == QuantFormat.NVFP4 else None,
+    }
+
+
+def check_experts(weights: ExpertWeights, hidden, rank: int, world: int) -> None:
+    """The experts must be this rank's share of an EP split over exactly the ranks of the group (each expert
+    on one rank, or the combine's sum counts it twice) and match the hidden size."""
+    if not isinstance(weights, ExpertWeights):
+        raise TypeError(f"rank {rank}: weights must be moecomm.moe.ExpertWeights, got {type(weights).__name__}")
+    first, n, total = weights.first_expert, weights.num_local, weights.num_experts
+    if n * world != total or first != rank * n:
+        raise ValueError(f"rank {rank}: these are experts [{first}, {first + n}) of {total}; over {world} ranks "
+                         f"rank {rank} needs make_expert_weights(..., ep_size={world}, ep_rank={rank})")
+    if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and hidden.shape[1] != weights.hidden_size:
+        raise ValueError(f"rank {rank}: hidden has {hidden.shape[1]} columns, the experts' hidden size is "
+                         f"{weights.hidden_size}")

@@ -1,0 +1,215 @@
+"""One EP MoE layer step for DP attention: :func:`moe_forward` = dispatch, local experts, combine.
+
+Reading order: the checks at the door (:mod:`moecomm.layer.checks`, one call), the strategy chosen
+(:mod:`moecomm.layer.strategy`), then a straight data path: :func:`~moecomm.layer.exchange.dispatch` ->
+:func:`moecomm.moe.experts_forward` -> :func:`~moecomm.layer.exchange.combine` (or the chunked pipeline of
+:mod:`moecomm.layer.overlap`).
+
+:func:`moe_forward` is also the custom op ``moecomm::moe_forward``, registered at the end of this module;
+it calls the op only while ``torch.compile`` traces it or when ``sizes`` is a CPU tensor. Arguments that
+are not tensors, numbers or strings are flattened for the op: :class:`moecomm.moe.ExpertWeights` into its
+tensors (in the order of :data:`EXPERT_TENSORS`) plus ``activation``, ``weight_format``,
+``first_expert``, ``num_experts``; enums into their values; a process group into its name; a Python-number
+NVFP4 global scale into ``global_scale_value``. The op reads ``sizes`` on the host, so it carries the
+``cudagraph_unsafe`` tag: a CUDA graph must never capture it (use :class:`moecomm.layer.graphs.GraphedMoE`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moecomm.comm import Algorithm
+from moecomm.comm._library import as_sizes, enum_value, group_name, resolve_group
+from moecomm.comm.checks import check_sizes, run_checks
+from moecomm.comm.group import rank_and_world
+from moecomm.layer.checks import check_dispatch, check_experts, dispatch_agreement
+from moecomm.layer.exchange import combine, dispatch_checked
+from moecomm.layer.overlap import pipelined
+from moecomm.layer.strategy import Strategy, choose_strategy, resolve_chunks
+from moecomm.moe import Activation, ExpertWeights, WeightFormat, experts_forward
+from moecomm.quant import QuantFormat
+
+__all__ = ["moe_forward", "moe_forward_op", "EXPERT_TENSORS"]
+
+# The tensor fields of ExpertWeights, in the order of the op's ``experts`` list
+EXPERT_TENSORS = ("w13", "w2", "w13_scale", "w2_scale", "w13_global_scale", "w2_global_scale", "b13", "b2")
+
+
+def moe_forward(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    weights: ExpertWeights,
+    *,
+    sizes: Sequence[int],
+    strategy: Strategy | str = Strategy.AUTO,
+    global_scale: torch.Tensor | float | None = None,
+    expert_input_format: QuantFormat | None = None,
+    group: dist.ProcessGroup | None = None,
+    pack: bool = True,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    validate: bool = False,
+    allow_quantized: bool | None = None,
+    chunks: int | None = None,
+) -> torch.Tensor:
+    """One EP MoE layer step for DP attention: dispatch, local experts, combine.
+
+    ``hidden`` ``bf16 [sizes[rank], hidden]``, ``topk_ids`` / ``topk_weights`` ``[sizes[rank], topk]``
+    (``topk_ids == -1``: a masked slot, no expert); ``weights`` are this rank's experts
+    (:func:`moecomm.moe.make_expert_weights` with ``ep_size = world_size``). ``sizes`` must be the same
+    list on every rank: take it from :func:`moecomm.comm.gather_sizes` (or DP metadata all ranks
+    share). It is not checked across ranks unless validating (a host sync): ranks that disagree get wrong
+    rows without an error (tokens shifted or zero in the dispatch, rows lost in the combine) or hang.
+    ``validate=True``, ``MOECOMM_VALIDATE=1`` or ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` exchange the metadata
+    first and raise on every rank instead. ``expert_input_format``: the format
+    the experts quantize their input to (None: bf16 experts); with ``agrs`` it is applied after the
+    gather, with a quantized strategy before it -- the same bytes either way. ``strategy="auto"`` resolves
+    through :func:`choose_strategy` (``allow_quantized`` or ``MOECOMM_DISABLE_QUANTIZED_DISPATCH=1``
+    switch the quantized path off); ``algorithm`` is the collectives' algorithm of the dispatch and the
+    combine (``"auto"``: per call). Returns ``bf16 [sizes[rank], hidden]``: this rank's rows of the sum
+    over all ranks' experts. Never reads a device value on the host unless validating.
+
+    ``chunks``: split every rank's rows into ``chunks`` consecutive pieces (rank ``r``'s chunk ``c`` is its
+    rows ``[n_r * c // chunks, n_r * (c + 1) // chunks)``, so every rank derives all chunk sizes from
+    ``sizes``; a rank may have none in a chunk) and pipeline them on CUDA: the dispatch of chunk ``c + 1``
+    and the combine of chunk ``c - 1`` run on a communication stream while the experts run on chunk ``c``
+    (TensorRT-LLM's chunked MoE; CUDA events, no host sync). The result is bit-identical to ``chunks=1``
+    where the sums over ranks are (two ranks; gloo always): the experts are row-local. ``None`` picks the
+    count measured to pay at this world size and token count (``data/crossover.json``, ``"chunks"``), 1
+    where nothing was measured or overlap does not pay (decode).
+
+    Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
+    split over the group or their hidden size differs; ``validate=True`` also compares ``num_experts``
+    across ranks and checks the ids against it on the host, on every rank.
+
+    Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
+    ``moecomm::moe_forward`` (:func:`moe_forward_op`): no graph break, and sizes passed as a tensor never
+    recompile. Eager calls with a list do not pass through the op.
+    """
+    if torch.compiler.is_compiling() or isinstance(sizes, torch.Tensor):
+        return moe_forward_op(hidden, topk_ids, topk_weights, weights, sizes=sizes, strategy=strategy,
+                               global_scale=global_scale, expert_input_format=expert_input_format, group=group,
+                               pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
+                               chunks=chunks)
+    strategy = Strategy(strategy)
+
+    def prepare():
+        rank, world = rank_and_world(group)
+        check_experts(weights, hidden, rank, world)
+        resolved = strategy
+        if strategy == Strategy.AUTO:
+            resolved = choose_strategy(expert_input_format, sum(check_sizes(sizes, world)), world_size=world,
+                                       ep_size=world, allow_quantized=allow_quantized)
+        checked = check_dispatch(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format,
+                            pack)
+        chosen.append((resolved, resolve_chunks(chunks, checked[0], world)))
+        return resolved, checked
+
+    chosen: list = []  # the resolved strategy and chunk count, for the agreement (which runs after prepare)
+    strategy, (checked_sizes, rank, world) = run_checks(
+        "moe_forward", prepare,
+        lambda: {**dispatch_agreement(hidden, topk_ids, sizes, chosen[0][0], global_scale, expert_input_format, pack,
+                              algorithm, weights.num_experts),
+                 "num_experts": weights.num_experts, "chunks": chosen[0][1]},
+        group, validate)
+    chunks = chosen[0][1]
+    send = functools.partial(dispatch_checked, rank=rank, world=world, strategy=strategy, global_scale=global_scale,
+                             expert_input_format=expert_input_format, group=group, pack=pack, algorithm=algorithm)
+
+    def compute(tokens, ids, tw):
+        after = expert_input_format if isinstance(tokens, torch.Tensor) else None
+        return experts_forward(tokens, ids, tw, weights, input_format=after,
+                               global_scale=global_scale if after == QuantFormat.NVFP4 else None)
+
+    if chunks == 1 or world == 1:
+        tokens, ids, tw, handle = send(hidden, topk_ids, topk_weights, checked_sizes)
+        return combine(compute(tokens, ids, tw), handle, algorithm=algorithm)
+    return pipelined(send, compute, hidden, topk_ids, topk_weights, checked_sizes, rank, chunks, algorithm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The custom op moecomm::moe_forward (what moe_forward calls under torch.compile or for tensor sizes)
+
+
+@torch.library.custom_op("moecomm::moe_forward", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _moe_forward_op(
+    hidden: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    sizes: Tensor,
+    experts: Sequence[Optional[Tensor]],
+    activation: str,
+    weight_format: str,
+    first_expert: int,
+    num_experts: int,
+    strategy: str,
+    global_scale: Optional[Tensor],
+    global_scale_value: Optional[float],
+    expert_input_format: Optional[str],
+    group_name: str,
+    pack: bool,
+    algorithm: str,
+    validate: bool,
+    allow_quantized: Optional[bool],
+    chunks: Optional[int],
+) -> Tensor:
+    weights = ExpertWeights(**dict(zip(EXPERT_TENSORS, experts)), activation=Activation(activation),
+                            format=WeightFormat(weight_format), first_expert=first_expert, num_experts=num_experts)
+    out = moe_forward(
+        hidden, topk_ids, topk_weights, weights, sizes=sizes.tolist(), strategy=strategy,
+        global_scale=global_scale if global_scale is not None else global_scale_value,
+        expert_input_format=expert_input_format, group=resolve_group(group_name), pack=pack, algorithm=algorithm,
+        validate=validate, allow_quantized=allow_quantized, chunks=chunks)
+    return out
+
+
+@_moe_forward_op.register_fake
+def _(hidden, topk_ids, topk_weights, sizes, *args):
+    if hidden.dim() != 2:
+        raise ValueError(f"moe_forward: hidden must be [tokens, hidden], got shape {tuple(hidden.shape)}")
+    return hidden.new_empty(hidden.shape)
+
+
+def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="auto", global_scale=None,
+                expert_input_format=None, group=None, pack=True, algorithm="auto", validate=False,
+                allow_quantized=None, chunks=None) -> Tensor:
+    """:func:`moe_forward` as the op ``moecomm::moe_forward``: one EP MoE layer step.
+
+    What :func:`moe_forward` calls under ``torch.compile`` or for a tensor ``sizes``.
+
+    Parameters
+    ----------
+    hidden, topk_ids, topk_weights, weights :
+        As for :func:`moe_forward`: ``bf16 [sizes[rank], H]``, ``int32/int64 [sizes[rank],
+        topk]`` (-1: masked slot), ``float32 [sizes[rank], topk]``, this rank's ``ExpertWeights``.
+    sizes : Tensor or list[int]
+        Rows per rank: a CPU ``int64 [world_size]`` tensor (:func:`sizes_tensor`; read when the op runs,
+        never baked into a graph) or a list (a constant of the graph).
+    strategy, global_scale, expert_input_format, group, pack, algorithm, validate, allow_quantized, chunks :
+        As for :func:`moe_forward`; enums may be given as their strings.
+
+    Returns
+    -------
+    Tensor
+        ``bf16 [sizes[rank], H]``, shaped like ``hidden`` (also in the fake: no data-dependent size).
+
+    Raises
+    ------
+    TypeError
+        ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor.
+    ValueError
+        ``hidden`` not 2-D (in the fake, while tracing); when the op runs, everything
+        :func:`moe_forward` raises.
+    """
+    gs_tensor = global_scale if isinstance(global_scale, Tensor) else None
+    gs_value = None if global_scale is None or gs_tensor is not None else float(global_scale)
+    return torch.ops.moecomm.moe_forward(
+        hidden, topk_ids, topk_weights, as_sizes(sizes), [getattr(weights, f) for f in EXPERT_TENSORS],
+        enum_value(weights.activation), enum_value(weights.format), weights.first_expert, weights.num_experts,
+        enum_value(strategy), gs_tensor, gs_value, enum_value(expert_input_format), group_name(group), pack,
+        enum_value(algorithm), validate, allow_quantized, chunks)
