@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The one GPU script: GPU tests and benchmarks, in one device call.
-#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests quant experts coll moe demo all (default: all)
-# Results (logs, JSON, PNG, tables) are packed into $OUT/results.tar.gz after every step (else ./out).
+#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests ranks quant experts coll moe demo all (default: all)
+# Results (logs, JUnit XML, JSON, PNG, tables) are packed into $OUT/results.tar.gz after every step (else ./out).
 # Runs from a plain checkout (PYTHONPATH=src, no install), as on the device machine.
+#
+# tests: every GPU test (pytest -m gpu) within TESTS_S seconds (default 420), so that `tests quant` fits one
+#   10-minute device call. tests/test_quant.py goes first, spread over SHARDS pytest processes (default 8,
+#   --shard in tests/conftest.py): its time is Triton JIT compiles (~400 kernel specializations on a fresh
+#   machine) and CPU oracles, one core each. Then every other GPU test in one process (the multi-rank tests,
+#   CUDA graphs, DeepSeek-V3 shapes share the GPU). Each log ends with pytest's --durations=15; gpu_tests.json
+#   (scripts/junit_report.py) has every test's outcome and seconds, and the 15 slowest overall are printed.
+# ranks: only the tests that run several ranks on one GPU (marked gpu and one_gpu_ranks); `tests` runs them too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=${*:-all}
@@ -24,7 +32,29 @@ step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, print its tail
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 } > "$R/env.txt" 2>&1; cat "$R/env.txt"
-want tests && step gpu_tests 300 python3 -m pytest -m gpu -q -rs -x -p no:cacheprovider tests
+pytest="python3 -m pytest -q -rfEs -p no:cacheprovider --durations=15"
+gpu_tests() {  # phase 1: test_quant.py in SHARDS processes (half the bound); phase 2: the rest, what is left
+  local end=$((SECONDS + ${TESTS_S:-420})) shards=${SHARDS:-8} pids=() i rc=0
+  local threads=$(( $(nproc) / shards > 0 ? $(nproc) / shards : 1 ))
+  echo "=== gpu_tests ($(date -u +%H:%M:%S)): tests/test_quant.py in $shards processes, then the other GPU tests"
+  for ((i = 0; i < shards; i++)); do
+    OMP_NUM_THREADS=$threads timeout $(( ${TESTS_S:-420} / 2 )) $pytest -m gpu --shard "$i/$shards" \
+      --junitxml "$R/gpu_tests_quant$i.xml" tests/test_quant.py > "$R/gpu_tests_quant$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || rc=$?
+    echo "--- quant shard $i/$shards: $(tail -n 1 "$R/gpu_tests_quant$i.log")"
+  done
+  echo "--- quant shards done at +$((SECONDS - end + ${TESTS_S:-420})) s (last failing exit $rc)"
+  timeout $(( end - SECONDS > 1 ? end - SECONDS : 1 )) $pytest -m gpu --ignore tests/test_quant.py --junitxml "$R/gpu_tests_rest.xml" tests \
+    > "$R/gpu_tests_rest.log" 2>&1
+  echo "--- other GPU tests: exit $? at +$((SECONDS - end + ${TESTS_S:-420})) s ---"; tail -n "${TAILN:-25}" "$R/gpu_tests_rest.log"
+  python3 scripts/junit_report.py "$R/gpu_tests.json" "$R"/gpu_tests_*.xml --slowest 15
+  tar -C "$R" -czf "$OUT/results.tar.gz" .
+}
+want tests && gpu_tests
+[[ " $steps " == *" ranks "* ]] && step gpu_ranks 240 $pytest -m "gpu and one_gpu_ranks" --junitxml "$R/gpu_ranks.xml" tests
 want quant && step bench_quant 90 $mc bench quant --json "$R/quant.json"
 want experts && step bench_experts 90 $mc bench experts --json "$R/experts.json"
 if want coll; then

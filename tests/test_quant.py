@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import random
 
 import numpy as np
 import pytest
@@ -85,28 +87,32 @@ def _run_variant(name: str, x: torch.Tensor, backend: str, gs):
     return q.view(torch.uint8), scales.view(torch.int32)
 
 
-def assert_bytes_equal(actual, expected, what: str) -> None:
+def assert_bytes_equal(actual, expected, what: str, rows: torch.Tensor | None = None) -> None:
+    """Equal shapes and bytes; ``rows``: the row of the full tensor that each compared row is (for the message)."""
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert a.shape == e.shape, f"{what}: output {i} shape {tuple(a.shape)} != {tuple(e.shape)}"
         if not torch.equal(a.cpu(), e.cpu()):
             bad = (a.cpu() != e.cpu()).nonzero()
             idx = tuple(bad[0].tolist())
+            where = idx if rows is None else (int(rows[idx[0]]), *idx[1:])
             raise AssertionError(
-                f"{what}: output {i}: {bad.shape[0]} bytes differ, first at {idx}: {a.cpu()[idx]} != {e.cpu()[idx]}"
+                f"{what}: output {i}: {bad.shape[0]} bytes differ, first at {where}: {a.cpu()[idx]} != {e.cpu()[idx]}"
             )
 
 
 def wide_range_input(m: int, k: int, dtype: torch.dtype, seed: int, device="cpu") -> torch.Tensor:
-    """Gaussian values with a random binade per 16-element block (2**-40 .. 2**20), some zero blocks, bf16 ties."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g)
+    """Gaussian values with a random binade per 16-element block (2**-40 .. 2**20), some zero blocks, bf16 ties.
+
+    Drawn on ``device`` by that device's generator (a CUDA input of millions of rows costs no CPU time)."""
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device=device)
     if k >= 16 and m:
-        blocks = torch.randint(-40, 21, (m, k // 16), generator=g).float()
+        blocks = torch.randint(-40, 21, (m, k // 16), generator=g, device=device).float()
         x = (x.view(m, k // 16, 16) * torch.exp2(blocks).unsqueeze(-1)).view(m, k)
-        zero = torch.rand(m, k // 16, generator=g) < 0.05
+        zero = torch.rand(m, k // 16, generator=g, device=device) < 0.05
         x.view(m, k // 16, 16)[zero] = 0.0
     x = x.clamp(-6e4, 6e4) if dtype == torch.float16 else x  # stay finite in fp16
-    return x.to(dtype).to(device)
+    return x.to(dtype)
 
 
 def gs_for(x: torch.Tensor) -> torch.Tensor:
@@ -884,11 +890,12 @@ def test_fp8_triton_group_limits():
 # Dequantize kernels vs references: bit for bit (every NaN counted as one value)
 
 
-def assert_values_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+def assert_values_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, rows: torch.Tensor | None = None) -> None:
     """Same dtype and shape, same bits wherever ``expected`` is not NaN, NaN exactly where it is.
 
     NaN payloads are not compared: torch itself writes a bf16 NaN as 0xFFFF on the CPU and 0x7FFF / 0x7FC0
-    on CUDA, so they carry no information. Signed zeros are compared (bits)."""
+    on CUDA, so they carry no information. Signed zeros are compared (bits). ``rows``: the row of the full
+    tensor that each compared row is (for the message)."""
     a, e = actual.cpu(), expected.cpu()
     assert a.dtype == e.dtype and a.shape == e.shape, f"{what}: {a.dtype} {tuple(a.shape)} vs {e.dtype} {tuple(e.shape)}"
     nan_a, nan_e = torch.isnan(a.float()), torch.isnan(e.float())
@@ -896,7 +903,8 @@ def assert_values_equal(actual: torch.Tensor, expected: torch.Tensor, what: str)
     diff = (a.view(bits) != e.view(bits)) & ~nan_e | (nan_a != nan_e)
     if diff.any():
         idx = tuple(diff.nonzero()[0].tolist())
-        raise AssertionError(f"{what}: {int(diff.sum())} values differ, first at {idx}: {a[idx]} != {e[idx]}")
+        where = idx if rows is None else (int(rows[idx[0]]), *idx[1:])
+        raise AssertionError(f"{what}: {int(diff.sum())} values differ, first at {where}: {a[idx]} != {e[idx]}")
 
 
 def _deq_cases(k: int, block: int) -> torch.Tensor:
@@ -1059,9 +1067,22 @@ def test_mixed_devices_raise():
 
 
 # ----------------------------------------------------------------------------------------------------
-# GPU (H200): kernels vs the CPU reference at production shapes, device-side checks, CUDA graphs
+# Kernels vs the CPU oracle at production shapes (GPU), device-side checks, CUDA graphs
+#
+# The "full" tests run at production shapes on the H200 (marked gpu); the same tests run "reduced" on
+# KERNEL_DEVICE (the interpreter on a CPU), which checks the row sampling below in CI. The kernel always
+# quantizes every row; the CPU oracle runs on a sample of rows (oracle_rows): quantization is row-local, so
+# the oracle's bytes for ``x[rows]`` are the bytes those rows must have in the kernel's full output.
 
 gpu = pytest.mark.gpu
+SCALES = [pytest.param("full", marks=gpu), "reduced"]
+# [M, K] of the large cases; the first has the most rows but the "most tokens" test
+LARGE_SHAPES = {"full": [(4096, 7168), (1, 7168), (128, 7168), (129, 2048)],
+                "reduced": [(600, 512), (1, 512), (128, 512), (129, 256)]}  # fmt: skip
+MOST_TOKENS = {"full": (16384, 7168), "reduced": (1200, 512)}
+# Fresh each run, in every failure message; MOECOMM_TEST_SEED=<seed> repeats a run's row sample.
+SAMPLE_SEED = int(os.environ.get("MOECOMM_TEST_SEED") or random.randrange(1 << 30))
+_INPUTS: dict = {}  # (m, k, dtype, seed) -> input on KERNEL_DEVICE, drawn once, shared by every variant
 
 
 def _with_special_values(x: torch.Tensor) -> torch.Tensor:
@@ -1071,48 +1092,137 @@ def _with_special_values(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+SPECIAL_ROWS = (0, 1, 2)  # rows that large_input gives special values
+
+
+def large_input(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """``wide_range_input`` on KERNEL_DEVICE with Inf / NaN / -0 in row 0, fp32 subnormals in row 1 and a
+    zero 128-column group in row 2; drawn once per (shape, dtype, seed) and reused. Do not modify it."""
+    key = (m, k, dtype, seed)
+    if key not in _INPUTS:
+        x = _with_special_values(wide_range_input(m, k, dtype, seed, device=KERNEL_DEVICE))
+        if m > 2:
+            x[2, :128] = 0.0
+        _INPUTS[key] = x
+    return _INPUTS[key]
+
+
+def _fp8_group(variant: str) -> int | None:
+    return None if "token" in variant else int(variant.split("group")[1].split("-")[0])
+
+
+def tile_rows(variant: str, m: int, k: int, cuda: bool, dequantize: bool = False) -> int:
+    """BLOCK_M: the rows of one program of the kernel that quantizes (or dequantizes) ``variant`` at
+    ``[m, k]``, as its launcher in moecomm.quant picks it."""
+    from moecomm.quant._kernels import _tile_shape
+    from moecomm.quant._kernels_fp8 import _dequant_tile
+
+    if dequantize and variant.startswith("fp8"):
+        return _dequant_tile(m, _fp8_group(variant) or k, cuda)[0]
+    block = VARIANTS[variant] if VARIANTS[variant] > 1 else 128  # the per-token kernel: 128-column blocks
+    return _tile_shape(m, -(-k // block), block, cuda)[0]
+
+
+def oracle_rows(m: int, tile_m: int, special=SPECIAL_ROWS) -> torch.Tensor:
+    """The rows (sorted int64) of an ``[m, k]`` kernel output that the CPU oracle checks.
+
+    A row's bytes depend on its values and on its place in the tilings only: its program (``row //
+    tile_m``) and position in it (``row % tile_m``), whether that program is the last one, partly masked,
+    and the row's 128-row tile of the swizzled scale layout. ``tile_m`` (BLOCK_M) is a power of two, so
+    with ``G = max(128, tile_m)`` every multiple of G is a boundary of both tilings. The sample holds:
+
+    * every row of the first G rows and of the last G-row group (up to G rows): each position inside a
+      program and inside a swizzle tile, the first and the last program, the masked tail, the first and
+      the last row (the largest row offset);
+    * both rows at every multiple of G: each boundary between swizzle tiles and between G-row groups of
+      programs;
+    * the rows with special values (``special``);
+    * ``min(512, m // 16)`` random rows drawn from SAMPLE_SEED (fresh each run).
+
+    Up to ``4 * G`` rows, all rows.
+    """
+    group = max(128, tile_m)
+    if m <= 4 * group:
+        return torch.arange(m)
+    last = (m - 1) // group * group
+    bounds = torch.arange(group, m, group)
+    gen = torch.Generator().manual_seed(SAMPLE_SEED + m)
+    picks = [torch.arange(group), torch.arange(last, m), bounds - 1, bounds, torch.tensor(special, dtype=torch.long),
+             torch.randint(0, m, (min(512, m // 16),), generator=gen)]  # fmt: skip
+    return torch.cat(picks).unique()
+
+
+def check_kernel_on_rows(variant: str, x: torch.Tensor, gs, what: str) -> None:
+    """Quantize every row of ``x`` (on its device) with the kernel; compare the rows of ``oracle_rows`` with
+    the CPU oracle run on those rows alone. Swizzled scales are compared in the linear layout (that is,
+    after ``unswizzle_block_scales``), and their padding must be zero."""
+    m, k = x.shape
+    got = list(_run_variant(variant, x, "triton", gs))
+    if variant.endswith("swizzled"):
+        kb = k // 16
+        full = Q.unswizzle_block_scales(got[1], Q.common.round_up(m, 128), Q.common.round_up(kb, 4))
+        assert not full[m:].any() and not full[:, kb:].any(), f"{what}: nonzero padding in the swizzled scales"
+        got[1] = full[:m, :kb]
+    rows = oracle_rows(m, tile_rows(variant, m, k, x.is_cuda))
+    picked = [t[rows.to(t.device)].cpu() for t in got]
+    gs_cpu = gs.cpu() if isinstance(gs, torch.Tensor) else gs
+    want = run_variant(variant.removesuffix("-swizzled"), x[rows.to(x.device)].cpu(), "torch", gs_cpu)
+    assert_bytes_equal(picked, want, f"{what}: oracle on {len(rows)} of {m} rows, sample seed {SAMPLE_SEED}", rows)
+
+
+def _small_k(variant: str) -> int:
+    block = VARIANTS[variant]
+    return 80 if block <= 16 else 96 if block <= 32 else 256  # an odd number of blocks
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("scale", SCALES)
+def test_kernel_matches_cpu_oracle_large(scale, variant, dtype):
+    """The kernel against the CPU oracle at production shapes (M = 4096 rows, K = 7168; 1, 128, 129 and 300
+    rows), with special values; "reduced": 600, 1, 128, 129 and 300 rows, K = 512.
+
+    The kernel runs on every row; the oracle on ``oracle_rows``: all rows up to 4 * 128, else the first and
+    last 128 rows, both sides of every 128-row boundary, the special rows and a random set. That covers every
+    case a row can be in, since a row's bytes depend only on its values and its place in the tilings (see
+    ``oracle_rows``), and every place is in the sample. The input is drawn once per shape and dtype and
+    shared by the eight variants."""
+    for m, k in [*LARGE_SHAPES[scale], (300, _small_k(variant))]:
+        x = large_input(m, k, dtype, seed=m + k)
+        gs = gs_for(x[1:]) if variant.startswith("nvfp4") else None
+        check_kernel_on_rows(variant, x, gs, f"{KERNEL_DEVICE} {variant} {dtype} M={m} K={k}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("scale", SCALES)
+def test_kernel_matches_cpu_oracle_most_tokens(scale, variant):
+    """M = 16384, K = 7168 (bf16): the kernel on the GPU vs the torch reference on the CPU; "reduced": 1200 x 512.
+
+    The reference is the oracle on the CPU only: on CUDA, torch divides by a Python scalar through its
+    reciprocal (``amax / 448`` is then off by an ulp), so a GPU run of the reference is no oracle. The
+    oracle runs on ``oracle_rows`` (with G = 128 here: the first and last 128 rows, both sides of each of
+    the 127 boundaries, the special rows and 512 random rows), which covers every case a row can be in (see
+    ``oracle_rows``). The input is drawn once and shared by the eight variants."""
+    m, k = MOST_TOKENS[scale]
+    x = large_input(m, k, torch.bfloat16, seed=3)
+    gs = gs_for(x[1:]) if variant.startswith("nvfp4") else None
+    check_kernel_on_rows(variant, x, gs, f"{KERNEL_DEVICE} {variant} M={m}")
+
+
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gpu_kernel_matches_cpu_reference_large(variant, dtype):
-    """The H200 kernel against the CPU reference (the oracle) at production shapes, with special values."""
-    block = VARIANTS[variant]
-    small_k = 80 if block <= 16 else 96 if block <= 32 else 256  # an odd number of blocks
-    for m, k in [(4096, 7168), (1, 7168), (128, 7168), (129, 2048), (300, small_k)]:
-        x = _with_special_values(wide_range_input(m, k, dtype, seed=m + k))
-        gs = gs_for(x[1:]) if variant.startswith("nvfp4") else None
-        want = run_variant(variant, x, "torch", gs)
-        got = run_variant(variant, x, "triton", gs)  # KERNEL_DEVICE is cuda here
-        assert_bytes_equal(got, want, f"GPU {variant} {dtype} M={m} K={k}")
-
-
-@gpu
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gpu_kernel_matches_cpu_reference_16k_tokens(variant):
-    """M = 16384, K = 7168: kernel on the GPU vs the torch reference on the CPU.
-
-    The reference is the oracle on the CPU only: on CUDA, torch divides by a Python scalar through its
-    reciprocal (``amax / 448`` is then off by an ulp), so a GPU run of the reference is no oracle.
-    """
-    x = _with_special_values(wide_range_input(16384, 7168, torch.bfloat16, seed=3))
-    gs = gs_for(x[1:]) if variant.startswith("nvfp4") else None
-    want = run_variant(variant, x, "torch", gs)  # on the CPU
-    got = run_variant(variant, x, "triton", gs)  # on the GPU
-    assert_bytes_equal(got, want, f"GPU {variant} M=16384")
-
-
-@gpu
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gpu_kernel_matches_reference_grid(variant):
-    for dtype in DTYPES:
-        for m in GRID_M:
-            for k in GRID_K:
-                if k % VARIANTS[variant]:
-                    continue
-                x = wide_range_input(m, k, dtype, seed=m * 7 + k)
-                gs = gs_for(x) if variant.startswith("nvfp4") else None
-                got = run_variant(variant, x.cuda(), "triton", gs.cuda() if gs is not None else None)
-                assert_bytes_equal(got, run_variant(variant, x, "torch", gs), f"GPU {variant} {dtype} M={m} K={k}")
+def test_gpu_kernel_matches_reference_grid(variant, dtype):
+    """Every (M, K) of the grid on the GPU, all rows against the CPU oracle (at most 300 rows: cheap). Its
+    time is the Triton compiles: each (M, K) is its own tile shape and specialization."""
+    for m in GRID_M:
+        for k in GRID_K:
+            if k % VARIANTS[variant]:
+                continue
+            x = wide_range_input(m, k, dtype, seed=m * 7 + k)
+            gs = gs_for(x) if variant.startswith("nvfp4") else None
+            got = run_variant(variant, x.cuda(), "triton", gs.cuda() if gs is not None else None)
+            assert_bytes_equal(got, run_variant(variant, x, "torch", gs), f"GPU {variant} {dtype} M={m} K={k}")
 
 
 @gpu
@@ -1144,26 +1254,55 @@ def test_gpu_strided_out_and_cuda_graph(fmt):
     assert buf[:, used:].eq(0xAB).all()
 
 
-@gpu
 @pytest.mark.parametrize("variant", ["nvfp4", "nvfp4-swizzled", "fp8-token", "fp8-group128", "fp8-group16-ue8m0"])
-def test_gpu_dequantize_matches_cpu_reference(variant):
-    """dequantize(quantize(x)) on the H200 against the CPU references, production shape and special values."""
-    x = _with_special_values(wide_range_input(4096, 7168, torch.bfloat16, seed=21))
-    x[2, :128] = 0.0
+@pytest.mark.parametrize("scale", SCALES)
+def test_dequantize_kernel_matches_cpu_oracle(scale, variant):
+    """dequantize(quantize(x)) on the H200 against the CPU references, 4096 x 7168 with special values;
+    "reduced": 600 x 512.
+
+    The dequantize kernel runs on every row, its reference on ``oracle_rows`` of the dequantizer's tiling
+    (G = 128, or 256 for FP8 groups of 16 on the GPU), which covers every case a row can be in (see
+    ``oracle_rows``). The quantized input comes from the quantize kernel (checked against its oracle
+    above) and is shared by both result dtypes; swizzled NVFP4 scales reach the reference unswizzled."""
+    m, k = LARGE_SHAPES[scale][0]
+    x = large_input(m, k, torch.bfloat16, seed=21)
     nv = variant.startswith("nvfp4")
-    gs = gs_for(x[1:]) if nv else None
+    if nv:
+        gs = gs_for(x[1:])
+        swizzled = variant.endswith("swizzled")
+        data, scales = Q.quantize_nvfp4(x, gs, swizzled=swizzled)
+        linear = Q.unswizzle_block_scales(scales, m, k // 16) if swizzled else scales
+    else:
+        data, scales = Q.quantize_fp8(x, group_size=_fp8_group(variant), ue8m0=variant.endswith("ue8m0"))
+        linear = scales
+    rows = oracle_rows(m, tile_rows(variant, m, k, x.is_cuda, dequantize=True))
+    r = rows.to(x.device)
     for dtype in (torch.bfloat16, torch.float32):
         if nv:
-            packed, scales = Q.quantize_nvfp4(x, gs, swizzled=variant.endswith("swizzled"))
-            args = dict(swizzled=variant.endswith("swizzled"), dtype=dtype)
-            want = Q.dequantize_nvfp4_ref(packed, scales, gs, **args)
-            got = Q.dequantize_nvfp4(packed.cuda(), scales.cuda(), gs.cuda(), **args)
+            got = Q.dequantize_nvfp4(data, scales, gs, swizzled=swizzled, dtype=dtype, backend="triton")
+            want = Q.dequantize_nvfp4_ref(data[r].cpu(), linear[r].cpu(), gs.cpu(), dtype=dtype)
         else:
-            group = None if "token" in variant else int(variant.split("group")[1].split("-")[0])
-            q, s = Q.quantize_fp8(x, group_size=group, ue8m0=variant.endswith("ue8m0"))
-            want = Q.dequantize_fp8_ref(q, s, dtype=dtype)
-            got = Q.dequantize_fp8(q.cuda(), s.cuda(), dtype=dtype)
-        assert_values_equal(got, want, f"GPU {variant} {dtype}")
+            got = Q.dequantize_fp8(data, scales, dtype=dtype, backend="triton")
+            want = Q.dequantize_fp8_ref(data[r].cpu(), linear[r].cpu(), dtype=dtype)
+        what = f"{KERNEL_DEVICE} {variant} {dtype}: oracle on {len(rows)} of {m} rows, sample seed {SAMPLE_SEED}"
+        assert_values_equal(got[r], want, what, rows)
+
+
+def test_oracle_rows_cover_every_case():
+    """The sample of oracle_rows: all rows when few; else every in-program and in-swizzle-tile position,
+    the last (partial) program, both rows at every multiple of max(128, BLOCK_M), the special rows, and
+    random rows that change with the seed."""
+    assert oracle_rows(300, 4).tolist() == list(range(300))
+    for m, tile_m in [(16384, 4), (4096, 32), (1000, 64), (5000, 256), (16383, 1)]:
+        rows = oracle_rows(m, tile_m)
+        group = max(128, tile_m)
+        have = set(rows.tolist())
+        assert rows.tolist() == sorted(have) and rows.dtype == torch.int64 and 0 <= rows.min() and rows.max() < m
+        assert set(range(group)) <= have and set(SPECIAL_ROWS) <= have
+        assert set(range((m - 1) // group * group, m)) <= have  # the last group: last program, masked tail
+        assert {b + d for b in range(group, m, group) for d in (-1, 0)} <= have
+        assert len(rows) <= 2 * group + 2 * (m // group) + 512, len(rows)
+    assert len(oracle_rows(16384, 4)) < 16384 // 8  # a sample, not the tensor
 
 
 @gpu

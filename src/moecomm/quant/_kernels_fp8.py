@@ -182,6 +182,12 @@ def quantize_fp8(x, q, scales, *, group_size: int | None, ue8m0: bool, eps: floa
         )  # fmt: skip
 
 
+def _dequant_tile(m: int, group: int, cuda: bool) -> tuple[int, int]:
+    """(BLOCK_M rows, columns) of a program of the FP8 dequantize kernel for ``m`` rows of groups of ``group``."""
+    block = min(group, 1024 if cuda else _INTERP_TILE) if group & (group - 1) == 0 else 1024
+    return max(1, min(triton.next_power_of_2(m), (_GPU_TILE if cuda else _INTERP_TILE) // block)), block
+
+
 def dequantize_fp8(q_u8, scales, dtype: torch.dtype) -> torch.Tensor:
     """``q_u8 [m, k]`` bytes with an even ``k`` and 2-byte aligned rows; ``k / scales.shape[1]`` a power of
     two or ``scales.shape[1] == 1``."""
@@ -190,8 +196,7 @@ def dequantize_fp8(q_u8, scales, dtype: torch.dtype) -> torch.Tensor:
     out, dst, bf16 = _dequant_out(m, k, dtype, q_u8.device)
     if m:
         pairs = q_u8.view(torch.int16)
-        block = min(group, 1024 if q_u8.is_cuda else _INTERP_TILE) if group & (group - 1) == 0 else 1024
-        bm = max(1, min(triton.next_power_of_2(m), (_GPU_TILE if q_u8.is_cuda else _INTERP_TILE) // block))
+        bm, block = _dequant_tile(m, group, q_u8.is_cuda)
         grid = (triton.cdiv(m, bm), triton.cdiv(k, block))
         with device_guard(q_u8.device):
             _dequant_fp8_kernel[grid](
