@@ -1086,10 +1086,17 @@ _INPUTS: dict = {}  # (m, k, dtype, seed) -> input on KERNEL_DEVICE, drawn once,
 
 
 def _with_special_values(x: torch.Tensor) -> torch.Tensor:
-    x[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0], device=x.device)
     if x.dtype == torch.float32 and x.shape[0] > 1:
-        x[1, :3] = torch.tensor([2.0**-130, -(2.0**-149), 1e-38])
+        x[1, :3] = torch.tensor([2.0**-130, -(2.0**-149), 1e-38], device=x.device)
     return x
+
+
+def _take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t[rows]`` on the CPU; 1-byte tensors (e4m3) are indexed as uint8."""
+    if t.element_size() == 1:
+        return t.view(torch.uint8)[rows.to(t.device)].cpu().view(t.dtype)
+    return t[rows.to(t.device)].cpu()
 
 
 SPECIAL_ROWS = (0, 1, 2)  # rows that large_input gives special values
@@ -1164,7 +1171,7 @@ def check_kernel_on_rows(variant: str, x: torch.Tensor, gs, what: str) -> None:
         assert not full[m:].any() and not full[:, kb:].any(), f"{what}: nonzero padding in the swizzled scales"
         got[1] = full[:m, :kb]
     rows = oracle_rows(m, tile_rows(variant, m, k, x.is_cuda))
-    picked = [t[rows.to(t.device)].cpu() for t in got]
+    picked = [_take_rows(t, rows) for t in got]
     gs_cpu = gs.cpu() if isinstance(gs, torch.Tensor) else gs
     want = run_variant(variant.removesuffix("-swizzled"), x[rows.to(x.device)].cpu(), "torch", gs_cpu)
     assert_bytes_equal(picked, want, f"{what}: oracle on {len(rows)} of {m} rows, sample seed {SAMPLE_SEED}", rows)
@@ -1276,16 +1283,16 @@ def test_dequantize_kernel_matches_cpu_oracle(scale, variant):
         data, scales = Q.quantize_fp8(x, group_size=_fp8_group(variant), ue8m0=variant.endswith("ue8m0"))
         linear = scales
     rows = oracle_rows(m, tile_rows(variant, m, k, x.is_cuda, dequantize=True))
-    r = rows.to(x.device)
+    data_rows, scale_rows = _take_rows(data, rows), _take_rows(linear, rows)
     for dtype in (torch.bfloat16, torch.float32):
         if nv:
             got = Q.dequantize_nvfp4(data, scales, gs, swizzled=swizzled, dtype=dtype, backend="triton")
-            want = Q.dequantize_nvfp4_ref(data[r].cpu(), linear[r].cpu(), gs.cpu(), dtype=dtype)
+            want = Q.dequantize_nvfp4_ref(data_rows, scale_rows, gs.cpu(), dtype=dtype)
         else:
             got = Q.dequantize_fp8(data, scales, dtype=dtype, backend="triton")
-            want = Q.dequantize_fp8_ref(data[r].cpu(), linear[r].cpu(), dtype=dtype)
+            want = Q.dequantize_fp8_ref(data_rows, scale_rows, dtype=dtype)
         what = f"{KERNEL_DEVICE} {variant} {dtype}: oracle on {len(rows)} of {m} rows, sample seed {SAMPLE_SEED}"
-        assert_values_equal(got[r], want, what, rows)
+        assert_values_equal(_take_rows(got, rows), want, what, rows)
 
 
 def test_oracle_rows_cover_every_case():
