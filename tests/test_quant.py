@@ -1076,7 +1076,7 @@ def test_mixed_devices_raise():
 
 gpu = pytest.mark.gpu
 SCALES = [pytest.param("full", marks=gpu), "reduced"]
-# [M, K] of the large cases; the first has the most rows but the "most tokens" test
+# [M, K] of the large cases (the dequantize test takes the first)
 LARGE_SHAPES = {"full": [(4096, 7168), (1, 7168), (128, 7168), (129, 2048)],
                 "reduced": [(600, 512), (1, 512), (128, 512), (129, 256)]}  # fmt: skip
 MOST_TOKENS = {"full": (16384, 7168), "reduced": (1200, 512)}
@@ -1295,7 +1295,7 @@ def test_dequantize_kernel_matches_cpu_oracle(scale, variant):
         assert_values_equal(_take_rows(got, rows), want, what, rows)
 
 
-def test_oracle_rows_cover_every_case():
+def test_oracle_rows_cover_every_case(monkeypatch):
     """The sample of oracle_rows: all rows when few; else every in-program and in-swizzle-tile position,
     the last (partial) program, both rows at every multiple of max(128, BLOCK_M), the special rows, and
     random rows that change with the seed."""
@@ -1309,7 +1309,10 @@ def test_oracle_rows_cover_every_case():
         assert set(range((m - 1) // group * group, m)) <= have  # the last group: last program, masked tail
         assert {b + d for b in range(group, m, group) for d in (-1, 0)} <= have
         assert len(rows) <= 2 * group + 2 * (m // group) + 512, len(rows)
-    assert len(oracle_rows(16384, 4)) < 16384 // 8  # a sample, not the tensor
+    before = oracle_rows(16384, 4)
+    assert len(before) < 16384 // 8  # a sample, not the tensor
+    monkeypatch.setitem(globals(), "SAMPLE_SEED", SAMPLE_SEED + 1)
+    assert not torch.equal(oracle_rows(16384, 4), before)  # the random rows follow the seed
 
 
 @gpu
