@@ -45,6 +45,7 @@ gpu_tests() {  # phase 1: test_quant.py in SHARDS processes (half the bound); ph
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || rc=$?
     echo "--- quant shard $i/$shards: $(tail -n 1 "$R/gpu_tests_quant$i.log")"
+    [[ -s "$R/gpu_tests_quant$i.xml" ]] || echo "!!! no JUnit XML from shard $i: killed at the bound or crashed (see its log)"
   done
   echo "--- quant shards done at +$((SECONDS - end + ${TESTS_S:-420})) s (last failing exit $rc)"
   timeout $(( end - SECONDS > 1 ? end - SECONDS : 1 )) $pytest -m gpu --ignore tests/test_quant.py --junitxml "$R/gpu_tests_rest.xml" tests \
