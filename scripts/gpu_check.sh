@@ -45,17 +45,19 @@ gpu_tests() {  # phase 1: test_quant.py in SHARDS processes (half the bound); ph
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || rc=$?
     echo "--- quant shard $i/$shards: $(tail -n 1 "$R/gpu_tests_quant$i.log")"
-    [[ -s "$R/gpu_tests_quant$i.xml" ]] || echo "!!! no JUnit XML from shard $i: killed at the bound or crashed (see its log)"
+    [[ -s "$R/gpu_tests_quant$i.xml" ]] || echo "!!! no JUnit XML from shard $i: killed at the bound or crashed"
   done
   echo "--- quant shards done at +$((SECONDS - end + ${TESTS_S:-420})) s (last failing exit $rc)"
-  timeout $(( end - SECONDS > 1 ? end - SECONDS : 1 )) $pytest -m gpu --ignore tests/test_quant.py --junitxml "$R/gpu_tests_rest.xml" tests \
-    > "$R/gpu_tests_rest.log" 2>&1
-  echo "--- other GPU tests: exit $? at +$((SECONDS - end + ${TESTS_S:-420})) s ---"; tail -n "${TAILN:-25}" "$R/gpu_tests_rest.log"
+  timeout $(( end - SECONDS > 1 ? end - SECONDS : 1 )) $pytest -m gpu --ignore tests/test_quant.py \
+    --junitxml "$R/gpu_tests_rest.xml" tests > "$R/gpu_tests_rest.log" 2>&1
+  echo "--- other GPU tests: exit $? at +$((SECONDS - end + ${TESTS_S:-420})) s ---"
+  tail -n "${TAILN:-25}" "$R/gpu_tests_rest.log"
   python3 scripts/junit_report.py "$R/gpu_tests.json" "$R"/gpu_tests_*.xml --slowest 15
   tar -C "$R" -czf "$OUT/results.tar.gz" .
 }
 want tests && gpu_tests
-[[ " $steps " == *" ranks "* ]] && step gpu_ranks 240 $pytest -m "gpu and one_gpu_ranks" --junitxml "$R/gpu_ranks.xml" tests
+[[ " $steps " == *" ranks "* ]] &&  # not part of all: the tests step runs these too
+  step gpu_ranks 240 $pytest -m "gpu and one_gpu_ranks" --junitxml "$R/gpu_ranks.xml" tests
 want quant && step bench_quant 90 $mc bench quant --json "$R/quant.json"
 want experts && step bench_experts 90 $mc bench experts --json "$R/experts.json"
 if want coll; then

@@ -890,7 +890,8 @@ def test_fp8_triton_group_limits():
 # Dequantize kernels vs references: bit for bit (every NaN counted as one value)
 
 
-def assert_values_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, rows: torch.Tensor | None = None) -> None:
+def assert_values_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, rows: torch.Tensor | None = None
+                        ) -> None:  # fmt: skip
     """Same dtype and shape, same bits wherever ``expected`` is not NaN, NaN exactly where it is.
 
     NaN payloads are not compared: torch itself writes a bf16 NaN as 0xFFFF on the CPU and 0x7FFF / 0x7FC0
