@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moecomm._modes import refuse_grad
 from moecomm.comm._library import (
     as_sizes,
     enum_value,
@@ -222,6 +223,7 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     if tensor.dtype not in (*REDUCE_DTYPES, torch.int32) or not tensor.is_contiguous():
         raise ValueError(f"rank {rank}: all_reduce needs a contiguous bf16/fp16/fp32/int32 tensor, got "
                          f"{tensor.dtype} {tuple(tensor.shape)} strides {tensor.stride()}")
+    refuse_grad(f"rank {rank}: all_reduce", tensor=tensor)
     if world > 1 and tensor.numel():
         communicator(group, rank, world, tensor.device).all_reduce(tensor)
     return tensor
@@ -327,8 +329,10 @@ def all_gatherv_op(tensors, sizes, group=None, *, out=None, validate=False, algo
     single = isinstance(tensors, Tensor)
     items = [tensors] if single else list(tensors)
     present = [t for t in items if t is not None]
+    refuse_grad("all_gatherv", **{f"tensors[{i}]": t for i, t in enumerate(items)})
     if out is not None:  # checked before the collective, as the eager path does
         outs = [out] if single else list(out)
+        refuse_grad("all_gatherv", **{f"out[{i}]": o for i, o in enumerate(outs)})
         check_out(outs, items, host_rows(sizes, sum), dist.get_rank(group), group)
     gathered = iter(torch.ops.moecomm.all_gatherv(present, as_sizes(sizes), group_name(group), enum_value(algorithm),
                                                   validate))
@@ -381,6 +385,7 @@ def reduce_scatterv_op(tensor, sizes, group=None, *, out=None, validate=False, a
         ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor. When the op runs: as
         :func:`reduce_scatterv`.
     """
+    refuse_grad("reduce_scatterv", tensor=tensor, out=out)
     if out is not None:  # checked before the collective, as the eager path does
         rank = dist.get_rank(group)  # -1 outside the group: the op raises that
         rows = host_rows(sizes, lambda s: s[rank] if 0 <= rank < len(s) else None)

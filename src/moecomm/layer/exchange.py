@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from moecomm._modes import kept_state, refuse_grad
 from moecomm.comm import (
     Algorithm,
     all_gatherv,
@@ -71,7 +72,8 @@ def _global_scale(global_scale, device: torch.device) -> torch.Tensor:
     key = (float(global_scale), device)
     gs = _SCALES.get(key)
     if gs is None:
-        gs = _SCALES[key] = torch.tensor(float(global_scale), dtype=torch.float32, device=device)
+        with kept_state():
+            gs = _SCALES[key] = torch.tensor(float(global_scale), dtype=torch.float32, device=device)
     return gs
 
 
@@ -246,6 +248,7 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
                          f"{getattr(partial, 'shape', type(partial).__name__)}")
     if partial.dtype not in REDUCE_DTYPES:
         raise ValueError(f"rank {rank}: partial must be one of {REDUCE_DTYPES}, got {partial.dtype}")
+    refuse_grad(f"rank {rank}: combine", partial=partial, out=out)
     n = sizes[rank]
     if out is not None and (out.dtype != partial.dtype or out.shape != (n, partial.shape[1])):
         raise ValueError(f"rank {rank}: out must be {partial.dtype} [{n}, {partial.shape[1]}], got "

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moecomm._modes import refuse_grad
 from moecomm.comm import Algorithm
 from moecomm.comm._library import as_sizes, enum_value, group_name, resolve_group
 from moecomm.comm.checks import check_sizes, run_checks
@@ -206,6 +207,8 @@ def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="
         ``hidden`` not 2-D (in the fake, while tracing); when the op runs, everything
         :func:`moe_forward` raises.
     """
+    refuse_grad("moe_forward", hidden=hidden, topk_weights=topk_weights, global_scale=global_scale,
+                **{f"weights.{f}": getattr(weights, f, None) for f in EXPERT_TENSORS})
     gs_tensor = global_scale if isinstance(global_scale, Tensor) else None
     gs_value = None if global_scale is None or gs_tensor is not None else float(global_scale)
     return torch.ops.moecomm.moe_forward(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from moecomm import quant
 from moecomm._enum import ChoiceEnum
+from moecomm._modes import refuse_grad
 
 __all__ = [
     "Activation",
@@ -239,6 +240,7 @@ def make_expert_weights(
     for name, w in (("w13", w13), ("w2", w2)):
         if not w.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got {w.dtype}")
+    refuse_grad("make_expert_weights", w13=w13, w2=w2, b13=b13, b2=b2)
     num_experts, n13, hidden = w13.shape
     inter = w2.shape[2]
     if n13 != (2 * inter if act is Activation.SILU else inter):

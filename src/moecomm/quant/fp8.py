@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from moecomm._device import common_device
+from moecomm._modes import refuse_grad
 from moecomm.quant.common import (
     _FP32_MAX,
     E4M3_MAX,
@@ -133,6 +134,7 @@ def _check_fp8_pair(q: Tensor, scales: Tensor, name: str) -> tuple[int, int, int
         raise TypeError(f"{name}: q must be a 2-D float8_e4m3fn tensor, got {_describe(q)}")
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2:
         raise TypeError(f"{name}: scales must be a 2-D float32 tensor, got {_describe(scales)}")
+    refuse_grad(name, q=q, scales=scales)
     m, k = q.shape
     groups = scales.shape[1]
     if scales.shape[0] != m or groups == 0 or k % groups:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from moecomm._device import common_device
+from moecomm._modes import refuse_grad
 from moecomm.quant.common import (
     _FP32_MAX,
     _FP32_MIN_NORMAL,
@@ -79,6 +80,7 @@ def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
             raise ValueError(f"nvfp4_global_scale: amax must have one element, got shape {tuple(amax.shape)}")
         if amax.dtype == torch.bool or amax.is_complex():
             raise TypeError(f"nvfp4_global_scale: amax must be a real number, got a {amax.dtype} tensor")
+        refuse_grad("nvfp4_global_scale", amax=amax)
         a = amax.detach().reshape(()).to(torch.float32)
     elif isinstance(amax, numbers.Real) and not isinstance(amax, bool):
         a = torch.tensor(float(amax), dtype=torch.float32)
@@ -122,6 +124,7 @@ def _check_nvfp4_scales(packed: Tensor, scales: Tensor, swizzled: bool, name: st
         raise TypeError(f"{name}: packed must be a 2-D uint8 tensor, got {_describe(packed)}")
     if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float8_e4m3fn, torch.uint8):
         raise TypeError(f"{name}: scales must be float8_e4m3fn, got {_describe(scales)}")
+    refuse_grad(name, scales=scales)
     m, k = packed.shape[0], packed.shape[1] * 2
     if k % NVFP4_BLOCK:
         raise ValueError(f"{name}: hidden = {k} must be a multiple of {NVFP4_BLOCK}")

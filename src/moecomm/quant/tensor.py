@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moecomm._modes import refuse_grad
 from moecomm.quant.common import (
     FP8_GROUP,
     MXFP4_BLOCK,
@@ -242,6 +243,7 @@ def quantize_op(x, fmt, *, global_scale=None, out=None, backend="auto") -> Quant
         ``global_scale`` for a format other than NVFP4. When the op runs: as :func:`quantize`.
     """
     fmt = QuantFormat(fmt)
+    refuse_grad("quantize", x=x, global_scale=global_scale)
     gs = None
     if global_scale is not None:
         gs = (global_scale.detach().reshape(()).to(device=x.device, dtype=torch.float32)
