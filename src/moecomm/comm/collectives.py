@@ -113,7 +113,9 @@ def all_gatherv(
         ``len(sizes) != world_size``, negative or non-integer sizes, a tensor whose row count is not
         ``sizes[rank]``, a tensor on the wrong device for the backend, an ``out`` of the wrong shape,
         dtype or layout, an unknown algorithm or ``"symm"`` without CUDA symmetric memory, a rank outside
-        the group; with validation also ranks that disagree. Raised before any communication.
+        the group, a tensor or ``out`` that requires grad while grad mode is on (moecomm is inference-only:
+        call it under ``torch.no_grad()`` or ``torch.inference_mode()``); with validation also ranks that
+        disagree. Raised before any communication.
     TypeError
         ``tensors`` is not a tensor or a list/tuple of tensors and ``None``.
 
@@ -187,8 +189,8 @@ def reduce_scatterv(
     ValueError
         Bad ``sizes`` (length, sign, type), ``tensor.shape[0] != sum(sizes)``, a dtype other than
         bf16/fp16/fp32, a tensor on the wrong device, a bad ``out``, an unknown or unavailable algorithm,
-        a rank outside the group; with validation also ranks that disagree. Raised before any
-        communication.
+        a rank outside the group, a ``tensor`` or ``out`` that requires grad in grad mode (as
+        :func:`all_gatherv`); with validation also ranks that disagree. Raised before any communication.
 
     Notes
     -----
@@ -215,7 +217,8 @@ def reduce_scatterv(
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum the contiguous ``tensor`` (bf16, fp16, fp32 or int32) over the ranks of ``group``, in place, through
     the same communication layer as :func:`all_gatherv` (the classic DP baseline's all-reduce). Returns
-    ``tensor``. Raises ``ValueError`` for another dtype, a non-contiguous tensor or a rank outside the group,
+    ``tensor``. Raises ``ValueError`` for another dtype, a non-contiguous tensor, a rank outside the group or
+    a tensor that requires grad in grad mode (as :func:`all_gatherv`),
     ``TypeError`` for a non-tensor."""
     rank, world = rank_and_world(group)
     if not isinstance(tensor, torch.Tensor):
@@ -325,6 +328,8 @@ def all_gatherv_op(tensors, sizes, group=None, *, out=None, validate=False, algo
     TypeError
         ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor. When the op runs: as
         :func:`all_gatherv`.
+    ValueError
+        A tensor or ``out`` that requires grad while grad mode is on (the op has no backward).
     """
     single = isinstance(tensors, Tensor)
     items = [tensors] if single else list(tensors)
@@ -384,6 +389,8 @@ def reduce_scatterv_op(tensor, sizes, group=None, *, out=None, validate=False, a
     TypeError
         ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor. When the op runs: as
         :func:`reduce_scatterv`.
+    ValueError
+        ``tensor`` or ``out`` requires grad while grad mode is on (the op has no backward).
     """
     refuse_grad("reduce_scatterv", tensor=tensor, out=out)
     if out is not None:  # checked before the collective, as the eager path does

@@ -140,7 +140,9 @@ def dispatch(
     ValueError
         Before any communication: bad ``sizes``, row counts, dtypes, dims or devices; a hidden size not
         divisible by the format's block; a missing or non-finite global scale; a rank outside the group;
-        with validation, ranks that disagree (e.g. on the global scale) or ids below -1.
+        ``hidden``, ``topk_weights`` or a global scale tensor that requires grad while grad mode is on
+        (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``); with
+        validation, ranks that disagree (e.g. on the global scale) or ids below -1.
     """
     strategy = Strategy(strategy)
     if strategy == Strategy.AUTO:
@@ -234,7 +236,8 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     reducescatterv (``algorithm``, :mod:`moecomm.comm`) for ``agrs*`` strategies, all-reduce + slice
     for ``allreduce`` (which sums ``partial`` in place). In the padded layout the result is a view of the
     first ``sizes[rank]`` rows of a ``[max(sizes), hidden]`` buffer (or written to ``out``).
-    Raises ``ValueError`` when ``partial`` does not have ``handle.rows`` rows or ``out`` is not
+    Raises ``ValueError`` when ``partial`` or ``out`` requires grad in grad mode (as :func:`dispatch`),
+    ``partial`` does not have ``handle.rows`` rows or ``out`` is not
     ``[sizes[rank], hidden]`` of ``partial``'s dtype; ``TypeError`` when ``handle`` is not a
     :class:`DispatchHandle` or ``out`` not a tensor.
     """

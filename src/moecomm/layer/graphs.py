@@ -41,9 +41,16 @@ class GraphedMoE:
     Raises
     ------
     ValueError
-        At construction without CUDA (a CPU machine, CPU weights). At call time, on every rank alike, when
-        the largest live token count exceeds the largest
-        captured bucket (instead of a hang or an overrun); on shape/dtype mismatches.
+        At construction without CUDA (a CPU machine, CPU weights), or with weights or a global scale that
+        require grad in grad mode. At call time, on every rank alike, when the largest live token count
+        exceeds the largest captured bucket (instead of a hang or an overrun); on shape/dtype mismatches;
+        ``hidden`` or ``topk_weights`` requiring grad while grad mode is on (a replay has no backward).
+
+    Notes
+    -----
+    The graphs run on the weights' GPU (``weights.w13.device``), whatever the calling thread's current
+    device; the statics are normal tensors (not inference tensors), so a construction under
+    ``torch.inference_mode()`` serves later calls in any grad mode.
     """
 
     def __init__(self, weights: ExpertWeights, *, hidden_size: int, topk: int, buckets: Sequence[int],

@@ -85,7 +85,8 @@ def moe_forward(
     where nothing was measured or overlap does not pay (decode).
 
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
-    split over the group or their hidden size differs; ``validate=True`` also compares ``num_experts``
+    split over the group, their hidden size differs or one of their tensors requires grad in grad mode
+    (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``); ``validate=True`` also compares ``num_experts``
     across ranks and checks the ids against it on the host, on every rank.
 
     Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
@@ -204,8 +205,8 @@ def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="
     TypeError
         ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor.
     ValueError
-        ``hidden`` not 2-D (in the fake, while tracing); when the op runs, everything
-        :func:`moe_forward` raises.
+        ``hidden`` not 2-D (in the fake, while tracing); an input that requires grad while grad mode is on
+        (the op has no backward); when the op runs, everything :func:`moe_forward` raises.
     """
     refuse_grad("moe_forward", hidden=hidden, topk_weights=topk_weights, global_scale=global_scale,
                 **{f"weights.{f}": getattr(weights, f, None) for f in EXPERT_TENSORS})

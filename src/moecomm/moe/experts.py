@@ -409,8 +409,9 @@ def experts_forward(
     ------
     ValueError
         On shape / dtype mismatches, tensors (tokens and their scales, routing, expert weights) on
-        different devices, an unknown backend, or ``backend="fp8"`` with other formats; with
-        ``validate``, ids outside ``[-1, num_experts)``.
+        different devices, an unknown backend, or ``backend="fp8"`` with other formats; one of them that
+        requires grad while grad mode is on (moecomm is inference-only: call it under ``torch.no_grad()``
+        or ``torch.inference_mode()``); with ``validate``, ids outside ``[-1, num_experts)``.
     TypeError
         If ``tokens`` is neither a tensor nor a QuantizedTensor.
     """

@@ -227,7 +227,9 @@ def make_expert_weights(
     ValueError
         On inconsistent shapes, ``H`` or ``I`` zero, ``E % ep_size != 0``, or ``H`` or ``I`` not a multiple of
         ``SIZE_MULTIPLE[format]`` (8 for BF16 and FP8_BLOCK, 16 for FP8_CHANNEL and NVFP4: the grouped GEMMs
-        need 16-byte aligned rows); zero neurons pad ``I`` exactly (``moecomm.demo.minilm.moefy`` does).
+        need 16-byte aligned rows); zero neurons pad ``I`` exactly (``moecomm.demo.minilm.moefy`` does);
+        a weight or bias that requires grad while grad mode is on (build inference weights from
+        ``nn.Parameter`` under ``torch.no_grad()``).
     TypeError
         ``w13``, ``w2`` or a bias that is not a tensor (a bias may be None).
     """

@@ -175,7 +175,8 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     Raises
     ------
     TypeError, ValueError
-        Wrong dtypes or shapes; tensors on different devices; a shape the Triton kernel does not handle.
+        Wrong dtypes or shapes; tensors on different devices; a shape the Triton kernel does not handle;
+        ``scales`` that require grad while grad mode is on.
     """
     name = "dequantize_fp8"
     m, k, groups = _check_fp8_pair(q, scales, name)

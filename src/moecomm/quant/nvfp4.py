@@ -71,7 +71,8 @@ def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
     Raises
     ------
     ValueError
-        A Python number or CPU tensor that is negative, NaN or infinite; more than one element.
+        A Python number or CPU tensor that is negative, NaN or infinite; more than one element; a tensor
+        that requires grad while grad mode is on (a calibration constant: no gradient flows through it).
     TypeError
         Neither a real number (bool and str are not) nor a real tensor.
     """
@@ -196,7 +197,9 @@ def quantize_nvfp4(
     TypeError
         ``x`` not bf16/fp16/fp32; ``out`` not a tuple of tensors.
     ValueError
-        ``x`` not 2-D, ``hidden`` not a multiple of 16, bad global scale, bad ``out`` shape/dtype/strides.
+        ``x`` not 2-D, ``hidden`` not a multiple of 16, bad global scale, bad ``out`` shape/dtype/strides;
+        ``x`` or the global scale requires grad while grad mode is on (the quantizers have no backward:
+        call them under ``torch.no_grad()`` or ``torch.inference_mode()``).
     """
     name = "quantize_nvfp4"
     m, k = _check_input(x, NVFP4_BLOCK, name)
@@ -263,7 +266,8 @@ def dequantize_nvfp4(
     Raises
     ------
     TypeError, ValueError
-        Wrong dtypes or shapes; tensors on different devices; invalid global scale (as in ``quantize_nvfp4``).
+        Wrong dtypes or shapes; tensors on different devices; invalid global scale (as in ``quantize_nvfp4``);
+        ``scales`` or the global scale requires grad while grad mode is on.
     """
     name = "dequantize_nvfp4"
     m, k = _check_nvfp4_scales(packed, scales, swizzled, name)

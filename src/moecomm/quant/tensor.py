@@ -240,7 +240,8 @@ def quantize_op(x, fmt, *, global_scale=None, out=None, backend="auto") -> Quant
     ------
     ValueError
         While tracing (the fake): an unknown format, ``x`` not 2-D, ``hidden`` not a multiple of the block,
-        ``global_scale`` for a format other than NVFP4. When the op runs: as :func:`quantize`.
+        ``global_scale`` for a format other than NVFP4; ``x`` or ``global_scale`` requiring grad while grad
+        mode is on. When the op runs: as :func:`quantize`.
     """
     fmt = QuantFormat(fmt)
     refuse_grad("quantize", x=x, global_scale=global_scale)
