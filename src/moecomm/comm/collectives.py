@@ -299,6 +299,8 @@ def _all_gatherv_op(tensors: Sequence[Tensor], sizes: Tensor, group_name: str, a
 
 @_all_gatherv_op.register_fake
 def _(tensors, sizes, group_name, algorithm, validate):
+    if not tensors:  # no output: a dynamic size that no output carries would fail the trace
+        return []
     rows = torch.library.get_ctx().new_dynamic_size()  # sum(sizes): known only when the op runs
     return [t.new_empty((rows, *t.shape[1:])) for t in tensors]
 

@@ -167,7 +167,8 @@ def _moe_forward_op(
         global_scale=global_scale if global_scale is not None else global_scale_value,
         expert_input_format=expert_input_format, group=resolve_group(group_name), pack=pack, algorithm=algorithm,
         validate=validate, allow_quantized=allow_quantized, chunks=chunks)
-    return out
+    # the fake's layout: a fresh tensor (the allreduce strategy returns a slice of its sum buffer)
+    return out if out.storage_offset() == 0 else out.clone()
 
 
 @_moe_forward_op.register_fake
