@@ -103,7 +103,9 @@ def _quantize_matrix(w: torch.Tensor, fmt: WeightFormat) -> _QMatrix:
     """Quantize ``w`` ``[E, N, K]`` (each expert separately) with the quantizers of :mod:`moecomm.quant`."""
     e, n, k = w.shape
     if fmt is WeightFormat.BF16:
-        return _QMatrix(w.to(torch.bfloat16).contiguous(), None, None)
+        w = w.to(torch.bfloat16).contiguous()
+        # the grouped GEMMs read 16-byte aligned operands; .contiguous() keeps a workspace slice's offset
+        return _QMatrix(w if w.data_ptr() % 16 == 0 else w.clone(), None, None)
     if fmt is WeightFormat.FP8_CHANNEL:
         q, s = quant.quantize_fp8(w.reshape(e * n, k), group_size=None)
         return _QMatrix(q.view(e, n, k), s.view(e, n), None)

@@ -168,7 +168,10 @@ def quantize_nvfp4(
     Parameters
     ----------
     x : Tensor
-        ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides; ``hidden % 16 == 0``.
+        ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides and storage offset (the Triton
+        kernels read element pairs as 32-bit words, fp32 pairs as 64-bit words: rows that are not so aligned,
+        e.g. a slice of a flat workspace at an odd element, are copied to fresh memory first; the bytes are
+        those of ``x.clone()``); ``hidden % 16 == 0``.
         ``num_tokens`` may be 0.
     global_scale : Tensor or float
         fp32 per-tensor encode scale ``gs`` (``nvfp4_global_scale(amax)``), one element. A tensor is read
@@ -245,7 +248,7 @@ def dequantize_nvfp4(
     Parameters
     ----------
     packed : Tensor
-        ``uint8 [num_tokens, hidden/2]`` from ``quantize_nvfp4`` (row-strided views allowed).
+        ``uint8 [num_tokens, hidden/2]`` from ``quantize_nvfp4`` (row-strided views at any offset allowed).
     scales : Tensor
         ``float8_e4m3fn [num_tokens, hidden/16]`` (or uint8 bytes), or the swizzled
         ``[round_up(num_tokens,128), round_up(hidden/16,4)]`` layout when ``swizzled``.
