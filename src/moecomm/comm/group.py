@@ -2,21 +2,40 @@
 
 ``torch.distributed.get_rank`` / ``get_world_size`` / ``get_backend`` cost microseconds each; a decode step
 calls them several times, so :func:`group_info` caches the answers per group object.
+
+**Caches are keyed by the group object, never by its name.** After ``destroy_process_group`` torch reuses
+group names ("0", "1", ...), and fault-tolerant engines rebuild their groups with new rank numbers. Every
+per-group cache of moecomm (this one, the transports, the NCCL communicators, the symmetric-memory
+buffers) is a :func:`per_group` entry of a ``WeakKeyDictionary`` keyed by the group object: a re-initialised
+group is a new object with fresh entries, and an old group's entries go when the group is freed.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_info", "rank_and_world", "is_nccl", "rank_device"]
+__all__ = ["group_info", "rank_and_world", "is_nccl", "rank_device", "per_group"]
 
-_GROUPS: dict = {}  # process group -> (rank, world size, NCCL?), filled on first use
+_GROUPS = weakref.WeakKeyDictionary()  # process group -> (rank, world size, NCCL?), filled on first use
+
+
+def per_group(cache: weakref.WeakKeyDictionary, group) -> dict:
+    """The entries of ``cache`` that belong to ``group`` (None: the current world group), a dict made on first
+    use that lives as long as the group object does (module docstring)."""
+    key = group if group is not None else dist.group.WORLD
+    entries = cache.get(key)
+    if entries is None:
+        entries = cache[key] = {}
+    return entries
 
 
 def group_info(group) -> tuple[int, int, bool]:
-    """``(rank, world_size, runs NCCL)`` of ``group`` (cached: these calls cost microseconds each);
-    ``ValueError`` when this process is not a member of it."""
+    """``(rank, world_size, runs NCCL)`` of ``group`` (cached per group object: these calls cost microseconds
+    each); ``ValueError`` when this process is not a member of it."""
     key = group if group is not None else dist.group.WORLD
     info = _GROUPS.get(key)
     if info is None:
@@ -40,7 +59,18 @@ def is_nccl(group) -> bool:
 
 
 def rank_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """The device this rank's tensors live on: ``cuda:<local rank>`` under NCCL, else CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """The device this rank's tensors live on: CPU unless ``group`` runs NCCL, then this rank's GPU.
+
+    The GPU is taken from the group, never from the calling thread (a new Python thread's current CUDA
+    device is 0 whatever its rank's): the device the group is bound to (``init_process_group(device_id=...)``,
+    which :func:`moecomm.comm.launch` passes, and which subgroups inherit), else ``cuda:LOCAL_RANK`` (torchrun
+    and most launchers set it), else ``cuda:(rank % device_count)``, torch's own guess for an unbound group.
+    """
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    bound = getattr(group if group is not None else dist.group.WORLD, "bound_device_id", None)
+    if bound is not None:
+        return bound
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
