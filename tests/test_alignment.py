@@ -17,6 +17,7 @@ from moecomm.comm import all_gatherv, launch
 from moecomm.moe import _kernels as moe_kernels
 from moecomm.moe import experts as moe_experts
 from moecomm.moe import make_expert_weights, topk_softmax
+from moecomm.testing import assert_close
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 VARIANTS = ["nvfp4", "nvfp4-swizzled", "mxfp4-floor", "mxfp4-up", "fp8-token", "fp8-group128", "fp8-group16-ue8m0"]
@@ -155,3 +156,28 @@ def test_expert_weights_from_a_workspace_slice_are_16_byte_aligned():
     weights = make_expert_weights(_at_offset(w13, 1), _at_offset(w2, 3), ep_size=2, ep_rank=1)
     for got, full in ((weights.w13, w13), (weights.w2, w2)):
         assert got.data_ptr() % 16 == 0 and torch.equal(got, full[2:])
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_at_odd_offsets():
+    """The CUDA kernels on workspace slices at odd elements / bytes vs the torch reference of the clone."""
+    seed = random.randrange(1 << 30)
+    for dtype in DTYPES:
+        x = _values(dtype, seed)
+        for name in VARIANTS:
+            got = _quantize(name, _at_offset(x.cuda(), 1), "auto")
+            for g, e in zip(got, _quantize(name, x, "torch")):
+                assert torch.equal(g.cpu(), e), (name, dtype, seed)
+    q, scales = Q.quantize_fp8(_values(torch.float32, seed))
+    q_odd = _at_offset(q.view(torch.uint8).cuda(), 1).view(torch.float8_e4m3fn)
+    got = Q.dequantize_fp8(q_odd, _at_offset(scales.cuda(), 1), dtype=torch.bfloat16)
+    assert torch.equal(got.cpu(), Q.dequantize_fp8_ref(q, scales, dtype=torch.bfloat16))
+    gen = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(4, 64, K, generator=gen) / K**0.5).bfloat16()
+    w2 = (torch.randn(4, K, 32, generator=gen) / 32**0.5).bfloat16()
+    weights = make_expert_weights(_at_offset(w13.cuda(), 1), _at_offset(w2.cuda(), 3))
+    tokens = _values(torch.bfloat16, seed)
+    ids, tw = topk_softmax(torch.randn(M, 4, generator=gen), 2)
+    got = moe_experts.experts_forward(_at_offset(tokens.cuda(), 1), ids.cuda(), tw.cuda(), weights)
+    ref = moe_experts.experts_forward_ref(tokens, ids, tw, make_expert_weights(w13, w2))
+    assert_close(got.float().cpu(), ref, rel=2e-2, name="experts_forward on odd offsets")

@@ -256,3 +256,35 @@ def test_routing_gradients_match_float64_autograd():
         p = scores(ref).gather(1, ids.long())
         ((p / p.sum(-1, keepdim=True)) * upstream).sum().backward()
         assert_close(mine.grad.double(), ref.grad, rel=1e-5, name=f"{name} grad")
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: symmetric-memory buffers and CUDA-graph statics made under inference_mode, used in the other modes
+
+
+def _gpu_state_across_modes(seed):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank)
+    sizes = [3, 5]
+    x, ids, w, w13, w2 = _problem(seed, sum(sizes))
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    mine = make_expert_weights(w13.to(device), w2.to(device), ep_size=world, ep_rank=rank)
+    ref = experts_forward_ref(x, ids, w, make_expert_weights(w13, w2))[rows]
+    args = (x[rows].to(device), ids[rows].to(device), w[rows].to(device))
+    with torch.inference_mode():  # the warm-up: symmetric memory, communicators, graphs all made here
+        moe_forward(*args, mine, sizes=sizes, strategy="agrs", algorithm="symm")
+        graphed = GraphedMoE(mine, hidden_size=HIDDEN, topk=TOPK, buckets=[8], strategy="agrs")
+    for mode in ("no_grad", "grad", "inference"):
+        with MODES[mode]():
+            eager = moe_forward(*args, mine, sizes=sizes, strategy="agrs", algorithm="symm")
+            replay = graphed(*args, sizes=sizes).clone()
+        assert_close(eager.float().cpu(), ref, rel=TOL, name=f"symm {mode}")
+        assert_close(replay.float().cpu(), ref, rel=TOL, name=f"graph {mode}")
+    return "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_symmetric_memory_and_graphs_made_under_inference_mode():
+    seed = random.randrange(1 << 30)
+    assert launch(_gpu_state_across_modes, 2, (seed,), backend="nccl", timeout=300) == ["ok", "ok"], seed
