@@ -120,11 +120,15 @@ def test_rank_device_comes_from_the_group_never_from_the_thread(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     bound = types.SimpleNamespace(bound_device_id=torch.device("cuda", 3))
     unbound = types.SimpleNamespace(bound_device_id=None)
+    world = types.SimpleNamespace(WORLD=unbound)
+    monkeypatch.setattr(group.dist, "group", world)
     assert group.rank_device(bound) == torch.device("cuda", 3)  # init_process_group(device_id=cuda:3)
     assert group.rank_device(unbound) == torch.device("cuda", 1)  # torch's guess: rank 5 % 4 GPUs
     monkeypatch.setenv("LOCAL_RANK", "2")
     assert group.rank_device(unbound) == torch.device("cuda", 2)
     assert group.rank_device(bound) == torch.device("cuda", 3)
+    world.WORLD = types.SimpleNamespace(bound_device_id=torch.device("cuda", 0))
+    assert group.rank_device(unbound) == torch.device("cuda", 0)  # a subgroup of a bound world group
 
 
 # ----------------------------------------------------------------------------------------------------

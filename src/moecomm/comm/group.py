@@ -63,14 +63,16 @@ def rank_device(group: dist.ProcessGroup | None = None) -> torch.device:
 
     The GPU is taken from the group, never from the calling thread (a new Python thread's current CUDA
     device is 0 whatever its rank's): the device the group is bound to (``init_process_group(device_id=...)``,
-    which :func:`moecomm.comm.launch` passes, and which subgroups inherit), else ``cuda:LOCAL_RANK`` (torchrun
-    and most launchers set it), else ``cuda:(rank % device_count)``, torch's own guess for an unbound group.
+    which :func:`moecomm.comm.launch` passes; subgroups inherit it, or this falls back to the world group's),
+    else ``cuda:LOCAL_RANK`` (torchrun and most launchers set it), else ``cuda:(rank % device_count)``,
+    torch's own guess for an unbound group.
     """
     if dist.get_backend(group) != "nccl":
         return torch.device("cpu")
-    bound = getattr(group if group is not None else dist.group.WORLD, "bound_device_id", None)
-    if bound is not None:
-        return bound
+    for pg in (group, dist.group.WORLD):
+        bound = getattr(pg, "bound_device_id", None)
+        if bound is not None:
+            return bound
     if "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
