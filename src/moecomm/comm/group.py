@@ -37,7 +37,10 @@ def group_info(group) -> tuple[int, int, bool]:
     """``(rank, world_size, runs NCCL)`` of ``group`` (cached per group object: these calls cost microseconds
     each); ``ValueError`` when this process is not a member of it."""
     key = group if group is not None else dist.group.WORLD
-    info = _GROUPS.get(key)
+    try:
+        info = _GROUPS.get(key)
+    except TypeError:  # not weakly referable: torch's NON_GROUP_MEMBER int, which new_group gives non-members
+        info = None
     if info is None:
         rank = dist.get_rank(group)
         if rank < 0:
