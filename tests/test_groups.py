@@ -109,6 +109,22 @@ def test_nccl_and_symmetric_memory_caches_follow_the_group_object():
     assert launch(_caches_follow_the_group, 2, (_free_port(),), backend="gloo", timeout=120) == ["ok", "ok"]
 
 
+def test_group_caches_hold_groups_weakly_and_by_identity():
+    class Group:  # stands in for a ProcessGroup: weakly referable, hashed by identity
+        pass
+
+    cache = group.ByGroup()
+    old = Group()
+    assert cache.set(old, "old") == "old" and cache.get(old) == "old"
+    assert cache.get(Group()) is None and cache.get(-100) is None  # another group; torch's NON_GROUP_MEMBER
+    del old  # freed: its entry goes, and an object at the same address does not find it
+    assert cache._entries == {}
+    new = Group()
+    assert cache.get(new) is None and group.per_group(cache, new) == {}
+    group.per_group(cache, new)["cuda:0"] = "comm"
+    assert group.per_group(cache, new) == {"cuda:0": "comm"}
+
+
 def test_rank_device_comes_from_the_group_never_from_the_thread(monkeypatch):
     def thread_state():
         raise AssertionError("rank_device read the thread's current CUDA device")

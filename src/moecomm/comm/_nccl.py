@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import weakref
 
 import torch
 import torch.distributed as dist
 
-from moecomm.comm.group import per_group
+from moecomm.comm.group import ByGroup, per_group
 
 __all__ = ["Communicator", "communicator", "available", "DISABLE_ENV"]
 
@@ -144,7 +143,7 @@ class Communicator:
                                        self.comm, self._stream()), "ncclAllReduce")
 
 
-_COMMS = weakref.WeakKeyDictionary()  # group -> {device index: Communicator} (moecomm.comm.group)
+_COMMS = ByGroup()  # group -> {device index: Communicator} (moecomm.comm.group)
 
 
 def communicator(group: dist.ProcessGroup | None, device: torch.device) -> Communicator:

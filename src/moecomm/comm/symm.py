@@ -6,13 +6,12 @@ Only unicast peer loads, stores and copies are used; NVLink multicast (multimem,
 
 from __future__ import annotations
 
-import weakref
 
 import torch
 import torch.distributed as dist
 
 from moecomm._modes import kept_state
-from moecomm.comm.group import per_group
+from moecomm.comm.group import ByGroup, per_group
 
 __all__ = ["symm_available", "symm_buffer"]
 
@@ -43,7 +42,7 @@ class _SymmBuffer:
         self.handle.barrier(channel=channel)
 
 
-_SYMM = weakref.WeakKeyDictionary()  # group -> {device index: _SymmBuffer} (moecomm.comm.group)
+_SYMM = ByGroup()  # group -> {device index: _SymmBuffer} (moecomm.comm.group)
 
 
 def symm_buffer(group, device: torch.device, nbytes: int) -> _SymmBuffer:

@@ -12,13 +12,12 @@ whatever the algorithm or chunking (a CPU oracle).
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.distributed as dist
 
 from moecomm.comm import _nccl
-from moecomm.comm.group import is_nccl, per_group
+from moecomm.comm.group import ByGroup, is_nccl, per_group
 
 __all__ = ["all_gather_single", "reduce_scatter_single", "communicator", "bytes_per_row", "as_bytes", "row_starts"]
 
@@ -89,7 +88,7 @@ class _TorchComm:
         buf.copy_(self._sum(buf))
 
 
-_COMMS = weakref.WeakKeyDictionary()  # group -> {device: communication layer} (moecomm.comm.group)
+_COMMS = ByGroup()  # group -> {device: communication layer} (moecomm.comm.group)
 
 
 def communicator(group, rank: int, world: int, device: torch.device):
