@@ -86,8 +86,9 @@ def moe_forward(
 
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
     split over the group, their hidden size differs or one of their tensors requires grad in grad mode
-    (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``); ``validate=True`` also compares ``num_experts``
-    across ranks and checks the ids against it on the host, on every rank.
+    (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``);
+    ``validate=True`` also compares ``num_experts`` across ranks and checks the ids against it on the host,
+    on every rank.
 
     Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
     ``moecomm::moe_forward`` (:func:`moe_forward_op`): no graph break, and sizes passed as a tensor never
