@@ -9,8 +9,10 @@ such id. :func:`check_errors` reads the buffers (one sync), clears them and rais
 Call it where a sync is cheap: after a step, before returning results, or in tests. With
 ``validate=True`` the public calls check the ids on the host instead and raise at once.
 
-The buffers are created on first use on a device; under CUDA-graph capture the kernels write to the
-buffer that existed at capture time (warm up before capturing, which moecomm's graph paths do).
+The buffers are created on first use on a device, as normal tensors whatever the caller's grad mode (a
+warm-up under ``torch.inference_mode()`` does not leave an inference tensor that later calls could not
+update; ``moecomm._modes``); under CUDA-graph capture the kernels write to the buffer that existed at
+capture time (warm up before capturing, which moecomm's graph paths do).
 
 This is the convention of torch's own deferred device asserts (``torch._assert_async``) without their
 cost: a failed device assert kills the CUDA context; a flag leaves the process usable.
@@ -19,6 +21,8 @@ cost: a failed device assert kills the CUDA context; a flag leaves the process u
 from __future__ import annotations
 
 import torch
+
+from moecomm._modes import kept_state
 
 __all__ = ["ID_OUT_OF_RANGE", "check_errors", "error_buffer", "record_bad_ids", "check_ids"]
 
@@ -36,7 +40,8 @@ def error_buffer(device: torch.device) -> torch.Tensor:
     """int32 ``[3]`` on ``device``: ``[error bits, smallest bad id, largest bad id]`` (created on first use)."""
     buf = _BUFFERS.get(device)
     if buf is None:
-        buf = _BUFFERS[device] = _clear(device)
+        with kept_state():
+            buf = _BUFFERS[device] = _clear(device)
     return buf
 
 

@@ -6,8 +6,8 @@ docs/benchmarks.md), several times the device time of a decode-sized gather. Cal
 NCCL library that torch already loaded, through ctypes, costs a few microseconds. vLLM (``pynccl``)
 and SGLang do the same for the same reason.
 
-One :class:`Communicator` per process group, created collectively on first use (the unique id travels
-over the group itself) and cached. Calls are enqueued on the caller's current CUDA stream, so they
+One :class:`Communicator` per process group object and device, created collectively on first use (the
+unique id travels over the group itself) and cached. Calls are enqueued on the caller's current CUDA stream, so they
 are ordered with the surrounding kernels and can be captured in CUDA graphs (NCCL >= 2.9); buffers
 never leave that stream, so the caching allocator needs no ``record_stream``.
 
@@ -22,6 +22,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from moecomm.comm.group import ByGroup, per_group
 
 __all__ = ["Communicator", "communicator", "available", "DISABLE_ENV"]
 
@@ -141,21 +143,23 @@ class Communicator:
                                        self.comm, self._stream()), "ncclAllReduce")
 
 
-_COMMS: dict[tuple[str, int], Communicator] = {}
+_COMMS = ByGroup()  # group -> {device index: Communicator} (moecomm.comm.group)
 
 
 def communicator(group: dist.ProcessGroup | None, device: torch.device) -> Communicator:
     """The cached :class:`Communicator` of ``group`` on ``device``; created (collectively) on first use.
 
+    Cached per group object, not per group name: a group re-initialised under a reused name, with new rank
+    numbers, gets a communicator of its own ranks. (A freed group's communicator is dropped without
+    ``ncclCommDestroy``, which would have to be ordered with the peers; its NCCL resources stay allocated.)
     The first call on a group must not be inside CUDA-graph capture (it talks to the other ranks);
     warm up once before capturing, as Triton kernels need anyway.
     """
-    name = (group or dist.group.WORLD).group_name
-    key = (name, device.index)
-    comm = _COMMS.get(key)
+    mine = per_group(_COMMS, group)
+    comm = mine.get(device.index)
     if comm is None:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("moecomm: the NCCL communicator of this group is created on first use, which "
                                "cannot happen during CUDA-graph capture: run the step once before capturing")
-        comm = _COMMS[key] = Communicator(group, device)
+        comm = mine[device.index] = Communicator(group, device)
     return comm

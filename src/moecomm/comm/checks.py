@@ -17,6 +17,7 @@ from typing import Sequence, Union
 import torch
 import torch.distributed as dist
 
+from moecomm._modes import refuse_grad
 from moecomm.comm.algorithms import Algorithm
 from moecomm.comm.group import is_nccl, rank_and_world
 
@@ -77,7 +78,10 @@ def as_list(tensors: TensorOrList, name: str = "tensors") -> tuple[list[torch.Te
 
 
 def check_rows(ts: list[torch.Tensor | None], rows: int, rank: int, what: str, group) -> None:
+    """Each tensor of ``ts`` (None: a hole) has ``rows`` rows, lives on the backend's kind of device and
+    does not require grad in grad mode (``moecomm._modes``)."""
     cuda = is_nccl(group)
+    refuse_grad(f"rank {rank}", **{f"{what}[{i}]": t for i, t in enumerate(ts)})
     for i, t in enumerate(ts):
         if t is None:
             continue

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moecomm._modes import refuse_grad
 from moecomm.comm._library import (
     as_sizes,
     enum_value,
@@ -112,7 +113,9 @@ def all_gatherv(
         ``len(sizes) != world_size``, negative or non-integer sizes, a tensor whose row count is not
         ``sizes[rank]``, a tensor on the wrong device for the backend, an ``out`` of the wrong shape,
         dtype or layout, an unknown algorithm or ``"symm"`` without CUDA symmetric memory, a rank outside
-        the group; with validation also ranks that disagree. Raised before any communication.
+        the group, a tensor or ``out`` that requires grad while grad mode is on (moecomm is inference-only:
+        call it under ``torch.no_grad()`` or ``torch.inference_mode()``); with validation also ranks that
+        disagree. Raised before any communication.
     TypeError
         ``tensors`` is not a tensor or a list/tuple of tensors and ``None``.
 
@@ -186,8 +189,8 @@ def reduce_scatterv(
     ValueError
         Bad ``sizes`` (length, sign, type), ``tensor.shape[0] != sum(sizes)``, a dtype other than
         bf16/fp16/fp32, a tensor on the wrong device, a bad ``out``, an unknown or unavailable algorithm,
-        a rank outside the group; with validation also ranks that disagree. Raised before any
-        communication.
+        a rank outside the group, a ``tensor`` or ``out`` that requires grad in grad mode (as
+        :func:`all_gatherv`); with validation also ranks that disagree. Raised before any communication.
 
     Notes
     -----
@@ -214,7 +217,8 @@ def reduce_scatterv(
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum the contiguous ``tensor`` (bf16, fp16, fp32 or int32) over the ranks of ``group``, in place, through
     the same communication layer as :func:`all_gatherv` (the classic DP baseline's all-reduce). Returns
-    ``tensor``. Raises ``ValueError`` for another dtype, a non-contiguous tensor or a rank outside the group,
+    ``tensor``. Raises ``ValueError`` for another dtype, a non-contiguous tensor, a rank outside the group or
+    a tensor that requires grad in grad mode (as :func:`all_gatherv`),
     ``TypeError`` for a non-tensor."""
     rank, world = rank_and_world(group)
     if not isinstance(tensor, torch.Tensor):
@@ -222,6 +226,7 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     if tensor.dtype not in (*REDUCE_DTYPES, torch.int32) or not tensor.is_contiguous():
         raise ValueError(f"rank {rank}: all_reduce needs a contiguous bf16/fp16/fp32/int32 tensor, got "
                          f"{tensor.dtype} {tuple(tensor.shape)} strides {tensor.stride()}")
+    refuse_grad(f"rank {rank}: all_reduce", tensor=tensor)
     if world > 1 and tensor.numel():
         communicator(group, rank, world, tensor.device).all_reduce(tensor)
     return tensor
@@ -294,6 +299,8 @@ def _all_gatherv_op(tensors: Sequence[Tensor], sizes: Tensor, group_name: str, a
 
 @_all_gatherv_op.register_fake
 def _(tensors, sizes, group_name, algorithm, validate):
+    if not tensors:  # no output: a dynamic size that no output carries would fail the trace
+        return []
     rows = torch.library.get_ctx().new_dynamic_size()  # sum(sizes): known only when the op runs
     return [t.new_empty((rows, *t.shape[1:])) for t in tensors]
 
@@ -323,12 +330,16 @@ def all_gatherv_op(tensors, sizes, group=None, *, out=None, validate=False, algo
     TypeError
         ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor. When the op runs: as
         :func:`all_gatherv`.
+    ValueError
+        A tensor or ``out`` that requires grad while grad mode is on (the op has no backward).
     """
     single = isinstance(tensors, Tensor)
     items = [tensors] if single else list(tensors)
     present = [t for t in items if t is not None]
+    refuse_grad("all_gatherv", **{f"tensors[{i}]": t for i, t in enumerate(items)})
     if out is not None:  # checked before the collective, as the eager path does
         outs = [out] if single else list(out)
+        refuse_grad("all_gatherv", **{f"out[{i}]": o for i, o in enumerate(outs)})
         check_out(outs, items, host_rows(sizes, sum), dist.get_rank(group), group)
     gathered = iter(torch.ops.moecomm.all_gatherv(present, as_sizes(sizes), group_name(group), enum_value(algorithm),
                                                   validate))
@@ -380,7 +391,10 @@ def reduce_scatterv_op(tensor, sizes, group=None, *, out=None, validate=False, a
     TypeError
         ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor. When the op runs: as
         :func:`reduce_scatterv`.
+    ValueError
+        ``tensor`` or ``out`` requires grad while grad mode is on (the op has no backward).
     """
+    refuse_grad("reduce_scatterv", tensor=tensor, out=out)
     if out is not None:  # checked before the collective, as the eager path does
         rank = dist.get_rank(group)  # -1 outside the group: the op raises that
         rows = host_rows(sizes, lambda s: s[rank] if 0 <= rank < len(s) else None)

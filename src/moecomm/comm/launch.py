@@ -6,7 +6,9 @@ module-level function of an importable module, and a script that calls ``launch`
 
 ``launch(fn, world_size, args)`` is what the tests, the benchmarks and the CLI use. Each rank runs
 ``fn(*args)`` after ``torch.distributed`` is initialised (``dist.get_rank()`` tells which rank it is);
-the return values come back as a list indexed by rank. A rank's exception is re-raised in the caller
+the return values come back as a list indexed by rank. Arguments and results travel by value through
+:func:`dumps` (pickle, with tensors of every dtype torch has carried as their bytes: plain pickle cannot
+carry float8, float4, uint16-64, complex32, bits or sub-byte tensors). A rank's exception is re-raised in the caller
 with that rank's traceback; a run that outlasts ``timeout`` seconds is killed and raises ``TimeoutError``.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the environment) ``launch`` initialises
@@ -17,6 +19,7 @@ process group it made is destroyed after a barrier (one the caller made is left 
 from __future__ import annotations
 
 import datetime
+import io
 import math
 import os
 import pickle
@@ -33,7 +36,7 @@ import torch.multiprocessing as mp
 
 from moecomm.comm.group import rank_device
 
-__all__ = ["launch", "default_backend", "rank_device", "RankError"]
+__all__ = ["launch", "default_backend", "rank_device", "RankError", "dumps"]
 
 
 class RankError(RuntimeError):
@@ -45,6 +48,30 @@ def default_backend(world_size: int) -> str:
     if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
         return "nccl"
     return "gloo"
+
+
+class _Pickler(pickle.Pickler):
+    """Pickle whose plain tensors travel as (bytes, dtype, shape, device): by value, in every dtype. Quantized
+    and sparse tensors and tensor subclasses keep their own pickling (which handles them)."""
+
+    def reducer_override(self, obj):
+        if type(obj) is not torch.Tensor or obj.layout != torch.strided or obj.is_quantized:
+            return NotImplemented
+        t = obj.detach()
+        data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return _tensor_from_bytes, (data, t.dtype, tuple(t.shape), str(t.device), obj.requires_grad)
+
+
+def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple, device: str, requires_grad: bool):
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape).to(device).requires_grad_(requires_grad)
+
+
+def dumps(obj) -> bytes:
+    """``obj`` pickled for :func:`launch`: tensors by value, in any dtype (read back with ``pickle.loads``)."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
 
 
 def _free_port() -> int:
@@ -69,14 +96,15 @@ def _init(rank: int, world_size: int, backend: str, init_method: str, timeout_s:
     )
 
 
-def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) -> None:
+def _worker(rank, world_size, backend, init_method, timeout_s, call: bytes, queue) -> None:
     try:
         # Keep CPU ranks from oversubscribing the machine's few cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         _init(rank, world_size, backend, init_method, timeout_s)
-        # Plain pickle to bytes: tensors travel by value, not as shared-memory handles that die with
-        # this process before the parent unpickles them.
-        queue.put((rank, True, pickle.dumps(fn(*args))))
+        fn, args = pickle.loads(call)
+        # Bytes: tensors travel by value, not as shared-memory handles that die with this process before
+        # the parent unpickles them.
+        queue.put((rank, True, dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -109,7 +137,8 @@ def launch(
     world_size : int
         Number of ranks (>= 1). Ignored under torchrun, where ``WORLD_SIZE`` rules.
     args : sequence
-        Positional arguments for ``fn``; must be picklable.
+        Positional arguments for ``fn``; must be picklable (tensors of any dtype travel by value, as
+        :func:`dumps` carries them).
     backend : {"nccl", "gloo", None}
         ``None`` picks :func:`default_backend`.
     timeout : float
@@ -118,7 +147,8 @@ def launch(
     Returns
     -------
     list
-        ``fn``'s return value for each rank, indexed by rank (one entry under torchrun).
+        ``fn``'s return value for each rank, indexed by rank (one entry under torchrun): any picklable
+        value, tensors of every dtype (FP8, float4, ...) and ``QuantizedTensor`` included, by value.
 
     Raises
     ------
@@ -159,10 +189,11 @@ def launch(
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{_free_port()}"
+    call = dumps((fn, tuple(args)))
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world_size, backend, init_method, timeout, fn, tuple(args), queue),
+            args=(r, world_size, backend, init_method, timeout, call, queue),
             daemon=True,
         )
         for r in range(world_size)

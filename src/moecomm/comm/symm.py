@@ -1,13 +1,17 @@
 """Staging buffers in torch symmetric memory (``torch.distributed._symmetric_memory``): one growing buffer per
-group and device, each rank's mapped into every peer's address space (CUDA with peer access, NVLink).
+group object and device, each rank's mapped into every peer's address space (CUDA with peer access, NVLink).
 
 Only unicast peer loads, stores and copies are used; NVLink multicast (multimem, NVLS) is never called.
 """
 
 from __future__ import annotations
 
+
 import torch
 import torch.distributed as dist
+
+from moecomm._modes import kept_state
+from moecomm.comm.group import ByGroup, per_group
 
 __all__ = ["symm_available", "symm_buffer"]
 
@@ -38,17 +42,22 @@ class _SymmBuffer:
         self.handle.barrier(channel=channel)
 
 
-_SYMM: dict = {}
+_SYMM = ByGroup()  # group -> {device index: _SymmBuffer} (moecomm.comm.group)
 
 
 def symm_buffer(group, device: torch.device, nbytes: int) -> _SymmBuffer:
     """The staging buffer of ``group`` on ``device`` with at least ``nbytes``; grown (collectively: every rank
-    asks for the same ``nbytes``, computed from agreed sizes) to the next power of two of at least 1 MiB."""
-    key = ((group or dist.group.WORLD).group_name, device.index)
-    buf = _SYMM.get(key)
+    asks for the same ``nbytes``, computed from agreed sizes) to the next power of two of at least 1 MiB.
+
+    Cached per group object (a group re-initialised under a reused name gets buffers of its own ranks), and
+    made as a normal tensor whatever the caller's grad mode (``moecomm._modes``)."""
+    mine = per_group(_SYMM, group)
+    buf = mine.get(device.index)
     if buf is None or buf.capacity < nbytes:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"algorithm 'symm' needs a {nbytes} B staging buffer, which cannot be allocated "
                                "during CUDA-graph capture: run the same call once before capturing")
-        buf = _SYMM[key] = _SymmBuffer(group, device, max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length()))
+        with kept_state():
+            buf = mine[device.index] = _SymmBuffer(group, device,
+                                                   max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length()))
     return buf

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moecomm.comm import _nccl
-from moecomm.comm.group import is_nccl
+from moecomm.comm.group import ByGroup, is_nccl, per_group
 
 __all__ = ["all_gather_single", "reduce_scatter_single", "communicator", "bytes_per_row", "as_bytes", "row_starts"]
 
@@ -88,21 +88,22 @@ class _TorchComm:
         buf.copy_(self._sum(buf))
 
 
-_COMMS: dict = {}
+_COMMS = ByGroup()  # group -> {device: communication layer} (moecomm.comm.group)
 
 
 def communicator(group, rank: int, world: int, device: torch.device):
-    """The communication layer of ``group`` on ``device`` (cached): moecomm's NCCL binding where it is
-    available and not switched off (``MOECOMM_TORCH_NCCL=1``, read on first use), else torch.distributed."""
-    key = (group if group is not None else dist.group.WORLD, device)
-    comm = _COMMS.get(key)
+    """The communication layer of ``group`` on ``device`` (cached per group object): moecomm's NCCL binding
+    where it is available and not switched off (``MOECOMM_TORCH_NCCL=1``, read on first use), else
+    torch.distributed."""
+    mine = per_group(_COMMS, group)
+    comm = mine.get(device)
     if comm is None:
         nccl = is_nccl(group)
         if nccl and _nccl.available():
             comm = _nccl.communicator(group, device)
         else:
             comm = _TorchComm(group, rank, world, device, nccl)
-        _COMMS[key] = comm
+        mine[device] = comm
     return comm
 
 

@@ -1,17 +1,19 @@
 """Checks at the door of the layer step: the local checks of :func:`~moecomm.layer.exchange.dispatch` and
 :func:`~moecomm.layer.step.moe_forward` (shapes, dtypes, devices, the NVFP4 global scale, the experts'
-EP share), and what the ranks must agree on when validating (exchanged by
+EP share, no input that requires grad in grad mode), and what the ranks must agree on when validating (exchanged by
 :func:`moecomm.comm.checks.run_checks`). Everything behind these checks trusts its arguments.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
 from moecomm import errors
+from moecomm._modes import refuse_grad
 from moecomm.comm import Algorithm
 from moecomm.comm.checks import check_sizes
 from moecomm.comm.group import rank_and_world
@@ -60,6 +62,7 @@ def check_dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale
     if topk_ids.dtype not in (torch.int32, torch.int64) or topk_weights.dtype != torch.float32:
         raise ValueError(f"rank {rank}: topk_ids must be int32/int64 and topk_weights float32, got "
                          f"{topk_ids.dtype} and {topk_weights.dtype}")
+    refuse_grad(f"rank {rank}", hidden=hidden, topk_weights=topk_weights, global_scale=global_scale)
     if topk_ids.device != hidden.device or topk_weights.device != hidden.device:
         raise ValueError(f"rank {rank}: hidden, topk_ids and topk_weights must be on one device, got "
                          f"{hidden.device}, {topk_ids.device}, {topk_weights.device}")
@@ -97,6 +100,7 @@ def check_experts(weights: ExpertWeights, hidden, rank: int, world: int) -> None
     on one rank, or the combine's sum counts it twice) and match the hidden size."""
     if not isinstance(weights, ExpertWeights):
         raise TypeError(f"rank {rank}: weights must be moecomm.moe.ExpertWeights, got {type(weights).__name__}")
+    refuse_grad(f"rank {rank}", **{f"weights.{f.name}": getattr(weights, f.name) for f in fields(weights)})
     first, n, total = weights.first_expert, weights.num_local, weights.num_experts
     if n * world != total or first != rank * n:
         raise ValueError(f"rank {rank}: these are experts [{first}, {first + n}) of {total}; over {world} ranks "

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from moecomm._modes import kept_state, refuse_grad
 from moecomm.comm import (
     Algorithm,
     all_gatherv,
@@ -71,7 +72,8 @@ def _global_scale(global_scale, device: torch.device) -> torch.Tensor:
     key = (float(global_scale), device)
     gs = _SCALES.get(key)
     if gs is None:
-        gs = _SCALES[key] = torch.tensor(float(global_scale), dtype=torch.float32, device=device)
+        with kept_state():
+            gs = _SCALES[key] = torch.tensor(float(global_scale), dtype=torch.float32, device=device)
     return gs
 
 
@@ -138,7 +140,9 @@ def dispatch(
     ValueError
         Before any communication: bad ``sizes``, row counts, dtypes, dims or devices; a hidden size not
         divisible by the format's block; a missing or non-finite global scale; a rank outside the group;
-        with validation, ranks that disagree (e.g. on the global scale) or ids below -1.
+        ``hidden``, ``topk_weights`` or a global scale tensor that requires grad while grad mode is on
+        (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``); with
+        validation, ranks that disagree (e.g. on the global scale) or ids below -1.
     """
     strategy = Strategy(strategy)
     if strategy == Strategy.AUTO:
@@ -232,7 +236,8 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     reducescatterv (``algorithm``, :mod:`moecomm.comm`) for ``agrs*`` strategies, all-reduce + slice
     for ``allreduce`` (which sums ``partial`` in place). In the padded layout the result is a view of the
     first ``sizes[rank]`` rows of a ``[max(sizes), hidden]`` buffer (or written to ``out``).
-    Raises ``ValueError`` when ``partial`` does not have ``handle.rows`` rows or ``out`` is not
+    Raises ``ValueError`` when ``partial`` or ``out`` requires grad in grad mode (as :func:`dispatch`),
+    ``partial`` does not have ``handle.rows`` rows or ``out`` is not
     ``[sizes[rank], hidden]`` of ``partial``'s dtype; ``TypeError`` when ``handle`` is not a
     :class:`DispatchHandle` or ``out`` not a tensor.
     """
@@ -246,6 +251,7 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
                          f"{getattr(partial, 'shape', type(partial).__name__)}")
     if partial.dtype not in REDUCE_DTYPES:
         raise ValueError(f"rank {rank}: partial must be one of {REDUCE_DTYPES}, got {partial.dtype}")
+    refuse_grad(f"rank {rank}: combine", partial=partial, out=out)
     n = sizes[rank]
     if out is not None and (out.dtype != partial.dtype or out.shape != (n, partial.shape[1])):
         raise ValueError(f"rank {rank}: out must be {partial.dtype} [{n}, {partial.shape[1]}], got "

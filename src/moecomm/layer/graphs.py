@@ -4,11 +4,13 @@ same bucket (its rows padded with masked slots).
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
+from moecomm._modes import kept_state, refuse_grad
 from moecomm.comm.checks import check_sizes
 from moecomm.comm.group import rank_and_world
 from moecomm.layer.step import moe_forward
@@ -39,9 +41,16 @@ class GraphedMoE:
     Raises
     ------
     ValueError
-        At construction without CUDA (a CPU machine, CPU weights). At call time, on every rank alike, when
-        the largest live token count exceeds the largest
-        captured bucket (instead of a hang or an overrun); on shape/dtype mismatches.
+        At construction without CUDA (a CPU machine, CPU weights), or with weights or a global scale that
+        require grad in grad mode. At call time, on every rank alike, when the largest live token count
+        exceeds the largest captured bucket (instead of a hang or an overrun); on shape/dtype mismatches;
+        ``hidden`` or ``topk_weights`` requiring grad while grad mode is on (a replay has no backward).
+
+    Notes
+    -----
+    The graphs run on the weights' GPU (``weights.w13.device``), whatever the calling thread's current
+    device; the statics are normal tensors (not inference tensors), so a construction under
+    ``torch.inference_mode()`` serves later calls in any grad mode.
     """
 
     def __init__(self, weights: ExpertWeights, *, hidden_size: int, topk: int, buckets: Sequence[int],
@@ -57,27 +66,32 @@ class GraphedMoE:
         self.group = group
         self.topk = topk
         self.rank, self.world_size = rank_and_world(group)
-        device = torch.device("cuda", torch.cuda.current_device())
+        # the weights' GPU: never the calling thread's current device (0 in a new thread)
+        self.device = weights.w13.device
+        refuse_grad("GraphedMoE", global_scale=global_scale,
+                    **{f"weights.{f.name}": getattr(weights, f.name) for f in fields(weights)})
         self._graphs = {}
-        for bucket in self.buckets:
-            hidden = torch.zeros(bucket, hidden_size, dtype=torch.bfloat16, device=device)
-            ids = torch.full((bucket, topk), -1, device=device, dtype=torch.int32)
-            tw = torch.zeros(bucket, topk, dtype=torch.float32, device=device)
+        # statics and graphs are kept between calls: normal tensors whatever the caller's grad mode
+        with kept_state(), torch.cuda.device(self.device):
+            for bucket in self.buckets:
+                hidden = torch.zeros(bucket, hidden_size, dtype=torch.bfloat16, device=self.device)
+                ids = torch.full((bucket, topk), -1, device=self.device, dtype=torch.int32)
+                tw = torch.zeros(bucket, topk, dtype=torch.float32, device=self.device)
 
-            def step(hidden=hidden, ids=ids, tw=tw, bucket=bucket):
-                return moe_forward(hidden, ids, tw, weights, sizes=[bucket] * self.world_size, strategy=strategy,
-                                   global_scale=global_scale, expert_input_format=expert_input_format,
-                                   group=group, chunks=chunks)
+                def step(hidden=hidden, ids=ids, tw=tw, bucket=bucket):
+                    return moe_forward(hidden, ids, tw, weights, sizes=[bucket] * self.world_size, strategy=strategy,
+                                       global_scale=global_scale, expert_input_format=expert_input_format,
+                                       group=group, chunks=chunks)
 
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: kernels compiled, communicators and buffers created
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
-            self._graphs[bucket] = (graph, hidden, ids, tw, out)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up: kernels compiled, communicators and buffers created
+                    step()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = step()
+                self._graphs[bucket] = (graph, hidden, ids, tw, out)
         self._live = dict.fromkeys(self.buckets, 0)  # rows of each bucket's static ids that are not -1
 
     def bucket_for(self, num_tokens: int, sizes: Sequence[int] | None = None) -> int:
@@ -94,7 +108,7 @@ class GraphedMoE:
                                  f"{sizes[self.rank]}")
             most = max(sizes)
         else:
-            n = torch.tensor([num_tokens], device=torch.device("cuda", torch.cuda.current_device()))
+            n = torch.tensor([num_tokens], device=self.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX, group=self.group)
             most = int(n.item())
         for b in self.buckets:
@@ -111,6 +125,7 @@ class GraphedMoE:
         the GPU (:meth:`bucket_for`). The result is a view of the graph's static output, overwritten by the
         next call.
         """
+        refuse_grad("GraphedMoE", hidden=hidden, topk_weights=topk_weights)
         n = hidden.shape[0]
         if topk_ids.shape != (n, self.topk) or topk_weights.shape != (n, self.topk):
             raise ValueError(f"topk_ids {tuple(topk_ids.shape)} / topk_weights {tuple(topk_weights.shape)} "
@@ -123,5 +138,6 @@ class GraphedMoE:
         if self._live[bucket] > n:  # rows a larger call wrote: masked again (their hidden / weights are unread)
             s_ids[n : self._live[bucket]].fill_(-1)
         self._live[bucket] = n
-        graph.replay()
+        with torch.cuda.device(self.device):  # replay launches on the current device's current stream
+            graph.replay()
         return out[:n]

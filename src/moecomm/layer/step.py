@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moecomm._modes import refuse_grad
 from moecomm.comm import Algorithm
 from moecomm.comm._library import as_sizes, enum_value, group_name, resolve_group
 from moecomm.comm.checks import check_sizes, run_checks
@@ -84,8 +85,10 @@ def moe_forward(
     where nothing was measured or overlap does not pay (decode).
 
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
-    split over the group or their hidden size differs; ``validate=True`` also compares ``num_experts``
-    across ranks and checks the ids against it on the host, on every rank.
+    split over the group, their hidden size differs or one of their tensors requires grad in grad mode
+    (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``);
+    ``validate=True`` also compares ``num_experts`` across ranks and checks the ids against it on the host,
+    on every rank.
 
     Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
     ``moecomm::moe_forward`` (:func:`moe_forward_op`): no graph break, and sizes passed as a tensor never
@@ -165,7 +168,8 @@ def _moe_forward_op(
         global_scale=global_scale if global_scale is not None else global_scale_value,
         expert_input_format=expert_input_format, group=resolve_group(group_name), pack=pack, algorithm=algorithm,
         validate=validate, allow_quantized=allow_quantized, chunks=chunks)
-    return out
+    # the fake's layout: a fresh tensor (the allreduce strategy returns a slice of its sum buffer)
+    return out if out.storage_offset() == 0 else out.clone()
 
 
 @_moe_forward_op.register_fake
@@ -203,9 +207,11 @@ def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="
     TypeError
         ``sizes`` is a tensor that is not a 1-D CPU int32/int64 tensor.
     ValueError
-        ``hidden`` not 2-D (in the fake, while tracing); when the op runs, everything
-        :func:`moe_forward` raises.
+        ``hidden`` not 2-D (in the fake, while tracing); an input that requires grad while grad mode is on
+        (the op has no backward); when the op runs, everything :func:`moe_forward` raises.
     """
+    refuse_grad("moe_forward", hidden=hidden, topk_weights=topk_weights, global_scale=global_scale,
+                **{f"weights.{f}": getattr(weights, f, None) for f in EXPERT_TENSORS})
     gs_tensor = global_scale if isinstance(global_scale, Tensor) else None
     gs_value = None if global_scale is None or gs_tensor is not None else float(global_scale)
     return torch.ops.moecomm.moe_forward(

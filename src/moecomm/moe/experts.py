@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from moecomm import errors, quant
 from moecomm._device import common_device
+from moecomm._modes import refuse_grad
 from moecomm.moe import _kernels
 from moecomm.moe.routing import normalize_topk
 from moecomm.moe.weights import Activation, ExpertWeights, WeightFormat
@@ -61,13 +62,15 @@ def _device(tokens: torch.Tensor | QuantizedTensor) -> torch.device:
 def _check_devices(name: str, tokens, topk_ids, topk_weights, weights: ExpertWeights) -> None:
     """Raise ``ValueError`` naming each tensor's device unless the tokens (data, scales and global scale of
     a QuantizedTensor), the routing and the expert weights share one: the kernels run there. The
-    ``global_scale`` argument may be a CPU tensor or a number; ``quant.quantize`` moves it."""
+    ``global_scale`` argument may be a CPU tensor or a number; ``quant.quantize`` moves it. Also
+    ``ValueError`` for one of them that requires grad in grad mode (``moecomm._modes``)."""
     if isinstance(tokens, QuantizedTensor):
         parts = {"tokens.data": tokens.data, "tokens.scales": tokens.scales, "tokens.global_scale": tokens.global_scale}
     else:
         parts = {"tokens": tokens}
     parts.update(topk_ids=topk_ids, topk_weights=topk_weights)
     parts.update({f"weights.{f.name}": getattr(weights, f.name) for f in fields(weights)})
+    refuse_grad(name, **parts)
     device = _device(tokens)
     if any(isinstance(t, torch.Tensor) and t.device != device for t in parts.values()):
         common_device(name, **parts)  # raises, naming each tensor's device
@@ -406,8 +409,9 @@ def experts_forward(
     ------
     ValueError
         On shape / dtype mismatches, tensors (tokens and their scales, routing, expert weights) on
-        different devices, an unknown backend, or ``backend="fp8"`` with other formats; with
-        ``validate``, ids outside ``[-1, num_experts)``.
+        different devices, an unknown backend, or ``backend="fp8"`` with other formats; one of them that
+        requires grad while grad mode is on (moecomm is inference-only: call it under ``torch.no_grad()``
+        or ``torch.inference_mode()``); with ``validate``, ids outside ``[-1, num_experts)``.
     TypeError
         If ``tokens`` is neither a tensor nor a QuantizedTensor.
     """

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from moecomm import quant
 from moecomm._enum import ChoiceEnum
+from moecomm._modes import refuse_grad
 
 __all__ = [
     "Activation",
@@ -102,7 +103,9 @@ def _quantize_matrix(w: torch.Tensor, fmt: WeightFormat) -> _QMatrix:
     """Quantize ``w`` ``[E, N, K]`` (each expert separately) with the quantizers of :mod:`moecomm.quant`."""
     e, n, k = w.shape
     if fmt is WeightFormat.BF16:
-        return _QMatrix(w.to(torch.bfloat16).contiguous(), None, None)
+        w = w.to(torch.bfloat16).contiguous()
+        # the grouped GEMMs read 16-byte aligned operands; .contiguous() keeps a workspace slice's offset
+        return _QMatrix(w if w.data_ptr() % 16 == 0 else w.clone(), None, None)
     if fmt is WeightFormat.FP8_CHANNEL:
         q, s = quant.quantize_fp8(w.reshape(e * n, k), group_size=None)
         return _QMatrix(q.view(e, n, k), s.view(e, n), None)
@@ -226,7 +229,9 @@ def make_expert_weights(
     ValueError
         On inconsistent shapes, ``H`` or ``I`` zero, ``E % ep_size != 0``, or ``H`` or ``I`` not a multiple of
         ``SIZE_MULTIPLE[format]`` (8 for BF16 and FP8_BLOCK, 16 for FP8_CHANNEL and NVFP4: the grouped GEMMs
-        need 16-byte aligned rows); zero neurons pad ``I`` exactly (``moecomm.demo.minilm.moefy`` does).
+        need 16-byte aligned rows); zero neurons pad ``I`` exactly (``moecomm.demo.minilm.moefy`` does);
+        a weight or bias that requires grad while grad mode is on (build inference weights from
+        ``nn.Parameter`` under ``torch.no_grad()``).
     TypeError
         ``w13``, ``w2`` or a bias that is not a tensor (a bias may be None).
     """
@@ -239,6 +244,7 @@ def make_expert_weights(
     for name, w in (("w13", w13), ("w2", w2)):
         if not w.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got {w.dtype}")
+    refuse_grad("make_expert_weights", w13=w13, w2=w2, b13=b13, b2=b2)
     num_experts, n13, hidden = w13.shape
     inter = w2.shape[2]
     if n13 != (2 * inter if act is Activation.SILU else inter):

@@ -277,10 +277,18 @@ def _as_pairs(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``x`` viewed as words of two elements (int32 for 16-bit dtypes, int64 for fp32) and its IN_KIND."""
     word = torch.int64 if x.dtype == torch.float32 else torch.int32
     kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x.dtype]
-    aligned = x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0
-    if not aligned:
-        x = x.contiguous()
-    return x.view(word), kind
+    return _view_as(x, word), kind
+
+
+def _view_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x [rows, n]`` viewed as the wider ``dtype``; where torch cannot view it so (a column stride other
+    than 1, or a storage offset or row stride that is not a whole number of ``dtype`` elements: a slice of a
+    flat workspace at an odd element), a view of a copy in fresh memory, whose bytes are ``x``'s.
+    (``x.contiguous()`` would not do: it returns ``x`` itself when ``x`` is contiguous at an odd offset.)"""
+    try:
+        return x.view(dtype)
+    except RuntimeError:
+        return x.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
 def _as_words(out: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from moecomm.quant._kernels import (
     _SIGN,
     _as_pairs,
     _as_words,
+    _view_as,
     _block_amax,
     _dequant_out,
     _div,
@@ -189,13 +190,13 @@ def _dequant_tile(m: int, group: int, cuda: bool) -> tuple[int, int]:
 
 
 def dequantize_fp8(q_u8, scales, dtype: torch.dtype) -> torch.Tensor:
-    """``q_u8 [m, k]`` bytes with an even ``k`` and 2-byte aligned rows; ``k / scales.shape[1]`` a power of
-    two or ``scales.shape[1] == 1``."""
+    """``q_u8 [m, k]`` bytes with an even ``k`` (any strides and offset: read as byte pairs, from a copy where
+    they are not 2-byte aligned); ``k / scales.shape[1]`` a power of two or ``scales.shape[1] == 1``."""
     m, k = q_u8.shape
     group = k // scales.shape[1]
     out, dst, bf16 = _dequant_out(m, k, dtype, q_u8.device)
     if m:
-        pairs = q_u8.view(torch.int16)
+        pairs = _view_as(q_u8, torch.int16)
         bm, block = _dequant_tile(m, group, q_u8.is_cuda)
         grid = (triton.cdiv(m, bm), triton.cdiv(k, block))
         with device_guard(q_u8.device):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from moecomm._device import common_device
 from moecomm._enum import ChoiceEnum
+from moecomm._modes import refuse_grad
 
 __all__ = [
     "E2M1_MAX",
@@ -73,6 +74,7 @@ def _check_input(x: Tensor, block: int, name: str) -> tuple[int, int]:
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _INPUT_DTYPES:
         raise TypeError(f"{name}: x.dtype must be bfloat16, float16 or float32, got {x.dtype}")
+    refuse_grad(name, x=x)
     if x.dim() != 2:
         raise ValueError(f"{name}: x must be 2-D [num_tokens, hidden], got shape {tuple(x.shape)}")
     m, k = x.shape
@@ -177,6 +179,7 @@ def _global_scale_tensor(global_scale, name: str, **anchor: Tensor) -> Tensor:
             raise ValueError(f"{name}: global_scale must have one element, got shape {tuple(global_scale.shape)}")
         if not (global_scale.dtype.is_floating_point or global_scale.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name}: global_scale.dtype must be floating point, got {global_scale.dtype}")
+        refuse_grad(name, global_scale=global_scale)
         if global_scale.is_cuda:
             common_device(name, global_scale=global_scale, **anchor)
         gs = global_scale.detach().reshape(1).to(torch.float32)

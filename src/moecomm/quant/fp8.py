@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from moecomm._device import common_device
+from moecomm._modes import refuse_grad
 from moecomm.quant.common import (
     _FP32_MAX,
     E4M3_MAX,
@@ -78,14 +79,17 @@ def quantize_fp8(
     Parameters
     ----------
     x : Tensor
-        ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides.
+        ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides and storage offset (the Triton
+        kernels read element pairs as 32-bit words, fp32 pairs as 64-bit words: rows that are not so aligned,
+        e.g. a slice of a flat workspace at an odd element, are copied to fresh memory first; the bytes are
+        those of ``x.clone()``).
     group_size : int or None
         Elements per scale along ``hidden`` (default 128); ``None`` = one scale per token (row). The
         Triton backend needs a power of two >= 8 (or ``None``: any hidden).
     ue8m0 : bool
         Round each scale up to a power of two (DeepGEMM's UE8M0 scales; stored as fp32).
     out : tuple of Tensor, optional
-        ``(q, scales)`` to write into; row-strided views allowed (unit stride along dim 1).
+        ``(q, scales)`` to write into; row-strided views at any offset allowed (unit stride along dim 1).
     backend : {"auto", "triton", "torch"}
 
     Returns
@@ -133,6 +137,7 @@ def _check_fp8_pair(q: Tensor, scales: Tensor, name: str) -> tuple[int, int, int
         raise TypeError(f"{name}: q must be a 2-D float8_e4m3fn tensor, got {_describe(q)}")
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2:
         raise TypeError(f"{name}: scales must be a 2-D float32 tensor, got {_describe(scales)}")
+    refuse_grad(name, q=q, scales=scales)
     m, k = q.shape
     groups = scales.shape[1]
     if scales.shape[0] != m or groups == 0 or k % groups:
@@ -154,7 +159,8 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     Parameters
     ----------
     q : Tensor
-        ``float8_e4m3fn [num_tokens, hidden]`` (row-strided views allowed).
+        ``float8_e4m3fn [num_tokens, hidden]`` (any strides and offset: the kernel reads byte pairs, from a
+        copy where they are not 2-byte aligned).
     scales : Tensor
         ``float32 [num_tokens, hidden/group]``, ``[num_tokens, 1]`` per token.
     dtype : torch.dtype
@@ -173,7 +179,8 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
     Raises
     ------
     TypeError, ValueError
-        Wrong dtypes or shapes; tensors on different devices; a shape the Triton kernel does not handle.
+        Wrong dtypes or shapes; tensors on different devices; a shape the Triton kernel does not handle;
+        ``scales`` that require grad while grad mode is on.
     """
     name = "dequantize_fp8"
     m, k, groups = _check_fp8_pair(q, scales, name)
@@ -187,8 +194,6 @@ def dequantize_fp8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.floa
         raise ValueError(f"{name}: the Triton backend needs an even hidden and one scale per token or a "
                          f"power-of-two group, got q {list(q.shape)} and scales {list(scales.shape)}")
     q = q.view(torch.uint8)
-    if q.stride(1) != 1 or (q.shape[0] > 1 and q.stride(0) % 2) or q.storage_offset() % 2:
-        q = q.contiguous()
     if scales.shape[1] > 1 and scales.stride(1) != 1:  # the kernel indexes scales with stride(0) and unit stride(1)
         scales = scales.contiguous()
     from moecomm.quant import _kernels_fp8

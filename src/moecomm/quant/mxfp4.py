@@ -77,13 +77,16 @@ def quantize_mxfp4(
     Parameters
     ----------
     x : Tensor
-        ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides; ``hidden % 32 == 0``.
+        ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides and storage offset (the Triton
+        kernels read element pairs as 32-bit words, fp32 pairs as 64-bit words: rows that are not so aligned,
+        e.g. a slice of a flat workspace at an odd element, are copied to fresh memory first; the bytes are
+        those of ``x.clone()``); ``hidden % 32 == 0``.
     scale_rounding : {"floor", "up"}
         ``"floor"``: the OCP rule ``scale = 2**(floor(log2(amax)) - 2)``; elements up to 8*scale occur and
         saturate to 6*scale. ``"up"``: ``scale = 2**ceil(log2(amax / 6))`` (triton_kernels'
         ``DequantScaleRoundingMode.ROUND_UP`` and FlashInfer), never clips but may waste a binade.
     out : tuple of Tensor, optional
-        ``(packed, scales)`` to write into; row-strided views allowed (unit stride along dim 1).
+        ``(packed, scales)`` to write into; row-strided views at any offset allowed (unit stride along dim 1).
     backend : {"auto", "triton", "torch"}
 
     Returns

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from moecomm._device import common_device
+from moecomm._modes import refuse_grad
 from moecomm.quant.common import (
     _FP32_MAX,
     _FP32_MIN_NORMAL,
@@ -70,7 +71,8 @@ def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
     Raises
     ------
     ValueError
-        A Python number or CPU tensor that is negative, NaN or infinite; more than one element.
+        A Python number or CPU tensor that is negative, NaN or infinite; more than one element; a tensor
+        that requires grad while grad mode is on (a calibration constant: no gradient flows through it).
     TypeError
         Neither a real number (bool and str are not) nor a real tensor.
     """
@@ -79,6 +81,7 @@ def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
             raise ValueError(f"nvfp4_global_scale: amax must have one element, got shape {tuple(amax.shape)}")
         if amax.dtype == torch.bool or amax.is_complex():
             raise TypeError(f"nvfp4_global_scale: amax must be a real number, got a {amax.dtype} tensor")
+        refuse_grad("nvfp4_global_scale", amax=amax)
         a = amax.detach().reshape(()).to(torch.float32)
     elif isinstance(amax, numbers.Real) and not isinstance(amax, bool):
         a = torch.tensor(float(amax), dtype=torch.float32)
@@ -122,6 +125,7 @@ def _check_nvfp4_scales(packed: Tensor, scales: Tensor, swizzled: bool, name: st
         raise TypeError(f"{name}: packed must be a 2-D uint8 tensor, got {_describe(packed)}")
     if not isinstance(scales, torch.Tensor) or scales.dtype not in (torch.float8_e4m3fn, torch.uint8):
         raise TypeError(f"{name}: scales must be float8_e4m3fn, got {_describe(scales)}")
+    refuse_grad(name, scales=scales)
     m, k = packed.shape[0], packed.shape[1] * 2
     if k % NVFP4_BLOCK:
         raise ValueError(f"{name}: hidden = {k} must be a multiple of {NVFP4_BLOCK}")
@@ -164,7 +168,10 @@ def quantize_nvfp4(
     Parameters
     ----------
     x : Tensor
-        ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides; ``hidden % 16 == 0``.
+        ``[num_tokens, hidden]``, bfloat16 / float16 / float32, any strides and storage offset (the Triton
+        kernels read element pairs as 32-bit words, fp32 pairs as 64-bit words: rows that are not so aligned,
+        e.g. a slice of a flat workspace at an odd element, are copied to fresh memory first; the bytes are
+        those of ``x.clone()``); ``hidden % 16 == 0``.
         ``num_tokens`` may be 0.
     global_scale : Tensor or float
         fp32 per-tensor encode scale ``gs`` (``nvfp4_global_scale(amax)``), one element. A tensor is read
@@ -193,7 +200,9 @@ def quantize_nvfp4(
     TypeError
         ``x`` not bf16/fp16/fp32; ``out`` not a tuple of tensors.
     ValueError
-        ``x`` not 2-D, ``hidden`` not a multiple of 16, bad global scale, bad ``out`` shape/dtype/strides.
+        ``x`` not 2-D, ``hidden`` not a multiple of 16, bad global scale, bad ``out`` shape/dtype/strides;
+        ``x`` or the global scale requires grad while grad mode is on (the quantizers have no backward:
+        call them under ``torch.no_grad()`` or ``torch.inference_mode()``).
     """
     name = "quantize_nvfp4"
     m, k = _check_input(x, NVFP4_BLOCK, name)
@@ -239,7 +248,7 @@ def dequantize_nvfp4(
     Parameters
     ----------
     packed : Tensor
-        ``uint8 [num_tokens, hidden/2]`` from ``quantize_nvfp4`` (row-strided views allowed).
+        ``uint8 [num_tokens, hidden/2]`` from ``quantize_nvfp4`` (row-strided views at any offset allowed).
     scales : Tensor
         ``float8_e4m3fn [num_tokens, hidden/16]`` (or uint8 bytes), or the swizzled
         ``[round_up(num_tokens,128), round_up(hidden/16,4)]`` layout when ``swizzled``.
@@ -260,7 +269,8 @@ def dequantize_nvfp4(
     Raises
     ------
     TypeError, ValueError
-        Wrong dtypes or shapes; tensors on different devices; invalid global scale (as in ``quantize_nvfp4``).
+        Wrong dtypes or shapes; tensors on different devices; invalid global scale (as in ``quantize_nvfp4``);
+        ``scales`` or the global scale requires grad while grad mode is on.
     """
     name = "dequantize_nvfp4"
     m, k = _check_nvfp4_scales(packed, scales, swizzled, name)

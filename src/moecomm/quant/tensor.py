@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moecomm._modes import refuse_grad
 from moecomm.quant.common import (
     FP8_GROUP,
     MXFP4_BLOCK,
@@ -239,9 +240,11 @@ def quantize_op(x, fmt, *, global_scale=None, out=None, backend="auto") -> Quant
     ------
     ValueError
         While tracing (the fake): an unknown format, ``x`` not 2-D, ``hidden`` not a multiple of the block,
-        ``global_scale`` for a format other than NVFP4. When the op runs: as :func:`quantize`.
+        ``global_scale`` for a format other than NVFP4; ``x`` or ``global_scale`` requiring grad while grad
+        mode is on. When the op runs: as :func:`quantize`.
     """
     fmt = QuantFormat(fmt)
+    refuse_grad("quantize", x=x, global_scale=global_scale)
     gs = None
     if global_scale is not None:
         gs = (global_scale.detach().reshape(()).to(device=x.device, dtype=torch.float32)
