@@ -149,7 +149,6 @@ class StrategyResult:
 
     name: str  # the dispatch strategy asked for
     resolved_strategy: str  # the strategy that ran: ``name``, or what "auto" resolved to
-    combine_format: str  # the combine's wire format: bf16, int8 or fp8
     split: str  # "uneven" or "idle" ("one rank" at world size 1)
     sentences_per_rank: list[int]
     tokens_per_rank: list[int]
@@ -160,6 +159,7 @@ class StrategyResult:
     hidden_max_abs_diff: float  # over all non-padding tokens' final hidden states
     nn_top1_agreement: float
     nn_top5_overlap: float
+    combine_format: str = "bf16"  # the combine's wire format: bf16, int8 or fp8
 
     @property
     def wire_bytes_per_layer(self) -> int:
