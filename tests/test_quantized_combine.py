@@ -224,9 +224,10 @@ def test_combine_bytes_per_token():
 def test_bench_accuracy_small(tmp_path):
     """``moecomm bench accuracy`` on small shapes: a row per activation set and format, errors within what the
     formats allow. Relative L2 against the exact sum of the partials: bf16 rounds once (at most 2**-8 relative
-    per element); int8 adds at most half a step per piece, scale / 2 = amax / 254 per element, and a group's
-    amax is at most sqrt(128) times its RMS, so at most sqrt(128) / 254 = 0.045 per piece relative, 0.064 for two
-    independent pieces; FP8 at most 2**-4 relative per element per piece (its subnormals aside)."""
+    per element). int8 adds at most half a step per piece and element, scale / 2 = amax / 254, and a group's
+    amax is at most sqrt(128) times its RMS: at most sqrt(128) / 254 = 0.045 of a piece's norm; two pieces add at
+    most 0.09 of their norms' sum, which is the sum's norm while the pieces do not cancel (independent random
+    experts here). FP8: at most 2**-4 relative per element per piece (subnormals aside)."""
     import json
 
     from moecomm.cli import main
@@ -235,10 +236,10 @@ def test_bench_accuracy_small(tmp_path):
     assert main(["bench", "accuracy", "--world-sizes", "2", "--hidden", "256", "--inter", "64", "--experts", "16",
                  "--tokens", "16", "--json", str(path)]) == 0
     rows = {(r["activations"], r["combine_format"]): r for r in json.loads(path.read_text())["results"]}
-    assert set(rows) == {(a, f) for a in ("gaussian", "outliers") for f in ("bf16", "int8", "fp8")}
+    assert set(rows) == {(a, f) for a in ("gaussian", "outliers", "massive") for f in ("bf16", "int8", "fp8")}
     for (act, fmt), r in rows.items():
         assert r["combine_bytes_per_token"] == (512 if fmt == "bf16" else 256 + 8)
-        assert 0 < r["rel_l2_vs_exact_combine"] <= {"bf16": 2**-8, "int8": 0.064, "fp8": 2**-4}[fmt], (act, fmt, r)
+        assert 0 < r["rel_l2_vs_exact_combine"] <= {"bf16": 2**-8, "int8": 0.09, "fp8": 2**-4}[fmt], (act, fmt, r)
         assert r["rel_l2_vs_fp64_layer"] > 0 and (r["vs_bf16_combine"] == 1) == (fmt == "bf16")
 
 

@@ -20,7 +20,9 @@ Errors (relative L2 over all tokens' outputs, float64):
 
 Activations (``--activations``): ``gaussian`` (tokens N(0, 1), weights N(0, 1/fan-in)); ``outliers`` (8 input
 channels x50 as in LLM hidden states, and 8 output channels of every expert's down projection x20, so the
-partial outputs carry outlier channels, as the MoE outputs that build massive activations do).
+partial outputs carry outlier channels, as the MoE outputs that build massive activations do); ``massive``
+(the same with the 8 output channels x300: a 128-column group holding one is ~100 times its other
+elements' size, the regime where an integer grid loses its small elements).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from moecomm.moe import experts_forward, grouped_topk, make_expert_weights
 from moecomm.quant import reduce_row_bytes
 
 FORMATS = ("bf16", "int8", "fp8")
-ACTIVATIONS = ("gaussian", "outliers")
+ACTIVATIONS = ("gaussian", "outliers", "massive")
+OUTPUT_OUTLIER = {"gaussian": 1.0, "outliers": 20.0, "massive": 300.0}  # the outlier output channels' factor
 OUTLIER_CHANNELS = 8
 
 
@@ -75,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", type=choice_list(FORMATS), default=list(FORMATS),
                    help="comma-separated combine formats (default bf16,int8,fp8)")
     p.add_argument("--activations", type=choice_list(ACTIVATIONS), default=list(ACTIVATIONS),
-                   help="comma-separated activation sets (default gaussian,outliers)")
+                   help="comma-separated activation sets (default gaussian,outliers,massive)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routing (default 0)")
     p.add_argument("--force", action="store_true", help="run more CPU ranks than the machine's cores")
     add_output_arguments(p)
@@ -94,8 +97,7 @@ def _weights(setup: Setup, activations: str, first: int, count: int):
         gen = torch.Generator().manual_seed(setup.seed * 100_003 + e)
         w13.append((torch.randn(2 * setup.inter, setup.hidden, generator=gen) * setup.hidden**-0.5).bfloat16())
         down = torch.randn(setup.hidden, setup.inter, generator=gen) * setup.inter**-0.5
-        if activations == "outliers":
-            down[channels] *= 20
+        down[channels] *= OUTPUT_OUTLIER[activations]
         w2.append(down.bfloat16())
     return torch.stack(w13), torch.stack(w2)
 
@@ -104,7 +106,7 @@ def _tokens(setup: Setup, activations: str):
     """All tokens ``bf16 [tokens, H]`` and their routing (DeepSeek-V3 grouped top-k with a correction bias)."""
     gen = torch.Generator().manual_seed(setup.seed)
     x = torch.randn(setup.tokens, setup.hidden, generator=gen)
-    if activations == "outliers":
+    if activations != "gaussian":
         x[:, _outlier_channels(setup.hidden, setup.seed)] *= 50
     logits = torch.randn(setup.tokens, setup.experts, generator=gen)
     bias = torch.randn(setup.experts, generator=gen) * 0.1
@@ -147,7 +149,7 @@ def _rank_main(setup: Setup, activations: list[str], formats: list[str]) -> list
         for t in (exact_layer, exact_combine):  # float64 sums over ranks (order does not matter at this precision)
             dist.all_reduce(t)
         other = torch.ones(setup.hidden, dtype=torch.bool)
-        if act == "outliers":
+        if act != "gaussian":
             other[_outlier_channels(setup.hidden, setup.seed)] = False
         for fmt in formats:
             out = combine(partial, handle, combine_format=fmt).double()

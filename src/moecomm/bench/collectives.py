@@ -75,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per rank, comma-separated (default: 1,16,128,1024,4096,16384 on GPU, 1,16,256 on CPU)")
     p.add_argument("--iters", type=positive_int, default=20,
                    help="timed calls per point (median, then max over ranks; default 20)")
-    p.add_argument("--wire-formats", type=choice_list(WIRE_FORMATS), default=list(WIRE_FORMATS),
-                   help="reduce_scatterv wire formats, comma-separated (default bf16,int8,fp8)")
+    p.add_argument("--wire-formats", type=choice_list(WIRE_FORMATS), default=["bf16"],
+                   help="reduce_scatterv wire formats, comma-separated: bf16 (default), int8, fp8 (the quantized "
+                        "reducescatterv)")
     add_output_arguments(p)
     p.add_argument("--write-table", metavar="PATH", type=merge_path("sources", "tables"), default=None,
                    help="merge the measured fastest algorithms into this table (moecomm/data/collectives.json format)")
