@@ -119,7 +119,8 @@ def _size_patterns(world, rng):
 def test_quantized_reduce_scatterv(world_size):
     seed = random.randrange(1 << 30)
     sizes_list = _size_patterns(world_size, random.Random(seed))
-    assert launch(_reduce_cases, world_size, (seed, sizes_list), backend="gloo", timeout=300) == ["ok"] * world_size, seed
+    results = launch(_reduce_cases, world_size, (seed, sizes_list), backend="gloo", timeout=300)
+    assert results == ["ok"] * world_size, seed
 
 
 def _special_values(seed):
@@ -209,7 +210,8 @@ def test_moe_forward_with_a_quantized_combine(world_size):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     sizes_list = [[rng.randint(1, 7) for _ in range(world_size)], [0] + [rng.randint(2, 7)] * (world_size - 1)]
-    assert launch(_layer_cases, world_size, (seed, sizes_list), backend="gloo", timeout=300) == ["ok"] * world_size, seed
+    results = launch(_layer_cases, world_size, (seed, sizes_list), backend="gloo", timeout=300)
+    assert results == ["ok"] * world_size, seed
 
 
 def test_combine_bytes_per_token():

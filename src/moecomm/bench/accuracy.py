@@ -174,8 +174,8 @@ def _check(args, setup: Setup) -> None:
         raise UsageError(f"--hidden {setup.hidden} must be a multiple of 128 (the combine formats' group)")
     for ws in args.world_sizes:
         if setup.experts % ws or setup.experts % setup.n_group or setup.tokens % ws:
-            raise UsageError(f"--experts {setup.experts} must be a multiple of {setup.n_group} groups and of every world "
-                             f"size, and --tokens {setup.tokens} of every world size (world size {ws})")
+            raise UsageError(f"--experts {setup.experts} must be a multiple of {setup.n_group} groups and of every "
+                             f"world size, and --tokens {setup.tokens} of every world size (world size {ws})")
     if setup.experts // setup.n_group * setup.topk_group < setup.topk:
         raise UsageError(f"--experts {setup.experts}: {setup.topk_group} groups of {setup.experts // setup.n_group} "
                          f"experts hold fewer than top-{setup.topk}")

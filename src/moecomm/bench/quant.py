@@ -76,8 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--formats", type=choice_list(VARIANTS), default=list(VARIANTS),
                    help=f"comma-separated (default all: {','.join(VARIANTS)})")
     p.add_argument("--ops", type=choice_list(list(OPS)), default=["quantize", "dequantize"],
-                   help="comma-separated: quantize, dequantize, dequantize-sum (default the first two; dequantize times "
-                        f"{', '.join(DEQUANT_VARIANTS)} only, dequantize-sum {', '.join(SUM_VARIANTS)})")  # fmt: skip
+                   help="comma-separated: quantize, dequantize, dequantize-sum (default the first two; dequantize "
+                        f"times {', '.join(DEQUANT_VARIANTS)} only, dequantize-sum {', '.join(SUM_VARIANTS)})")
     p.add_argument("--pieces", type=int_list(), default=[2, 4, 8],
                    help="dequantize-sum: pieces summed (the world size), comma-separated (default 2,4,8)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16",

@@ -212,7 +212,8 @@ def reduce_scatterv(
         return reduce_scatterv_op(tensor, sizes, group, out=out, validate=validate, algorithm=algorithm,
                                   wire_format=wire_format)
     sizes, rank, world, fmt = run_checks(
-        "reduce_scatterv", lambda: prepare_reduce_format(tensor, sizes, out, group, wire_format, algorithm, is_nccl(group)),
+        "reduce_scatterv",
+        lambda: prepare_reduce_format(tensor, sizes, out, group, wire_format, algorithm, is_nccl(group)),
         lambda: collective_agreement(tensor, sizes, algorithm, wire_format), group, validate)
     if fmt != ReduceFormat.BF16:
         return quantized_reduce_scatterv(tensor, sizes, out, rank, world, group, fmt, algorithm)

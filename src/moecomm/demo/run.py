@@ -273,8 +273,8 @@ def run_demo(
     Raises
     ------
     ValueError
-        Before any work: an unknown strategy, split, combine format or device, a world size below 1, a sentence count outside
-        ``[1, available]``, ``num_experts`` not a positive multiple of ``world_size``, ``top_k`` outside
+        Before any work: an unknown strategy, split, combine format or device, a world size below 1, a sentence
+        count outside ``[1, available]``, ``num_experts`` not a positive multiple of ``world_size``, ``top_k`` outside
         ``[1, num_experts]``, or ``device="cuda"`` with fewer GPUs than ranks.
     """
     import torch.multiprocessing as mp

@@ -203,8 +203,10 @@ def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="
     sizes : Tensor or list[int]
         Rows per rank: a CPU ``int64 [world_size]`` tensor (:func:`sizes_tensor`; read when the op runs,
         never baked into a graph) or a list (a constant of the graph).
-    strategy, global_scale, expert_input_format, group, pack, algorithm, validate, allow_quantized, chunks, combine_format :
+    strategy, global_scale, expert_input_format, group, pack, algorithm, validate, allow_quantized, chunks :
         As for :func:`moe_forward`; enums may be given as their strings.
+    combine_format : {"bf16", "int8", "fp8"}
+        As for :func:`moe_forward` (a :class:`moecomm.quant.ReduceFormat` or its string).
 
     Returns
     -------

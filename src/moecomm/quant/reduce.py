@@ -101,7 +101,8 @@ def _check_pieces(data: Tensor, scales: Tensor, dtype, name: str) -> tuple[int, 
     if not isinstance(data, Tensor) or data.dtype not in _CODE_DTYPES.values() or data.dim() != 3:
         raise TypeError(f"{name}: data must be int8 or float8_e4m3fn [pieces, rows, hidden], got {_describe(data)}")
     if not isinstance(scales, Tensor) or scales.dtype != torch.float32 or scales.dim() != 3:
-        raise TypeError(f"{name}: scales must be float32 [pieces, rows, hidden/{REDUCE_GROUP}], got {_describe(scales)}")
+        raise TypeError(f"{name}: scales must be float32 [pieces, rows, hidden/{REDUCE_GROUP}], got "
+                        f"{_describe(scales)}")
     p, m, k = data.shape
     if k == 0 or k % REDUCE_GROUP or tuple(scales.shape) != (p, m, k // REDUCE_GROUP):
         raise ValueError(f"{name}: data {list(data.shape)} needs hidden a positive multiple of {REDUCE_GROUP} and "
@@ -164,8 +165,9 @@ def dequantize_sum(data: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.b
     p, m, k = _check_pieces(data, scales, dtype, name)
     common_device(name, data=data, scales=scales, out=out)
     if out is not None:
-        if not isinstance(out, Tensor) or out.dtype != dtype or tuple(out.shape) != (m, k) or (k > 1 and out.stride(1) != 1):
-            raise ValueError(f"{name}: out must be {dtype} [{m}, {k}] with unit stride along dim 1, got {_describe(out)}")
+        if not isinstance(out, Tensor) or out.dtype != dtype or tuple(out.shape) != (m, k) or out.stride(1) != 1:
+            raise ValueError(f"{name}: out must be {dtype} [{m}, {k}] with unit stride along dim 1, got "
+                             f"{_describe(out)}")
     if data.stride(2) != 1 or scales.stride(2) != 1:
         raise ValueError(f"{name}: data and scales need unit stride along their last dim, got strides "
                          f"{data.stride()} and {scales.stride()}")
