@@ -56,6 +56,9 @@ def quant_table(records: list[dict[str, Any]]) -> str:
     return _markdown(["op", "format", *(f"M={m}" for m in tokens)], rows)
 
 
+_ACTIVATIONS = {"gaussian": 0, "outliers": 1, "massive": 2}  # bench accuracy's activation sets, mildest first
+
+
 def accuracy_table(records: list[dict[str, Any]]) -> str:
     """The table of ``bench accuracy``: per activation set and world size, each combine format's bytes and errors."""
     columns = ["activations", "world size", "combine", "B/token", "rel L2 vs fp64 layer", "x bf16 combine",
@@ -63,7 +66,8 @@ def accuracy_table(records: list[dict[str, Any]]) -> str:
     rows = [[r["activations"], str(r["world_size"]), r["combine_format"], str(r["combine_bytes_per_token"]),
              f"{r['rel_l2_vs_fp64_layer']:.5f}", _ratio(r.get("vs_bf16_combine")),
              f"{r['rel_l2_vs_exact_combine']:.5f}", f"{r['rel_l2_other_channels']:.5f}"]
-            for r in sorted(records, key=lambda r: (r["activations"], r["world_size"]))]
+            for r in sorted(records, key=lambda r: (_ACTIVATIONS.get(r["activations"], 9), r["activations"],
+                                                    r["world_size"]))]
     return _markdown(columns, rows)
 
 
