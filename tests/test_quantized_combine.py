@@ -115,7 +115,7 @@ def _size_patterns(world, rng):
     ]
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", [2, 4])  # 3 ranks: the layer and error tests below
 def test_quantized_reduce_scatterv(world_size):
     seed = random.randrange(1 << 30)
     sizes_list = _size_patterns(world_size, random.Random(seed))
