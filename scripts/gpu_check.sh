@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU script: GPU tests and benchmarks, in one device call.
-#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests ranks quant experts coll moe demo all (default: all)
+#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests ranks quant experts coll moe combine demo all (default: all)
 # Results (logs, JUnit XML, JSON, PNG, tables) are packed into $OUT/results.tar.gz after every step (else ./out).
 # Runs from a plain checkout (PYTHONPATH=src, no install), as on the device machine.
 #
@@ -70,6 +70,16 @@ if want moe; then
     step bench_moe_ws$ws 240 $mc bench moe --world-size "$ws" --graphs --json "$R/moe_ws$ws.json" \
       --plot "$R/moe_ws$ws.png" --write-crossover "$R/crossover.json"
   done
+fi
+if want combine; then  # the quantized combine: its kernels vs copy, then the collective and the step beside bf16
+  step bench_combine_kernels 120 $mc bench quant --ops quantize,dequantize-sum --formats int8-group,fp8-group \
+    --pieces 2,4,8 --json "$R/combine_kernels.json"
+  if [[ $n -gt 1 ]]; then
+    step bench_combine_collectives_ws$n 240 $mc bench collectives --world-size "$n" --rows 1,128,4096,8192 \
+      --wire-formats bf16,int8,fp8 --json "$R/combine_collectives_ws$n.json"
+    step bench_combine_moe_ws$n 300 $mc bench moe --world-size "$n" --experts bf16 --prefill 4096,8192 \
+      --decode 1,64 --chunks 2 --combine-formats bf16,int8,fp8 --json "$R/combine_moe_ws$n.json"
+  fi
 fi
 if want demo && [[ -d .carry/site ]]; then  # the demo's model, packed by scripts/pack_minilm_for_device.py
   python3 scripts/pack_minilm_for_device.py --unpack

@@ -1,4 +1,5 @@
-"""Markdown tables from the JSON that ``moecomm bench experts --json`` and ``moecomm bench quant --json`` write.
+"""Markdown tables from the JSON that ``moecomm bench experts | quant | accuracy --json`` and ``moecomm demo --json``
+write.
 
     python scripts/tables_from_json.py docs/results/2026-11-29-h200/experts.json
 
@@ -43,38 +44,70 @@ def experts_table(records: list[dict[str, Any]]) -> str:
 
 
 def quant_table(records: list[dict[str, Any]]) -> str:
-    """The timing table of ``bench quant``, a row per format and a column per M: time per call and the bandwidth
-    (bytes read + written per second) as a fraction of a device-to-device copy's."""
+    """The timing table of ``bench quant``, a row per operation and format and a column per M: time per call and
+    the bandwidth (bytes read + written per second) as a fraction of a device-to-device copy's."""
     tokens = sorted({r["tokens"] for r in records})
-    cells: dict[str, dict[int, str]] = {}
+    cells: dict[tuple[str, str], dict[int, str]] = {}
     for r in records:
-        cells.setdefault(r["format"], {})[r["tokens"]] = f"{r['time_us']:.1f} us / {r['fraction_of_copy']:.2f}"
-    rows = [[fmt, *(by_m.get(m, "n/a") for m in tokens)] for fmt, by_m in cells.items()]
-    return _markdown(["format", *(f"M={m}" for m in tokens)], rows)
+        op = r.get("op", "quantize")
+        op = f"{op} x{r['pieces']}" if op == "dequantize-sum" else op
+        cells.setdefault((op, r["format"]), {})[r["tokens"]] = f"{r['time_us']:.1f} us / {r['fraction_of_copy']:.2f}"
+    rows = [[op, fmt, *(by_m.get(m, "n/a") for m in tokens)] for (op, fmt), by_m in cells.items()]
+    return _markdown(["op", "format", *(f"M={m}" for m in tokens)], rows)
+
+
+_ACTIVATIONS = {"gaussian": 0, "outliers": 1, "massive": 2}  # bench accuracy's activation sets, mildest first
+
+
+def accuracy_table(records: list[dict[str, Any]]) -> str:
+    """The table of ``bench accuracy``: per activation set and world size, each combine format's bytes and errors."""
+    columns = ["activations", "world size", "combine", "B/token", "rel L2 vs fp64 layer", "x bf16 combine",
+               "rel L2 vs exact combine", "other channels"]
+    rows = [[r["activations"], str(r["world_size"]), r["combine_format"], str(r["combine_bytes_per_token"]),
+             f"{r['rel_l2_vs_fp64_layer']:.5f}", _ratio(r.get("vs_bf16_combine")),
+             f"{r['rel_l2_vs_exact_combine']:.5f}", f"{r['rel_l2_other_channels']:.5f}"]
+            for r in sorted(records, key=lambda r: (_ACTIVATIONS.get(r["activations"], 9), r["activations"],
+                                                    r["world_size"]))]
+    return _markdown(columns, rows)
+
+
+def demo_table(records: list[dict[str, Any]]) -> str:
+    """The agreement table of ``moecomm demo``: per split, strategy and combine format, bytes and agreement."""
+    columns = ["strategy", "combine", "split", "wire B/token", "cos min", "cos mean", "hidden max\\|Δ\\|",
+               "NN top-1 same", "NN top-5 overlap"]
+    rows = [[r["name"], r.get("combine_format", "bf16"), r["split"], str(r["wire_bytes_per_token"]),
+             f"{r['cosine_min']:.6f}", f"{r['cosine_mean']:.6f}", f"{r['hidden_max_abs_diff']:.4f}",
+             f"{r['nn_top1_agreement']:.1%}", f"{r['nn_top5_overlap']:.1%}"] for r in records]
+    return _markdown(columns, rows)
 
 
 def table(data: dict[str, Any]) -> str:
-    """The markdown table of one result file (the parsed JSON), by the benchmark named in its command line.
+    """The markdown table of one result file (the parsed JSON), by the command named in its command line.
 
     Raises
     ------
     ValueError
-        The file is not from ``bench experts`` or the timing run of ``bench quant``.
+        The file is not from ``bench experts``, the timing run of ``bench quant``, ``bench accuracy`` or the demo.
     """
-    match = re.search(r"\bbench (\w+)", data.get("meta", {}).get("command", ""))
-    bench = match.group(1) if match else None
-    key = {"experts": "results", "quant": "timing"}.get(bench)
+    command = data.get("meta", {}).get("command", "")
+    match = re.search(r"\bbench (\w+)", command)
+    bench = match.group(1) if match else ("demo" if re.search(r"\bdemo\b", command) else None)
+    key = {"experts": "results", "quant": "timing", "accuracy": "results", "demo": "strategies"}.get(bench)
     if key not in data:
-        raise ValueError(f"not a result file of 'bench experts' or 'bench quant' (timing): "
-                         f"command {data.get('meta', {}).get('command')!r}")
+        raise ValueError(f"not a result file of 'bench experts', 'bench quant' (timing), 'bench accuracy' or 'demo': "
+                         f"command {command!r}")
     if bench == "quant":
         return quant_table(data[key])
+    if bench == "accuracy":
+        return accuracy_table(data[key])
+    if bench == "demo":
+        return demo_table(data[key])
     return experts_table([{_RENAMED.get(k, k): v for k, v in r.items()} for r in data[key]])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="a JSON file written by moecomm bench experts/quant --json")
+    parser.add_argument("path", help="a JSON file written by moecomm bench experts/quant/accuracy or demo --json")
     args = parser.parse_args()
     try:
         with open(args.path) as f:

@@ -71,6 +71,16 @@ BAD = [
     (["bench", "quant", "--tokens", "0"], "argument --tokens: every value must be at least 1, got 0"),
     (["bench", "quant", "--rows", "0"], "argument --rows: must be at least 1, got 0"),
     (["bench", "quant", "--formats", "nvfp4,int4"], "argument --formats: unknown 'int4'; choose from nvfp4"),
+    (["bench", "quant", "--ops", "dequantize-sum", "--dtype", "fp16"], "--ops dequantize-sum writes bf16 or fp32"),
+    (["bench", "quant", "--pieces", "0"], "argument --pieces: every value must be at least 1, got 0"),
+    (["demo", "--combine-format", "int4"], "argument --combine-format: unknown 'int4'; choose from bf16, int8, fp8"),
+    (["bench", "collectives", "--wire-formats", "int4"], "argument --wire-formats: unknown 'int4'"),
+    (["bench", "moe", "--combine-formats", "bf16,int4"], "argument --combine-formats: unknown 'int4'"),
+    (["bench", "accuracy", "--world-sizes", "1"], "argument --world-sizes: every value must be at least 2, got 1"),
+    (["bench", "accuracy", "--hidden", "200"], "--hidden 200 must be a multiple of 128"),
+    (["bench", "accuracy", "--experts", "12"], "--experts 12 must be a multiple of 8 groups and of every world size"),
+    (["bench", "accuracy", "--experts", "8"], "--experts 8: 4 groups of 1 experts hold fewer than top-8"),
+    (["bench", "accuracy", "--formats", "int4"], "argument --formats: unknown 'int4'; choose from bf16, int8, fp8"),
     (["bench", "experts", "--iters", "0"], "argument --iters: must be at least 1, got 0"),
     (["bench", "experts", "--tokens", "16,0"], "argument --tokens: every value must be at least 1, got 0"),
     (["bench", "experts", "--formats", "fp4"], "argument --formats: unknown 'fp4'; choose from bf16, nvfp4, fp8"),
@@ -158,7 +168,7 @@ def _parser(module: str) -> argparse.ArgumentParser:
 
 
 MODULES = ["moecomm.demo", "moecomm.bench.collectives", "moecomm.bench.quant", "moecomm.bench.experts",
-           "moecomm.bench.moe"]
+           "moecomm.bench.moe", "moecomm.bench.accuracy"]
 
 
 def test_json_and_plot_options_read_the_same_everywhere():

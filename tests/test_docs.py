@@ -13,7 +13,9 @@ tables_from_json = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tables_from_json)
 
 # (doc, result file): the doc holds the table scripts/tables_from_json.py makes of the file, unchanged
-CITED = [("docs/experts.md", "docs/results/2026-11-29-h200/experts.json")]
+CITED = [("docs/experts.md", "docs/results/2026-11-29-h200/experts.json"),
+         ("docs/accuracy.md", "docs/results/2026-12-03-cpu/combine_accuracy.json"),
+         ("docs/accuracy.md", "docs/results/2026-12-03-cpu/demo_combine.json")]
 
 
 @pytest.mark.parametrize("doc, result", CITED)

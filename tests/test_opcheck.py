@@ -59,14 +59,16 @@ def _collective_ops(seed):
                      (tensors, ops.sizes_tensor(sizes), "", "auto", False), narrow)
         except Exception as e:  # noqa: BLE001 - report which case
             return f"all_gatherv {name}: {e}"
+    cases = [(dtype, "bf16", 8) for dtype in (torch.bfloat16, torch.float16, torch.float32)]
+    cases += [(dtype, wire, 128) for dtype in (torch.bfloat16, torch.float32) for wire in ("int8", "fp8")]
     for sizes in ([2, 3], [0, 4], [0, 0]):
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            t = _rows_of(seed, 0, sum(sizes), (8,), dtype)  # the same on every rank: a sum of equals
+        for dtype, wire, cols in cases:
+            t = _rows_of(seed, 0, sum(sizes), (cols,), dtype)  # the same on every rank: a sum of equals
             try:
-                _opcheck(torch.ops.moecomm.reduce_scatterv.default, (t, ops.sizes_tensor(sizes), "", "auto", False),
-                         False)
+                _opcheck(torch.ops.moecomm.reduce_scatterv.default,
+                         (t, ops.sizes_tensor(sizes), "", "auto", False, wire), False)
             except Exception as e:  # noqa: BLE001
-                return f"reduce_scatterv {sizes} {dtype}: {e}"
+                return f"reduce_scatterv {sizes} {dtype} {wire}: {e}"
     return "ok"
 
 
@@ -96,10 +98,11 @@ def _moe_op(seed):
                 args = (x, ids, w, ops.sizes_tensor(sizes), tensors, weights.activation.value, weights.format.value,
                         weights.first_expert, weights.num_experts, strategy, gs, gs_value,
                         None if fmt is None else fmt.value, "", True, "auto", False, None, 1)
-                try:
-                    _opcheck(torch.ops.moecomm.moe_forward.default, args, False)
-                except Exception as e:  # noqa: BLE001
-                    return f"moe_forward {strategy} {fmt} {sizes} gs={gs_value}: {e}"
+                for combine_format in ("bf16",) if strategy == "allreduce" else ("bf16", "int8", "fp8"):
+                    try:
+                        _opcheck(torch.ops.moecomm.moe_forward.default, (*args, combine_format), False)
+                    except Exception as e:  # noqa: BLE001
+                        return f"moe_forward {strategy} {fmt} {sizes} gs={gs_value} {combine_format}: {e}"
     return "ok"
 
 

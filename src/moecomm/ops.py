@@ -9,7 +9,7 @@ implementation that gives the output shapes without running anything::
         Tensor?[] experts, str activation, str weight_format, SymInt first_expert, SymInt num_experts,
         str strategy, Tensor? global_scale, float? global_scale_value, str? expert_input_format,
         str group_name, bool pack, str algorithm, bool validate, bool? allow_quantized,
-        SymInt? chunks) -> Tensor                          # shaped like hidden: [sizes[rank], H] bf16
+        SymInt? chunks, str combine_format) -> Tensor      # shaped like hidden: [sizes[rank], H] bf16
                                                            # (moecomm.layer.step)
     moecomm::quantize(Tensor x, str fmt, Tensor? global_scale, str backend) -> Tensor[]
                                                            # [data, scales] (+ the computed NVFP4 scale)
@@ -17,7 +17,7 @@ implementation that gives the output shapes without running anything::
     moecomm::all_gatherv(Tensor[] tensors, Tensor sizes, str group_name, str algorithm,
         bool validate) -> Tensor[]                         # each [sum(sizes), *trailing]
     moecomm::reduce_scatterv(Tensor tensor, Tensor sizes, str group_name, str algorithm,
-        bool validate) -> Tensor                           # [sizes[rank], *trailing]
+        bool validate, str wire_format) -> Tensor          # [sizes[rank], *trailing]
                                                            # (moecomm.comm.collectives)
 
 This module gathers the Python wrappers that call each op (the public functions call them only while

@@ -9,7 +9,10 @@ implementation of the same case and mode: ``auto``'s goal is at most 1.03.
 
 Payloads: ``bf16`` hidden rows (one tensor, 7168 bf16 per row); ``nvfp4-msg`` the packed NVFP4 dispatch
 message (one uint8 tensor, 4096 B per row); ``nvfp4-4t`` the same bytes as four tensors (values, scales,
-ids, weights) in one call. Reduce-scatter runs on the bf16 payload. Patterns: ``balanced`` (every rank
+ids, weights) in one call. Reduce-scatter runs on bf16 rows, in each wire format of ``--wire-formats``
+(payload ``bf16``, ``int8``, ``fp8``: the quantized reducescatterv, 7392 B per row on the wire, whose
+implementations are its two transports ``auto`` (grouped send/recv) and ``symm``); ``vs bf16 wire`` is its
+time over the fastest bf16 reducescatterv of the same case. Patterns: ``balanced`` (every rank
 ``rows``), ``skewed`` (the same total, growing with the rank), ``idle`` (rank 0 has none, the same total).
 
 ``nccl binding alone`` (balanced, one tensor, CUDA) is NCCL's all_gather through moecomm's binding with none of
@@ -31,6 +34,7 @@ import torch.distributed as dist
 
 from moecomm._args import (
     add_output_arguments,
+    choice_list,
     add_world_size_arguments,
     check_world_size,
     int_list,
@@ -41,6 +45,7 @@ from moecomm._output import device_name, print_table, write_json
 from moecomm.bench.timing import graph_time, loop_time
 from moecomm.comm import all_gatherv, launch, rank_device, reduce_scatterv
 from moecomm.comm.transport import all_gather_single, reduce_scatter_single
+from moecomm.quant import reduce_row_bytes
 
 BF16_HIDDEN = 7168
 NVFP4_MSG = [(4096, torch.uint8)]  # bytes per row of the packed message (hidden 7168, top-8)
@@ -48,7 +53,8 @@ NVFP4_4T = [(3584, torch.uint8), (448, torch.uint8), (8, torch.int32), (8, torch
 PAYLOADS = {"bf16": [(BF16_HIDDEN, torch.bfloat16)], "nvfp4-msg": NVFP4_MSG, "nvfp4-4t": NVFP4_4T}
 PAYLOAD_NOTES = ("bf16 = hidden rows, 7168 bf16 per row; nvfp4-msg = the packed NVFP4 dispatch message, one uint8 "
                  "tensor of 4096 B per row; nvfp4-4t = the same bytes as four tensors (values, scales, ids, "
-                 "weights) in one call; reduce_scatterv runs on bf16.")
+                 "weights) in one call; reduce_scatterv runs on bf16 rows sent as bf16, or quantized to int8 / "
+                 "fp8 with an fp32 scale per 128 (7392 B per row, wire_format=).")
 IMPL_NOTES = ("impl: broadcast, padded, symm, allreduce = moecomm's algorithms (moecomm.comm), auto = "
               "its per-call choice; torch ... = torch.distributed's own calls (torch copy_ at world size 1); "
               "nccl binding alone = NCCL through moecomm's binding with none of its Python (a floor).")
@@ -57,6 +63,8 @@ PATTERN_NOTES = ("Patterns, the same total rows in each: balanced = every rank t
                  "with the rank (weights 1, 2, ..., N); idle = rank 0 has none, the others equal shares.")
 GATHER_ALGOS = ("broadcast", "padded", "symm", "auto")
 REDUCE_ALGOS = ("broadcast", "padded", "symm", "allreduce", "auto")
+QUANTIZED_REDUCE_ALGOS = ("auto", "symm")  # the quantized reducescatterv's transports
+WIRE_FORMATS = ("bf16", "int8", "fp8")
 FLOOR = "nccl binding alone"  # NCCL's own host time through moecomm's binding: a floor, not an alternative
 
 
@@ -67,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows per rank, comma-separated (default: 1,16,128,1024,4096,16384 on GPU, 1,16,256 on CPU)")
     p.add_argument("--iters", type=positive_int, default=20,
                    help="timed calls per point (median, then max over ranks; default 20)")
+    p.add_argument("--wire-formats", type=choice_list(WIRE_FORMATS), default=["bf16"],
+                   help="reduce_scatterv wire formats, comma-separated: bf16 (default), int8, fp8 (the quantized "
+                        "reducescatterv)")
     add_output_arguments(p)
     p.add_argument("--write-table", metavar="PATH", type=merge_path("sources", "tables"), default=None,
                    help="merge the measured fastest algorithms into this table (moecomm/data/collectives.json format)")
@@ -122,16 +133,20 @@ def _gather_impls(payload: str, sizes: list[int], device) -> dict[str, Callable 
     return impls
 
 
-def _reduce_impls(sizes: list[int], device) -> dict[str, Callable | None]:
+def _reduce_impls(sizes: list[int], device, wire_format: str = "bf16") -> dict[str, Callable | None]:
     rank, world = dist.get_rank(), dist.get_world_size()
     total, pad = sum(sizes), max(sizes)
     nccl = dist.get_backend() == "nccl"
     full = _rand(total, BF16_HIDDEN, torch.bfloat16, device)
     own = torch.empty(sizes[rank], BF16_HIDDEN, dtype=torch.bfloat16, device=device)
+    algos = REDUCE_ALGOS if wire_format == "bf16" else QUANTIZED_REDUCE_ALGOS
     impls: dict[str, Callable | None] = {
-        a: (None if a == "symm" and not nccl else (lambda a=a: reduce_scatterv(full, sizes, out=own, algorithm=a)))
-        for a in REDUCE_ALGOS
+        a: (None if a == "symm" and not nccl else (
+            lambda a=a: reduce_scatterv(full, sizes, out=own, algorithm=a, wire_format=wire_format)))
+        for a in algos
     }
+    if wire_format != "bf16":
+        return impls
     full_padded = _rand(pad * world, BF16_HIDDEN, torch.bfloat16, device)
     own_padded = torch.empty(pad, BF16_HIDDEN, dtype=torch.bfloat16, device=device)
     work = full.clone()
@@ -149,17 +164,19 @@ def _max_over_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _rank_main(rows_list: list[int], iters: int) -> list[dict]:
+def _rank_main(rows_list: list[int], iters: int, wire_formats: tuple[str, ...] = ("bf16",)) -> list[dict]:
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
     cuda = device.type == "cuda"
     results = []
-    cases = [("all_gatherv", p) for p in PAYLOADS] + [("reduce_scatterv", "bf16")]
+    cases = [("all_gatherv", p) for p in PAYLOADS] + [("reduce_scatterv", f) for f in wire_formats]
     for op, payload in cases:
-        row_bytes = sum(w * dt.itemsize for w, dt in PAYLOADS[payload])
+        row_bytes = (sum(w * dt.itemsize for w, dt in PAYLOADS[payload]) if op == "all_gatherv"
+                     else reduce_row_bytes(payload, BF16_HIDDEN))
         for pattern in PATTERNS if world > 1 else ("balanced",):
             for rows in rows_list:
                 sizes = pattern_sizes(pattern, rows, world)
-                impls = _gather_impls(payload, sizes, device) if op == "all_gatherv" else _reduce_impls(sizes, device)
+                impls = (_gather_impls(payload, sizes, device) if op == "all_gatherv"
+                         else _reduce_impls(sizes, device, payload))
                 for name, fn in impls.items():
                     eager = graphed = host = float("nan")
                     if fn is not None:
@@ -176,17 +193,25 @@ def _rank_main(rows_list: list[int], iters: int) -> list[dict]:
     return results if rank == 0 else []
 
 
+def _fastest(rows: list[dict], mode: str) -> float:
+    """The fastest time of ``mode`` among ``rows`` (the floor left out); NaN where none ran."""
+    times = [r[f"{mode}_s"] for r in rows if r[f"{mode}_s"] == r[f"{mode}_s"] and r["impl"] != FLOOR]
+    return min(times) if times else float("nan")
+
+
 def _add_ratios(results: list[dict]) -> None:
-    """``eager_vs_best`` / ``graphed_vs_best``: each time over the fastest implementation of its case."""
+    """``<mode>_vs_best``: each time over the fastest implementation of its case; ``<mode>_vs_bf16_wire``: a
+    quantized reducescatterv's time over the fastest bf16 one of the same case (NaN for the others)."""
     groups: dict = {}
     for r in results:
         groups.setdefault((r["op"], r["payload"], r["pattern"], r["rows_per_rank"]), []).append(r)
-    for rows in groups.values():
+    for r in results:
+        quantized = r["op"] == "reduce_scatterv" and r["payload"] != "bf16"
+        bf16 = groups.get(("reduce_scatterv", "bf16", r["pattern"], r["rows_per_rank"]), [])
         for mode in ("eager", "graphed"):
-            times = [r[f"{mode}_s"] for r in rows if r[f"{mode}_s"] == r[f"{mode}_s"] and r["impl"] != FLOOR]
-            best = min(times) if times else float("nan")
-            for r in rows:
-                r[f"{mode}_vs_best"] = r[f"{mode}_s"] / best
+            r[f"{mode}_vs_best"] = r[f"{mode}_s"] / _fastest(groups[(r["op"], r["payload"], r["pattern"],
+                                                                     r["rows_per_rank"])], mode)
+            r[f"{mode}_vs_bf16_wire"] = r[f"{mode}_s"] / _fastest(bf16, mode) if quantized else float("nan")
 
 
 def table_entries(results: list[dict], world: int) -> dict:
@@ -194,7 +219,8 @@ def table_entries(results: list[dict], world: int) -> dict:
     algos = {"all_gatherv": GATHER_ALGOS, "reduce_scatterv": REDUCE_ALGOS}
     best: dict = {}
     for r in results:
-        if r["impl"] not in algos[r["op"]] or r["impl"] == "auto" or r["payload"] == "nvfp4-4t":
+        if (r["impl"] not in algos[r["op"]] or r["impl"] == "auto" or r["payload"] == "nvfp4-4t"
+                or (r["op"] == "reduce_scatterv" and r["payload"] != "bf16")):  # auto chooses for bf16 rows
             continue
         for mode in ("eager", "graphed"):
             t = r[f"{mode}_s"]
@@ -231,18 +257,20 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = gpus >= world
     check_world_size(world, gpu=on_gpu, force=args.force)
     rows_list = args.rows if args.rows is not None else ([1, 16, 128, 1024, 4096, 16384] if on_gpu else [1, 16, 256])
-    results = launch(_rank_main, world, (rows_list, args.iters), timeout=3600)[0]
+    results = launch(_rank_main, world, (rows_list, args.iters, tuple(args.wire_formats)), timeout=3600)[0]
     _add_ratios(results)
     device = torch.device("cuda" if on_gpu else "cpu")
     rows = [[r["op"], r["payload"], r["pattern"], str(r["sizes"]), r["impl"], r["bytes_all_ranks"], r["eager_s"] * 1e6,
-             r["eager_vs_best"], r["graphed_s"] * 1e6, r["graphed_vs_best"], r["host_s"] * 1e6] for r in results]
+             r["eager_vs_best"], r["eager_vs_bf16_wire"], r["graphed_s"] * 1e6, r["graphed_vs_best"],
+             r["graphed_vs_bf16_wire"], r["host_s"] * 1e6] for r in results]
     print_table(f"collectives, world size {world}, {device_name(device)}",
                 ["op", "payload", "pattern", "sizes", "impl", "bytes (all ranks)", "eager (us)", "vs best",
-                 "graphed (us)", "vs best", "host (us)"], rows,
+                 "vs bf16 wire", "graphed (us)", "vs best", "vs bf16 wire", "host (us)"], rows,
                 caption=f"Payloads: {PAYLOAD_NOTES} {IMPL_NOTES} sizes: rows of each rank. eager: calls issued back to "
                         "back, timed with events around the loop (host time shows where the host is slower than the "
                         "GPU); graphed: one call replayed in a CUDA graph (device time); vs best: over the fastest "
-                        "implementation of the case; host: host time to issue one call; n/a: not run there. "
+                        "implementation of the case; vs bf16 wire: a quantized reduce_scatterv over the fastest bf16 "
+                        "one of the case; host: host time to issue one call; n/a: not run there. "
                         f"{PATTERN_NOTES}")
     if args.json is not None:
         write_json(args.json, device, {"world_size": world, "results": results})

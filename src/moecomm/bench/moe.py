@@ -20,6 +20,11 @@ the already-gathered tokens (no communication: the floor that overlapping commun
 ``speedup`` is ``total(allreduce) / total`` for the same case. On CUDA, ``host`` columns give the host
 time to issue one call in a loop of calls issued back to back (what an eager step costs the CPU), decode cases.
 
+``--combine-formats bf16,int8,fp8`` also runs every strategy but ``allreduce`` with each quantized combine
+(``moe_forward(..., combine_format=)``: int8 / FP8 partial outputs with an fp32 scale per 128 columns, summed in
+float32 at each token's owner), shown as ``<strategy> + <format> combine``; ``wire bytes`` counts the combine in
+its format.
+
 ``--graphs`` also replays the step in CUDA graphs (:class:`moecomm.layer.GraphedMoE`, bucket =
 ``max(sizes)``, ``sizes`` passed so no all-reduce): the decode cases as balanced / skewed / idle ranks
 with the same total, and the padding tax: one live token per rank replayed in bucket 1 and in bucket 256.
@@ -40,6 +45,7 @@ from moecomm._args import (
     UsageError,
     add_output_arguments,
     add_world_size_arguments,
+    choice_list,
     check_world_size,
     int_list,
     merge_path,
@@ -101,6 +107,7 @@ EXPERT_NOTES = {
     "bf16": "bf16 weights and GEMMs; allreduce and agrs hand them bf16 tokens, the others their quantized tokens",
 }
 PAD_TAX_BUCKET = 256
+COMBINE_FORMATS = ("bf16", "int8", "fp8")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,6 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=int_list(minimum=0), default=None,
                    help="prefill: also time the step pipelined in these chunk counts, comma-separated, 0 = the "
                         "automatic choice (default on CUDA: 2,4,0; on CPU 2)")
+    p.add_argument("--combine-formats", type=choice_list(COMBINE_FORMATS), default=["bf16"],
+                   help="comma-separated combine formats: bf16 (default), int8, fp8; each quantized one adds a run of "
+                        "every strategy but allreduce")
     p.add_argument("--sm-carveout", type=nonnegative_int, default=0,
                    help="SMs the expert GEMMs leave to communication while chunks overlap (default 0)")
     add_output_arguments(p, plot=True)
@@ -152,18 +162,29 @@ def _weights(shape: Shape, experts: str, device):
     return weights, bias
 
 
-def _graphed(weights, shape, sizes, bucket, x, ids, tw, kw, device, iters) -> float:
+def _graphed(weights, shape, sizes, bucket, x, ids, tw, kw, combine_format, device, iters) -> float:
     """Seconds per graphed step: bucket ``bucket``, this rank's live rows ``x``; ``sizes`` passed (no sync)."""
     graphed = GraphedMoE(weights, hidden_size=shape.hidden, topk=shape.topk, buckets=[bucket],
                          strategy=kw["strategy"], global_scale=kw["global_scale"],
-                         expert_input_format=kw["expert_input_format"])
+                         expert_input_format=kw["expert_input_format"], combine_format=combine_format)
     t = median_time(lambda i: graphed(x, ids, tw, sizes=sizes), device, iters=iters, barrier=dist.barrier)
     del graphed
     return t
 
 
+def _variants(experts: str, combine_formats: list[str]):
+    """``(name, strategy, wire format, consumed format, pack, combine format)`` per run: every variant with a bf16
+    combine, then each strategy but allreduce with each quantized combine format."""
+    runs = []
+    for name, strategy, wire, consumed, pack in VARIANTS[experts]:
+        for fmt in combine_formats:
+            if fmt == "bf16" or (strategy != Strategy.ALLREDUCE and pack):  # the combine is the same unpacked
+                runs.append((name if fmt == "bf16" else f"{name} + {fmt} combine", strategy, wire, consumed, pack, fmt))
+    return runs
+
+
 def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chunk_list: list[int],
-               sm_carveout: int) -> list[dict]:
+               sm_carveout: int, combine_formats: tuple[str, ...] = ("bf16",)) -> list[dict]:
     import os
 
     from moecomm.layer import CARVEOUT_ENV
@@ -183,12 +204,12 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chun
         x = torch.randn(n, shape.hidden, device=device).to(torch.bfloat16)
         ids, tw = grouped_topk(torch.randn(n, shape.experts, device=device), shape.topk,
                                e_score_correction_bias=bias, n_group=shape.n_group, topk_group=shape.topk_group)
-        for name, strategy, wire, consumed, pack in VARIANTS[experts]:
+        for name, strategy, wire, consumed, pack, fmt in _variants(experts, list(combine_formats)):
             kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=consumed, pack=pack)
             t = dict.fromkeys(("quantize", "dispatch", "experts", "combine", "total", "graphed", "host_quantize",
                                "host_dispatch", "host_combine", "host_total"), float("nan"))
             for c in chunk_list if regime == "prefill" and pack else ():
-                ckw = dict(kw, chunks=c or None)
+                ckw = dict(kw, chunks=c or None, combine_format=fmt)
                 t[f"chunks_{c}"] = median_time(lambda i: moe_forward(x, ids, tw, weights, **ckw), device,
                                                iters=iters, barrier=barrier)
             if regime != "padding":
@@ -205,23 +226,25 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chun
                                            iters=iters, barrier=barrier)
                 partial = experts_forward(tokens, gids, gtw, weights, **ekw)
                 # allreduce sums in place (as moe_forward does); repeated sums only grow the values
-                t["combine"] = median_time(lambda i: combine(partial, handle), device, iters=iters, barrier=barrier)
-                step = lambda: moe_forward(x, ids, tw, weights, **kw)  # noqa: E731
+                t["combine"] = median_time(lambda i: combine(partial, handle, combine_format=fmt), device, iters=iters,
+                                           barrier=barrier)
+                step = lambda: moe_forward(x, ids, tw, weights, **kw, combine_format=fmt)  # noqa: E731
                 t["total"] = median_time(lambda i: step(), device, iters=iters, barrier=barrier)
                 if cuda and regime == "decode":
                     if quant_call is not None:
                         t["host_quantize"] = loop_time(quant_call, device, barrier=barrier)[1]
                     t["host_dispatch"] = loop_time(lambda: dispatch(x, ids, tw, **kw), device, barrier=barrier)[1]
-                    t["host_combine"] = loop_time(lambda: combine(partial, handle), device, barrier=barrier)[1]
+                    t["host_combine"] = loop_time(lambda: combine(partial, handle, combine_format=fmt), device,
+                                                  barrier=barrier)[1]
                     t["host_total"] = loop_time(step, device, barrier=barrier)[1]
             if graphs and cuda and regime != "prefill" and pack:
-                t["graphed"] = _graphed(weights, shape, sizes, bucket, x, ids, tw, kw, device, iters)
+                t["graphed"] = _graphed(weights, shape, sizes, bucket, x, ids, tw, kw, fmt, device, iters)
             worst = torch.tensor([t[k] for k in sorted(t)], device=device, dtype=torch.float64)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             t = dict(zip(sorted(t), worst.tolist()))
-            per_token = wire_bytes_per_token(strategy, shape.hidden, shape.topk, wire)
+            per_token = wire_bytes_per_token(strategy, shape.hidden, shape.topk, wire, combine_format=fmt)
             results.append({"regime": regime, "pattern": pattern, "sizes": sizes, "bucket": bucket,
-                            "strategy": name, "seconds": t, "wire_bytes_per_token": per_token,
+                            "strategy": name, "combine_format": fmt, "seconds": t, "wire_bytes_per_token": per_token,
                             "wire_bytes_all_tokens": per_token * sum(sizes)})
     return results if rank == 0 else []
 
@@ -334,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     decode = args.decode if args.decode is not None else ([1, 16] if small else [1, 16, 64, 256])
     chunk_list = args.chunks if args.chunks is not None else ([2, 4, 0] if on_gpu else [2])
     results = launch(_rank_main, world, (shape, experts, _cases(world, prefill, decode), args.iters, args.graphs,
-                                         chunk_list, args.sm_carveout), timeout=3600)[0]
+                                         chunk_list, args.sm_carveout, tuple(args.combine_formats)), timeout=3600)[0]
     base = {(r["regime"], r["pattern"], tuple(r["sizes"])): r["seconds"] for r in results
             if r["strategy"] == "allreduce"}
     rows = []

@@ -2,8 +2,12 @@
 
 Timing table: per operation, format and token count M (hidden K), median time per call, GB/s counting
 bytes read plus bytes written (quantize: the input, then payload + scales; dequantize: payload + scales,
-then the bf16 / ``--dtype`` result), and that bandwidth as a fraction of a device-to-device copy
-measured in the same run (``fraction_of_copy`` in the JSON). On CUDA each timed sample replays a CUDA
+then the bf16 / ``--dtype`` result; dequantize-sum: ``P`` pieces of payload + scales, then one result),
+and that bandwidth as a fraction of a device-to-device copy measured in the same run
+(``fraction_of_copy`` in the JSON). ``dequantize-sum`` is the owner's half of the quantized combine
+(:func:`moecomm.quant.dequantize_sum`: the ``P = world_size`` pieces of ``int8-group`` / ``fp8-group``
+partials dequantized and summed in fp32, rounded once), for each ``--pieces``; ``quantize`` of those two
+formats is the other half. On CUDA each timed sample replays a CUDA
 graph of one call per rotating input set (inputs rotate so that large shapes do not measure L2), so
 the time excludes Python launch overhead; ``--no-graph`` times eager calls instead. The torch
 dequantizers cannot be captured: time them with ``--backend torch --no-graph``.
@@ -18,6 +22,7 @@ Examples::
     moecomm bench quant --ops dequantize --formats nvfp4,fp8-group
     moecomm bench quant --device cpu --tokens 1,16,128   # torch references on the CPU
     moecomm bench quant --accuracy --device cpu --json acc.json
+    moecomm bench quant --ops quantize,dequantize-sum --formats int8-group,fp8-group --pieces 2,4,8   # the combine
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from moecomm._args import (
 )
 from moecomm._output import device_name, print_table, write_json
 from moecomm.bench.timing import copy_bandwidth, median_time
+from moecomm.quant.reduce import partial_views
 
 VARIANTS = {  # name -> what it is (the tables' captions)
     "nvfp4": "e2m1 values, an e4m3 scale per 16 and an fp32 global scale, scales in row order",
@@ -49,10 +55,12 @@ VARIANTS = {  # name -> what it is (the tables' captions)
     "fp8-token": "e4m3 values, an fp32 scale per token",
     "fp8-group": "e4m3 values, an fp32 scale per 128 (DeepSeek-V3)",
     "fp8-group-ue8m0": "the same, power-of-two scales",
+    "int8-group": "int8 values, an fp32 scale per 128 (the int8 combine)",
 }
-OPS = ("quantize", "dequantize")
+OPS = ("quantize", "dequantize", "dequantize-sum")
 # Variants with a Triton dequantize kernel (MXFP4 dequantizes in torch only); ue8m0 scales decode like others.
-DEQUANT_VARIANTS = ("nvfp4", "nvfp4-swizzled", "fp8-token", "fp8-group")
+DEQUANT_VARIANTS = ("nvfp4", "nvfp4-swizzled", "fp8-token", "fp8-group", "int8-group")
+SUM_VARIANTS = {"int8-group": "int8", "fp8-group": "fp8"}  # dequantize-sum: the combine formats
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _L2_BYTES = 60 << 20  # H200; rotating input sets cover >= 4x this
 
@@ -67,9 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "1,16,128,1024,4096,16384 on CUDA, 1,16,128 on CPU)")  # fmt: skip
     p.add_argument("--formats", type=choice_list(VARIANTS), default=list(VARIANTS),
                    help=f"comma-separated (default all: {','.join(VARIANTS)})")
-    p.add_argument("--ops", type=choice_list(list(OPS)), default=list(OPS),
-                   help="comma-separated: quantize, dequantize (default both; dequantize times "
-                        f"{', '.join(DEQUANT_VARIANTS)} only)")  # fmt: skip
+    p.add_argument("--ops", type=choice_list(list(OPS)), default=["quantize", "dequantize"],
+                   help="comma-separated: quantize, dequantize, dequantize-sum (default the first two; dequantize "
+                        f"times {', '.join(DEQUANT_VARIANTS)} only, dequantize-sum {', '.join(SUM_VARIANTS)})")
+    p.add_argument("--pieces", type=int_list(), default=[2, 4, 8],
+                   help="dequantize-sum: pieces summed (the world size), comma-separated (default 2,4,8)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16",
                    help="quantize input / dequantize output dtype (default bf16)")
     p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
@@ -90,6 +100,8 @@ def _quantizer(variant: str, backend: str, gs: torch.Tensor) -> Callable[[torch.
     if variant.startswith("mxfp4"):
         rounding = "up" if variant.endswith("up") else "floor"
         return lambda x, out: Q.quantize_mxfp4(x, scale_rounding=rounding, out=out, backend=backend)
+    if variant == "int8-group":
+        return lambda x, out: Q.quantize_int8(x, out=out, backend=backend)
     group = None if variant == "fp8-token" else Q.FP8_GROUP
     ue8m0 = variant.endswith("ue8m0")
     return lambda x, out: Q.quantize_fp8(x, group_size=group, ue8m0=ue8m0, out=out, backend=backend)
@@ -100,6 +112,8 @@ def _dequantize(variant: str, outputs, gs: torch.Tensor, dtype=torch.float32, ba
         return Q.dequantize_nvfp4(*outputs, gs, swizzled=variant.endswith("swizzled"), dtype=dtype, backend=backend)
     if variant.startswith("mxfp4"):
         return Q.dequantize_mxfp4(*outputs, dtype=dtype)
+    if variant == "int8-group":
+        return Q.dequantize_int8(*outputs, dtype=dtype, backend=backend)
     return Q.dequantize_fp8(*outputs, dtype=dtype, backend=backend)
 
 
@@ -111,23 +125,32 @@ _FORMATS = {
     "fp8-token": Q.QuantFormat.FP8_TOKEN,
     "fp8-group": Q.QuantFormat.FP8_GROUP,
     "fp8-group-ue8m0": Q.QuantFormat.FP8_GROUP,
+    "int8-group": None,  # not a dispatch format: moecomm.quant.int8
 }
 
 
 def _written_bytes(variant: str, m: int, k: int) -> int:
     """Bytes of the quantized ``[m, k]``: payload + scales (swizzled scales include their padding); what a
     quantizer writes and a dequantizer reads."""
+    if variant == "int8-group":
+        return m * Q.reduce_row_bytes("int8", k)
     payload, scales = Q.row_bytes(_FORMATS[variant], k)
     if variant == "nvfp4-swizzled":
         return m * payload + (-(-m // 128) * 128) * (-(-(k // 16) // 4) * 4)
     return m * (payload + scales)
 
 
-def _time_variant(op, variant, m, k, dtype, device, backend, iters, warmup, graph) -> float:
+def _sets(in_bytes: int, device: torch.device) -> int:
+    """Rotating input sets: enough to cover 4x the L2 on CUDA (at most 16), one on the CPU."""
+    return max(1, min(16, math.ceil(4 * _L2_BYTES / max(in_bytes, 1)))) if device.type == "cuda" else 1
+
+
+def _time_variant(op, variant, m, k, dtype, device, backend, iters, warmup, graph, pieces=1) -> float:
     """Median seconds per call; each sample replays a graph of one call per rotating input set (>= 4x L2)."""
-    in_bytes = m * k * torch.finfo(dtype).bits // 8
-    sets = max(1, min(16, math.ceil(4 * _L2_BYTES / max(in_bytes, 1)))) if device.type == "cuda" else 1
-    xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(sets)]
+    if op == "dequantize-sum":
+        return _time_calls(_dequantize_sum_calls(variant, pieces, m, k, dtype, device, backend), device, iters,
+                           warmup, graph)
+    xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(_sets(m * k * dtype.itemsize, device))]
     gs = Q.nvfp4_global_scale(xs[0].float().abs().amax())
     quantize = _quantizer(variant, backend, gs)
     outs = [quantize(x, None) for x in xs]  # allocates the outputs once, compiles the kernel
@@ -135,6 +158,29 @@ def _time_variant(op, variant, m, k, dtype, device, backend, iters, warmup, grap
         calls = [lambda x=x, out=out: quantize(x, out) for x, out in zip(xs, outs)]
     else:
         calls = [lambda out=out: _dequantize(variant, out, gs, dtype, backend) for out in outs]
+    return _time_calls(calls, device, iters, warmup, graph)
+
+
+def _dequantize_sum_calls(variant, pieces, m, k, dtype, device, backend) -> list:
+    """One dequantize-sum per rotating set of ``pieces`` quantized partials ``[pieces, m, k]`` (the layout a
+    combine receives) into a preallocated ``[m, k]`` result."""
+    fmt = SUM_VARIANTS[variant]
+    row_bytes = Q.reduce_row_bytes(fmt, k)
+    calls = []
+    for _ in range(_sets(pieces * m * row_bytes, device)):
+        buf = torch.empty((pieces * m, row_bytes), dtype=torch.uint8, device=device)
+        views = partial_views(buf, Q.ReduceFormat(fmt), k)
+        Q.quantize_partials(torch.randn(pieces * m, k, device=device).bfloat16(), fmt, out=views)
+        data, scales = partial_views(buf.view(pieces, m, row_bytes), Q.ReduceFormat(fmt), k)
+        out = torch.empty((m, k), dtype=dtype, device=device)
+        calls.append(lambda d=data, s=scales, o=out: Q.dequantize_sum(d, s, dtype=dtype, out=o, backend=backend))
+    return calls
+
+
+def _time_calls(calls: list, device, iters: int, warmup: int, graph: bool) -> float:
+    """Median seconds per call of ``calls`` (one per rotating set); on CUDA with ``graph`` a sample replays one
+    graph of all of them."""
+    sets = len(calls)
     for call in calls:
         call()  # compiles
     if device.type == "cuda" and graph:
@@ -157,16 +203,20 @@ def run_timing(args, device: torch.device) -> dict:
     rows, records = [], []
     for op in args.ops:
         for variant in args.formats:
-            if op == "dequantize" and variant not in DEQUANT_VARIANTS:
+            if (op == "dequantize" and variant not in DEQUANT_VARIANTS) or (
+                    op == "dequantize-sum" and variant not in SUM_VARIANTS):
                 continue
-            for m in tokens:
-                t = _time_variant(op, variant, m, k, dtype, device, args.backend, iters, args.warmup,
-                                  not args.no_graph)  # fmt: skip
-                nbytes = m * k * torch.finfo(dtype).bits // 8 + _written_bytes(variant, m, k)
-                bw = nbytes / t
-                rows.append([op, variant, m, t * 1e6, bw / 1e9, bw / copy_bw])
-                records.append({"op": op, "format": variant, "tokens": m, "hidden": k, "time_us": t * 1e6,
-                                "bytes_read_written": nbytes, "gbps_read_written": bw / 1e9, "fraction_of_copy": bw / copy_bw})  # fmt: skip
+            for pieces in args.pieces if op == "dequantize-sum" else [1]:
+                for m in tokens:
+                    t = _time_variant(op, variant, m, k, dtype, device, args.backend, iters, args.warmup,
+                                      not args.no_graph, pieces)  # fmt: skip
+                    nbytes = m * k * dtype.itemsize + pieces * _written_bytes(variant, m, k)
+                    bw = nbytes / t
+                    name = op if op != "dequantize-sum" else f"{op} x{pieces}"
+                    rows.append([name, variant, m, t * 1e6, bw / 1e9, bw / copy_bw])
+                    records.append({"op": op, "format": variant, "pieces": pieces, "tokens": m, "hidden": k,
+                                    "time_us": t * 1e6, "bytes_read_written": nbytes, "gbps_read_written": bw / 1e9,
+                                    "fraction_of_copy": bw / copy_bw})
     title = (
         f"{args.dtype} [M, {k}] on {device_name(device)} ({args.backend}, "
         f"{'eager' if args.no_graph or not cuda else 'CUDA graph'}); copy bandwidth {copy_bw / 1e9:.0f} GB/s"
@@ -174,7 +224,8 @@ def run_timing(args, device: torch.device) -> dict:
     print_table(title, ["op", "format", "M", "time (us)", "GB/s (read+write)", "fraction of copy"], rows,
                 caption=f"{_notes(args.formats)}. time: median per call; GB/s: bytes read plus bytes written per "
                         "second (quantize: the input, then values and scales; dequantize: values and scales, then "
-                        "the result); fraction of copy: that over a device-to-device copy's.")
+                        "the result; dequantize-sum xP: P pieces of values and scales, then one result); fraction of "
+                        "copy: that over a device-to-device copy's.")
     return {"copy_bandwidth_gbps": copy_bw / 1e9, "dtype": args.dtype, "backend": args.backend, "timing": records}
 
 
@@ -235,6 +286,8 @@ def run(args) -> int:
     """``moecomm bench quant``: the timing table, or with ``--accuracy`` the accuracy table."""
     if args.hidden % 128:
         raise UsageError(f"--hidden {args.hidden} must be a multiple of 128 (the FP8 group)")
+    if "dequantize-sum" in args.ops and args.dtype == "fp16" and not args.accuracy:
+        raise UsageError("--ops dequantize-sum writes bf16 or fp32: use --dtype bf16 or fp32")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if cuda else "cpu")
     payload = run_accuracy(args, device) if args.accuracy else run_timing(args, device)

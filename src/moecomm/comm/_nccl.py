@@ -12,7 +12,8 @@ are ordered with the surrounding kernels and can be captured in CUDA graphs (NCC
 never leave that stream, so the caching allocator needs no ``record_stream``.
 
 NCCL API: ``nccl.h`` of NCCL 2.x (``ncclGetUniqueId``, ``ncclCommInitRank``, ``ncclAllGather``,
-``ncclBroadcast``, ``ncclReduce``, ``ncclReduceScatter``, ``ncclAllReduce``, ``ncclGroupStart/End``).
+``ncclBroadcast``, ``ncclReduce``, ``ncclReduceScatter``, ``ncclAllReduce``, ``ncclSend``, ``ncclRecv``
+(NCCL >= 2.7), ``ncclGroupStart/End``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _library():
         "ncclReduce": [p, p, sz, i, i, i, p, p],
         "ncclReduceScatter": [p, p, sz, i, i, p, p],
         "ncclAllReduce": [p, p, sz, i, i, p, p],
+        "ncclSend": [p, sz, i, i, p, p],
+        "ncclRecv": [p, sz, i, i, p, p],
         "ncclGroupStart": [],
         "ncclGroupEnd": [],
     }
@@ -141,6 +144,20 @@ class Communicator:
         """``buf`` = the sum over ranks of ``buf``, in place."""
         _check(self._lib.ncclAllReduce(buf.data_ptr(), buf.data_ptr(), buf.numel(), _REDUCE_TYPES[buf.dtype], _SUM,
                                        self.comm, self._stream()), "ncclAllReduce")
+
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """One NCCL group of ``ncclSend`` (each ``(tensor, peer)`` of ``sends``) and ``ncclRecv`` (each
+        ``(tensor, peer)`` of ``recvs``), as bytes; a peer may be this rank (NCCL copies locally, overlapped
+        with the transfers). Every send must meet the peer's receive of the same byte count."""
+        stream = self._stream()
+        self.group_start()
+        try:
+            for t, peer in sends:
+                _check(self._lib.ncclSend(t.data_ptr(), t.nbytes, _UINT8, peer, self.comm, stream), "ncclSend")
+            for t, peer in recvs:
+                _check(self._lib.ncclRecv(t.data_ptr(), t.nbytes, _UINT8, peer, self.comm, stream), "ncclRecv")
+        finally:
+            self.group_end()
 
 
 _COMMS = ByGroup()  # group -> {device index: Communicator} (moecomm.comm.group)

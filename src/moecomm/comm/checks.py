@@ -146,9 +146,13 @@ def run_checks(what: str, prepare, agreement, group, validate: bool):
     return result
 
 
-def collective_agreement(tensors, sizes, algorithm) -> dict:
+def collective_agreement(tensors, sizes, algorithm, wire_format=None) -> dict:
+    """What the ranks of one collective must agree on; ``wire_format`` (reducescatterv) by value when given."""
     algorithm = None if algorithm is None else Algorithm(algorithm).value  # by value: enum or string alike
-    return {"sizes": list(sizes), "meta": _meta(tensors), "algorithm": algorithm}
+    agreed = {"sizes": list(sizes), "meta": _meta(tensors), "algorithm": algorithm}
+    if wire_format is not None:
+        agreed["wire_format"] = getattr(wire_format, "value", wire_format)
+    return agreed
 
 
 def check_agreement(what: str, mine: dict, group=None, local_error: Exception | None = None) -> None:

@@ -87,6 +87,24 @@ class _TorchComm:
     def all_reduce(self, buf: torch.Tensor) -> None:
         buf.copy_(self._sum(buf))
 
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """Point-to-point sends and receives of ``(tensor, peer)`` pairs, all in flight together
+        (``batch_isend_irecv``); the pair with this rank as the peer is a local copy."""
+        ops, own = [], None
+        for t, peer in sends:
+            if peer == self.rank:
+                own = t
+            else:
+                ops.append(dist.P2POp(dist.isend, t, group=self.group, group_peer=peer))
+        for t, peer in recvs:
+            if peer == self.rank:
+                t.copy_(own)
+            else:
+                ops.append(dist.P2POp(dist.irecv, t, group=self.group, group_peer=peer))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
 
 _COMMS = ByGroup()  # group -> {device: communication layer} (moecomm.comm.group)
 

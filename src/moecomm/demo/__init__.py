@@ -2,7 +2,7 @@
 
 Modules: ``minilm`` (the model in plain torch, and how its FFNs become experts), ``moefied`` (the demo's
 MoE plan and its one call into the library), ``oracle`` (the original model and the comparison),
-``run`` (the ranks, the driver, the table and the command line).
+``progress`` (the progress bars), ``run`` (the ranks, the driver, the table and the command line).
 """
 
 from moecomm.demo.moefied import default_num_experts, resolve_strategy, split_counts

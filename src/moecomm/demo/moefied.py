@@ -12,12 +12,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["STRATEGIES", "STRATEGY_CHOICES", "SPLITS", "split_counts", "default_num_experts", "resolve_strategy",
+__all__ = ["STRATEGIES", "STRATEGY_CHOICES", "SPLITS", "COMBINE_FORMATS", "runs_of", "split_counts", "default_num_experts", "resolve_strategy",
            "MoEPlan", "make_plan", "LayerExperts", "build_experts", "moe_ffn"]
 
 STRATEGIES = ("allreduce", "agrs", "agrs-nvfp4", "agrs-fp8")  # the default: every concrete strategy
 STRATEGY_CHOICES = (*STRATEGIES, "auto")
 SPLITS = ("uneven", "idle")  # every rank busy with different counts / the last rank has no sentences
+COMBINE_FORMATS = ("bf16", "int8", "fp8")  # the combine's wire formats (moecomm.quant.ReduceFormat)
+
+
+def runs_of(strategies: Sequence[str], combine_formats: Sequence[str]) -> list[tuple[str, str]]:
+    """``(strategy, combine format)`` pairs, strategy-major; ``allreduce`` (a bf16 all-reduce) with ``bf16`` only."""
+    return [(s, f) for s in strategies for f in combine_formats if s != "allreduce" or f == "bf16"]
 
 
 def split_counts(num_sentences: int, world_size: int, *, idle_last: bool = False) -> list[int]:
@@ -141,11 +147,11 @@ def build_experts(model, plan: MoEPlan, ep_size: int, ep_rank: int) -> list[Laye
 
 
 def moe_ffn(layers: list[LayerExperts], plan: MoEPlan, *, strategy: str, sizes: list[int],
-            global_scales: Sequence[float], on_layer=None):
+            global_scales: Sequence[float], combine_format: str = "bf16", on_layer=None):
     """An FFN hook for :meth:`MiniLM.encode` running each layer's MoE over all ranks with ``strategy`` (concrete).
 
     Rows ``[n, H]`` fp32 are routed by ``plan``, cast to bf16 and passed to :func:`moecomm.layer.moe_forward`;
-    its bf16 output comes back as fp32 plus the dense ``b2``. ``moe_forward`` is collective: every rank calls the
+    its bf16 output (combined in ``combine_format``) comes back as fp32 plus the dense ``b2``. ``moe_forward`` is collective: every rank calls the
     hook for every layer, also with ``n = 0``.
     """
     from moecomm.layer import Strategy, moe_forward
@@ -163,6 +169,7 @@ def moe_ffn(layers: list[LayerExperts], plan: MoEPlan, *, strategy: str, sizes: 
             sizes=sizes,
             strategy=strat,
             global_scale=gs if strat is Strategy.AGRS_NVFP4 else None,
+            combine_format=combine_format,
         )
         if on_layer is not None:
             on_layer(layer)

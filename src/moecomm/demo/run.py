@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import queue as queue_mod
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
@@ -43,6 +41,7 @@ from moecomm._args import (
     positive_int,
 )
 from moecomm.demo.moefied import (
+    COMBINE_FORMATS,
     SPLITS,
     STRATEGIES,
     STRATEGY_CHOICES,
@@ -52,6 +51,7 @@ from moecomm.demo.moefied import (
     make_plan,
     moe_ffn,
     resolve_strategy,
+    runs_of,
     split_counts,
 )
 from moecomm.demo.oracle import (
@@ -60,6 +60,7 @@ from moecomm.demo.oracle import (
     run_moe_reference,
     run_oracle,
 )
+from moecomm.demo.progress import Display, run_label
 
 __all__ = ["add_arguments", "run", "run_demo", "StrategyResult", "print_results"]
 
@@ -69,7 +70,7 @@ class RankJob:
     """What every rank needs (picklable: it travels to the spawned ranks)."""
 
     sentences: tuple[tuple[str, ...], ...]  # per rank
-    strategies: tuple[str, ...]
+    runs: tuple[tuple[str, str], ...]  # (dispatch strategy, combine format), in order
     plan: MoEPlan
     global_scales: tuple[float, ...]  # per layer, NVFP4 static global scale (448 * 6 / calibration amax)
     split: str  # for progress events
@@ -105,17 +106,18 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
 
     outs = []
     with torch.inference_mode():
-        for strategy in job.strategies:
+        for strategy, combine_format in job.runs:
+            label = run_label(strategy, combine_format)
             if job.warmup:  # two sentences per rank through every code path, untimed
                 few = min(2, len(mine))
                 warm_sizes = gather_sizes(int(mask[:few].sum()))
                 ffn = moe_ffn(experts, job.plan, strategy=resolve_strategy(strategy, warm_sizes), sizes=warm_sizes,
-                              global_scales=job.global_scales)
+                              global_scales=job.global_scales, combine_format=combine_format)
                 model.encode(ids[:few], mask[:few], ffn)
-            emit("start", job.split, strategy)
+            emit("start", job.split, label)
             resolved = resolve_strategy(strategy, sizes)
             ffn = moe_ffn(experts, job.plan, strategy=resolved, sizes=sizes, global_scales=job.global_scales,
-                          on_layer=lambda i: emit("layer", job.split, strategy, i))
+                          combine_format=combine_format, on_layer=lambda i: emit("layer", job.split, label, i))
             sync()
             t0 = time.perf_counter()
             hidden = model.encode(ids, mask, ffn)
@@ -128,13 +130,14 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
                 {
                     "strategy": strategy,
                     "resolved_strategy": resolved,
+                    "combine_format": combine_format,
                     "hidden_rows": hidden[mask].float().cpu().numpy(),  # [n, H], sentence-major
                     "embeddings": emb.float().cpu().numpy(),  # [sentences, H]
                     "seconds": seconds,
                     "tokens": n,
                 }
             )
-            emit("done", job.split, strategy, seconds)
+            emit("done", job.split, label, seconds)
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(outs, gathered, dst=0)
     return gathered
@@ -149,13 +152,14 @@ class StrategyResult:
     split: str  # "uneven" or "idle" ("one rank" at world size 1)
     sentences_per_rank: list[int]
     tokens_per_rank: list[int]
-    wire_bytes_per_token: int  # one layer's dispatch + combine bytes per token (dispatch.wire_bytes_per_token)
+    wire_bytes_per_token: int  # one layer's dispatch + combine bytes per token (layer.wire_bytes_per_token)
     seconds: float  # the distributed forward, all layers, slowest rank (after a warm-up)
     cosine_min: float  # of the sentence embeddings against the oracle's
     cosine_mean: float
     hidden_max_abs_diff: float  # over all non-padding tokens' final hidden states
     nn_top1_agreement: float
     nn_top5_overlap: float
+    combine_format: str = "bf16"  # the combine's wire format: bf16, int8 or fp8
 
     @property
     def wire_bytes_per_layer(self) -> int:
@@ -174,9 +178,11 @@ class _Arguments(NamedTuple):
     top_k: int
     splits: list[str]
     device: str  # "cpu" or "cuda"
+    runs: list[tuple[str, str]]  # (strategy, combine format)
 
 
-def _check_arguments(world_size, num_sentences, num_experts, top_k, strategies, splits, device) -> _Arguments:
+def _check_arguments(world_size, num_sentences, num_experts, top_k, strategies, splits, device,
+                     combine_formats=("bf16",)) -> _Arguments:
     """Check :func:`run_demo`'s arguments (no work done); raises ``ValueError`` naming the command-line option."""
     from moecomm.demo.minilm import read_sentences
 
@@ -188,6 +194,9 @@ def _check_arguments(world_size, num_sentences, num_experts, top_k, strategies, 
     bad = [s for s in splits if s not in SPLITS] or ([] if splits else ["(none)"])
     if bad:
         raise ValueError(f"--splits: unknown split {bad[0]!r}; choose from {', '.join(SPLITS)}")
+    bad = [f for f in combine_formats if f not in COMBINE_FORMATS] or ([] if combine_formats else ["(none)"])
+    if bad:
+        raise ValueError(f"--combine-format: unknown format {bad[0]!r}; choose from {', '.join(COMBINE_FORMATS)}")
     num_experts = default_num_experts(world_size) if num_experts is None else num_experts
     if num_experts < 1 or num_experts % world_size:
         raise ValueError(f"--experts {num_experts} must be a positive multiple of the world size {world_size}")
@@ -208,7 +217,7 @@ def _check_arguments(world_size, num_sentences, num_experts, top_k, strategies, 
     runnable = [s for s in splits if s != "idle" or world_size >= 2]
     if not runnable:
         raise ValueError("--splits idle needs --world-size >= 2 (one rank cannot be idle and serve the batch)")
-    return _Arguments(n, num_experts, top_k, runnable, device)
+    return _Arguments(n, num_experts, top_k, runnable, device, runs_of(strategies, combine_formats))
 
 
 def run_demo(
@@ -222,6 +231,7 @@ def run_demo(
     device: str = "auto",
     progress: bool = True,
     timeout: float = 600.0,
+    combine_formats: Sequence[str] = ("bf16",),
 ) -> tuple[Oracle, list[StrategyResult], dict]:
     """Run the demo; returns the oracle, one :class:`StrategyResult` per (split, strategy), and the configuration.
 
@@ -248,6 +258,9 @@ def run_demo(
         Show progress bars.
     timeout : float
         Seconds each split's ranks may run.
+    combine_formats : sequence of str
+        Wire formats of the combine (:data:`COMBINE_FORMATS`: ``bf16``, ``int8``, ``fp8``): every strategy
+        runs with each (``allreduce``, which combines in bf16 on the wire, with ``bf16`` only).
 
     Returns
     -------
@@ -260,8 +273,8 @@ def run_demo(
     Raises
     ------
     ValueError
-        Before any work: an unknown strategy, split or device, a world size below 1, a sentence count outside
-        ``[1, available]``, ``num_experts`` not a positive multiple of ``world_size``, ``top_k`` outside
+        Before any work: an unknown strategy, split, combine format or device, a world size below 1, a sentence
+        count outside ``[1, available]``, ``num_experts`` not a positive multiple of ``world_size``, ``top_k`` outside
         ``[1, num_experts]``, or ``device="cuda"`` with fewer GPUs than ranks.
     """
     import torch.multiprocessing as mp
@@ -270,8 +283,8 @@ def run_demo(
     from moecomm.demo.minilm import MiniLM, MiniLMConfig, model_dir, read_sentences
     from moecomm.layer import wire_bytes_per_token
 
-    n, num_experts, top_k, splits, device = _check_arguments(world_size, num_sentences, num_experts, top_k,
-                                                             strategies, splits, device)
+    n, num_experts, top_k, splits, device, runs = _check_arguments(world_size, num_sentences, num_experts, top_k,
+                                                                   strategies, splits, device, combine_formats)
     all_sentences = read_sentences("sentences.txt")
     sentences = all_sentences[:n]
     calibration = read_sentences("calibration.txt")
@@ -279,7 +292,7 @@ def run_demo(
     oracle_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     backend = "nccl" if device == "cuda" else "gloo"
     layers = MiniLMConfig.from_dir(model_dir()).layers
-    display = _Display(progress, layers=layers, oracle_steps=math.ceil(len(calibration) / 64) + math.ceil(n / 64))
+    display = Display(progress, layers=layers, oracle_steps=math.ceil(len(calibration) / 64) + math.ceil(n / 64))
     results: list[StrategyResult] = []
     with display:
         oracle = run_oracle(sentences, calibration, oracle_device, keep_calibration_rows=top_k < num_experts,
@@ -295,7 +308,7 @@ def run_demo(
             offsets = [sum(counts[:r]) for r in range(world_size + 1)]
             per_rank = tuple(tuple(sentences[offsets[r] : offsets[r + 1]]) for r in range(world_size))
             q = mp.get_context("spawn").Queue() if progress else None
-            job = RankJob(per_rank, tuple(strategies), plan, tuple(oracle.global_scales), split, q)
+            job = RankJob(per_rank, tuple(runs), plan, tuple(oracle.global_scales), split, q)
             display.listen(q)
             try:
                 gathered = launch(_rank_main, world_size, (job,), backend=backend, timeout=timeout)[0]
@@ -303,7 +316,7 @@ def run_demo(
                 display.stop_listening()
             if gathered is None:  # under torchrun only rank 0 gets the results
                 continue
-            for j, strategy in enumerate(strategies):
+            for j, (strategy, combine_format) in enumerate(runs):
                 ranks = [g[j] for g in gathered]
                 emb = torch.cat([torch.from_numpy(r["embeddings"]) for r in ranks])
                 rows = torch.cat([torch.from_numpy(r["hidden_rows"]) for r in ranks])
@@ -312,10 +325,12 @@ def run_demo(
                     StrategyResult(
                         name=strategy,
                         resolved_strategy=resolved,
+                        combine_format=combine_format,
                         split=split if world_size > 1 else "one rank",
                         sentences_per_rank=counts,
                         tokens_per_rank=[r["tokens"] for r in ranks],
-                        wire_bytes_per_token=int(wire_bytes_per_token(resolved, hidden, top_k)),
+                        wire_bytes_per_token=int(wire_bytes_per_token(resolved, hidden, top_k,
+                                                                      combine_format=combine_format)),
                         seconds=max(r["seconds"] for r in ranks),
                         **compare(oracle, emb, rows),
                     )
@@ -343,68 +358,6 @@ def run_demo(
     return oracle, results, config
 
 
-class _Display:
-    """Rich progress: the oracle/calibration pass, then one bar per (split, strategy) advanced per layer by rank 0."""
-
-    def __init__(self, enabled: bool, *, layers: int, oracle_steps: int):
-        self.enabled = enabled
-        self.layers = layers
-        self._thread: threading.Thread | None = None
-        self._queue = None
-        self._stop = threading.Event()
-        self.tasks: dict[tuple[str, str], Any] = {}
-        if enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description:<32}"), BarColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn())
-            self.oracle_task = self.progress.add_task("oracle fp32 + calibration", total=oracle_steps, info="")
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-
-    def oracle_step(self) -> None:
-        if self.enabled:
-            self.progress.advance(self.oracle_task)
-
-    def listen(self, q) -> None:
-        if not self.enabled or q is None:
-            return
-        self._queue = q
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def stop_listening(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                event = self._queue.get(timeout=0.1)
-            except queue_mod.Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            kind, split, strategy, *rest = event
-            key = (split, strategy)
-            if kind == "start":
-                self.tasks[key] = self.progress.add_task(f"{strategy} ({split} split)", total=self.layers, info="")
-            elif kind == "layer" and key in self.tasks:
-                self.progress.update(self.tasks[key], completed=rest[0] + 1, info=f"layer {rest[0] + 1}/{self.layers}")
-            elif kind == "done" and key in self.tasks:
-                self.progress.update(self.tasks[key], completed=self.layers, info=f"{rest[0]:.2f} s")
-
-
 def print_results(oracle: Oracle, results: Sequence[StrategyResult], config: dict) -> None:
     """The final rich table."""
     from rich.console import Console
@@ -417,21 +370,21 @@ def print_results(oracle: Oracle, results: Sequence[StrategyResult], config: dic
     )
     caption = f"Routing: {config['routing']}. Agreement is with the original fp32 model in one process."
     table = Table(title=title, caption=caption)
-    for c in ("strategy", "split", "sentences/rank", "wire B/token", "wire KB/layer", "seconds", "cos min",
+    for c in ("strategy", "combine", "split", "sentences/rank", "wire B/token", "wire KB/layer", "seconds", "cos min",
               "cos mean", "hidden max|Δ|", "NN top-1 same", "NN top-5 overlap"):
-        table.add_column(c, justify="left" if c in ("strategy", "split") else "right")
+        table.add_column(c, justify="left" if c in ("strategy", "combine", "split") else "right")
     n = str(config["num_sentences"])
-    table.add_row("dense fp32 (oracle)", "1 process", n, "-", "-", f"{oracle.seconds:.2f}", "1", "1", "0",
+    table.add_row("dense fp32 (oracle)", "-", "1 process", n, "-", "-", f"{oracle.seconds:.2f}", "1", "1", "0",
                   "100%", "100%", style="dim")
     ref = config.get("moe_reference_vs_oracle")
     if ref is not None:
-        table.add_row(f"top-{config['topk']} MoE fp32", "1 process", n, "-", "-", "-", f"{ref['cosine_min']:.6f}",
+        table.add_row(f"top-{config['topk']} MoE fp32", "-", "1 process", n, "-", "-", "-", f"{ref['cosine_min']:.6f}",
                       f"{ref['cosine_mean']:.6f}", f"{ref['hidden_max_abs_diff']:.4f}",
                       f"{ref['nn_top1_agreement']:.1%}", f"{ref['nn_top5_overlap']:.1%}", style="dim")
     for r in results:
         name = r.name if r.resolved_strategy == r.name else f"{r.name} → {r.resolved_strategy}"
         table.add_row(
-            name, r.split, "/".join(map(str, r.sentences_per_rank)), str(r.wire_bytes_per_token),
+            name, r.combine_format, r.split, "/".join(map(str, r.sentences_per_rank)), str(r.wire_bytes_per_token),
             f"{r.wire_bytes_per_layer / 1e3:.0f}", f"{r.seconds:.2f}", f"{r.cosine_min:.6f}", f"{r.cosine_mean:.6f}",
             f"{r.hidden_max_abs_diff:.4f}", f"{r.nn_top1_agreement:.1%}", f"{r.nn_top5_overlap:.1%}",
         )
@@ -454,6 +407,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", type=choice_list(STRATEGY_CHOICES), default=list(STRATEGIES),
                         help=f"comma-separated dispatch strategies of {', '.join(STRATEGY_CHOICES)} (default "
                              f"{','.join(STRATEGIES)}); the table shows what auto resolved to")
+    parser.add_argument("--combine-format", type=choice_list(COMBINE_FORMATS), default=["bf16"],
+                        help="comma-separated wire formats of the combine: bf16 (default), int8, fp8; every "
+                             "strategy but allreduce runs with each (e.g. bf16,int8,fp8 to compare them)")
     parser.add_argument("--splits", type=choice_list(SPLITS), default=list(SPLITS),
                         help="comma-separated sentence splits: uneven (every rank busy, different counts), "
                              "idle (the last rank encodes nothing); default both")
@@ -468,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     """``moecomm demo``: check the arguments, run :func:`run_demo`, print the table, write the JSON."""
     try:
         checked = _check_arguments(args.world_size, args.sentences, args.experts, args.top_k, args.strategies,
-                                   args.splits, args.device)
+                                   args.splits, args.device, args.combine_format)
     except ValueError as e:
         raise UsageError(str(e)) from None
     check_world_size(args.world_size, gpu=checked.device == "cuda", force=args.force, bytes_per_rank=_RANK_MEMORY)
@@ -481,6 +437,7 @@ def run(args: argparse.Namespace) -> int:
         splits=args.splits,
         device=args.device,
         progress=not args.no_progress,
+        combine_formats=args.combine_format,
     )
     if not results:  # a non-zero rank under torchrun
         return 0

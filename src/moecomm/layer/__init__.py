@@ -18,6 +18,7 @@ from moecomm.layer.graphs import GraphedMoE
 from moecomm.layer.message import MessageLayout, message_layout
 from moecomm.layer.overlap import CARVEOUT_ENV
 from moecomm.layer.step import EXPERT_TENSORS, moe_forward
+from moecomm.quant.reduce import ReduceFormat
 from moecomm.layer.strategy import (
     DISABLE_ENV,
     Strategy,
@@ -27,6 +28,7 @@ from moecomm.layer.strategy import (
 
 __all__ = [
     "Strategy",
+    "ReduceFormat",
     "DispatchHandle",
     "MessageLayout",
     "message_layout",

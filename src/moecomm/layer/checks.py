@@ -20,9 +20,10 @@ from moecomm.comm.group import rank_and_world
 from moecomm.layer.message import message_layout
 from moecomm.layer.strategy import Strategy, wire_format
 from moecomm.moe import ExpertWeights
-from moecomm.quant import QuantFormat
+from moecomm.quant import QuantFormat, ReduceFormat
+from moecomm.quant.reduce import check_reduce_hidden
 
-__all__ = ["check_global_scale", "check_dispatch", "dispatch_agreement", "check_experts"]
+__all__ = ["check_global_scale", "check_dispatch", "dispatch_agreement", "check_experts", "check_combine_format"]
 
 
 def check_global_scale(global_scale, rank: int) -> None:
@@ -108,3 +109,18 @@ def check_experts(weights: ExpertWeights, hidden, rank: int, world: int) -> None
     if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 and hidden.shape[1] != weights.hidden_size:
         raise ValueError(f"rank {rank}: hidden has {hidden.shape[1]} columns, the experts' hidden size is "
                          f"{weights.hidden_size}")
+
+
+def check_combine_format(combine_format, strategy: Strategy, hidden_size: int, rank: int) -> ReduceFormat:
+    """The combine's wire format: a :class:`moecomm.quant.ReduceFormat`; a quantized one needs an ``agrs*``
+    strategy (``allreduce`` sums on the wire) and a hidden size that is a multiple of 128. Raises ``ValueError``."""
+    try:
+        fmt = ReduceFormat(combine_format)
+    except ValueError as e:
+        raise ValueError(f"rank {rank}: combine_format: {e}") from None
+    if fmt != ReduceFormat.BF16:
+        if strategy == Strategy.ALLREDUCE:
+            raise ValueError(f"rank {rank}: combine_format={fmt.value!r} needs an agrs strategy: the allreduce "
+                             "strategy sums the partial outputs on the wire, in bf16")
+        check_reduce_hidden(fmt, hidden_size, f"rank {rank}: combine_format")
+    return fmt

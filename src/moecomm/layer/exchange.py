@@ -30,11 +30,11 @@ from moecomm.comm import (
     reduce_scatterv,
 )
 from moecomm.comm.checks import REDUCE_DTYPES, run_checks
-from moecomm.layer.checks import check_dispatch, dispatch_agreement
+from moecomm.layer.checks import check_combine_format, check_dispatch, dispatch_agreement
 from moecomm.layer.message import message_layout
 from moecomm.layer.strategy import Strategy, wire_format
 from moecomm.moe import ids_int32
-from moecomm.quant import QuantFormat, QuantizedTensor, quantize
+from moecomm.quant import QuantFormat, QuantizedTensor, ReduceFormat, quantize
 
 __all__ = ["DispatchHandle", "dispatch", "combine"]
 
@@ -229,16 +229,20 @@ def _gather_by_allreduce(hidden, topk_ids, topk_weights, sizes, rank, group):
 
 
 def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
-            algorithm: Algorithm | str = Algorithm.AUTO) -> torch.Tensor:
+            algorithm: Algorithm | str = Algorithm.AUTO, combine_format: ReduceFormat | str = "bf16") -> torch.Tensor:
     """Sum the experts' partial outputs over ranks and return this rank's rows.
 
     ``partial``: ``bf16 [handle.rows, hidden]`` from the local experts. Returns ``bf16 [sizes[rank], hidden]``:
     reducescatterv (``algorithm``, :mod:`moecomm.comm`) for ``agrs*`` strategies, all-reduce + slice
     for ``allreduce`` (which sums ``partial`` in place). In the padded layout the result is a view of the
     first ``sizes[rank]`` rows of a ``[max(sizes), hidden]`` buffer (or written to ``out``).
+    ``combine_format``: the reducescatterv's ``wire_format`` (``"bf16"``, default; ``"int8"`` or ``"fp8"``:
+    quantized per (token, 128 columns), summed in float32 at the token's owner, :mod:`moecomm.comm.quantized`;
+    ``agrs*`` strategies, bf16 / fp32 partials, hidden a multiple of 128). Padding rows of the padded layout
+    travel too (zeros: zero codes).
     Raises ``ValueError`` when ``partial`` or ``out`` requires grad in grad mode (as :func:`dispatch`),
-    ``partial`` does not have ``handle.rows`` rows or ``out`` is not
-    ``[sizes[rank], hidden]`` of ``partial``'s dtype; ``TypeError`` when ``handle`` is not a
+    ``partial`` does not have ``handle.rows`` rows, ``out`` is not ``[sizes[rank], hidden]`` of ``partial``'s
+    dtype or ``combine_format`` is unknown or does not fit (as listed); ``TypeError`` when ``handle`` is not a
     :class:`DispatchHandle` or ``out`` not a tensor.
     """
     if not isinstance(handle, DispatchHandle):
@@ -256,14 +260,15 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     if out is not None and (out.dtype != partial.dtype or out.shape != (n, partial.shape[1])):
         raise ValueError(f"rank {rank}: out must be {partial.dtype} [{n}, {partial.shape[1]}], got "
                          f"{out.dtype} {tuple(out.shape)}")
+    fmt = check_combine_format(combine_format, handle.strategy, partial.shape[1], rank)
     if handle.strategy == Strategy.ALLREDUCE:
         all_reduce(partial, handle.group)  # in place, as the classic DP path does
         start = sum(sizes[:rank])
         rows = partial[start : start + n]
         return rows if out is None else out.copy_(rows)
     if handle.padded_rows is None:
-        return reduce_scatterv(partial, sizes, handle.group, out=out, algorithm=algorithm)
+        return reduce_scatterv(partial, sizes, handle.group, out=out, algorithm=algorithm, wire_format=fmt)
     pad = handle.padded_rows
     mine = reduce_scatterv(partial, [pad] * len(sizes), handle.group,
-                           out=out if out is not None and n == pad else None, algorithm=algorithm)
+                           out=out if out is not None and n == pad else None, algorithm=algorithm, wire_format=fmt)
     return mine[:n] if out is None else (mine if mine is out else out.copy_(mine[:n]))

@@ -35,8 +35,9 @@ class GraphedMoE:
     weights : ExpertWeights of this rank.
     hidden_size, topk : int
     buckets : list[int], tokens per rank to capture (e.g. ``[1, 2, 4, ..., 256]`` for decode).
-    strategy, global_scale, expert_input_format, group, chunks : as for :func:`moe_forward`; ``"auto"`` and
-        ``chunks=None`` are resolved per bucket at capture time (from ``bucket * world_size`` tokens).
+    strategy, global_scale, expert_input_format, group, chunks, combine_format : as for :func:`moe_forward`;
+        ``"auto"`` and ``chunks=None`` are resolved per bucket at capture time (from ``bucket * world_size``
+        tokens).
 
     Raises
     ------
@@ -56,7 +57,7 @@ class GraphedMoE:
     def __init__(self, weights: ExpertWeights, *, hidden_size: int, topk: int, buckets: Sequence[int],
                  strategy: Strategy | str = Strategy.AUTO, global_scale: torch.Tensor | None = None,
                  expert_input_format: QuantFormat | None = None, group: dist.ProcessGroup | None = None,
-                 chunks: int | None = None):
+                 chunks: int | None = None, combine_format: str = "bf16"):
         if not buckets or any(isinstance(b, bool) or int(b) != b or b < 1 for b in buckets):
             raise ValueError(f"buckets must be positive integers, got {buckets}")
         if not torch.cuda.is_available() or weights.w13.device.type != "cuda":
@@ -81,7 +82,7 @@ class GraphedMoE:
                 def step(hidden=hidden, ids=ids, tw=tw, bucket=bucket):
                     return moe_forward(hidden, ids, tw, weights, sizes=[bucket] * self.world_size, strategy=strategy,
                                        global_scale=global_scale, expert_input_format=expert_input_format,
-                                       group=group, chunks=chunks)
+                                       group=group, chunks=chunks, combine_format=combine_format)
 
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())

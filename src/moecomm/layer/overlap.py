@@ -28,7 +28,7 @@ def _gathered_tensors(tokens, ids, tw) -> list[torch.Tensor]:
 
 
 def pipelined(send, compute, hidden, topk_ids, topk_weights, sizes: list[int], rank: int, chunks: int,
-               algorithm) -> torch.Tensor:
+               algorithm, combine_format="bf16") -> torch.Tensor:
     """:func:`moe_forward` in ``chunks`` pieces, the communication overlapping the experts on CUDA.
 
     Streams (``main`` = the caller's stream, ``comm`` = one side stream per device): every dispatch runs on
@@ -47,7 +47,7 @@ def pipelined(send, compute, hidden, topk_ids, topk_weights, sizes: list[int], r
     if not hidden.is_cuda:
         for chunk_sizes, rows in pieces:
             tokens, ids, tw, handle = send(hidden[rows], topk_ids[rows], topk_weights[rows], chunk_sizes)
-            combine(compute(tokens, ids, tw), handle, out=out[rows], algorithm=algorithm)
+            combine(compute(tokens, ids, tw), handle, out=out[rows], algorithm=algorithm, combine_format=combine_format)
         return out
     main = torch.cuda.current_stream(hidden.device)
     comm = _COMM_STREAMS.get(hidden.device)
@@ -77,6 +77,6 @@ def pipelined(send, compute, hidden, topk_ids, topk_weights, sizes: list[int], r
         partial.record_stream(comm)
         comm.wait_stream(main)
         with torch.cuda.stream(comm):
-            combine(partial, handle, out=out[rows], algorithm=algorithm)
+            combine(partial, handle, out=out[rows], algorithm=algorithm, combine_format=combine_format)
     main.wait_stream(comm)
     return out

@@ -28,12 +28,12 @@ from moecomm.comm import Algorithm
 from moecomm.comm._library import as_sizes, enum_value, group_name, resolve_group
 from moecomm.comm.checks import check_sizes, run_checks
 from moecomm.comm.group import rank_and_world
-from moecomm.layer.checks import check_dispatch, check_experts, dispatch_agreement
+from moecomm.layer.checks import check_combine_format, check_dispatch, check_experts, dispatch_agreement
 from moecomm.layer.exchange import combine, dispatch_checked
 from moecomm.layer.overlap import pipelined
 from moecomm.layer.strategy import Strategy, choose_strategy, resolve_chunks
 from moecomm.moe import Activation, ExpertWeights, WeightFormat, experts_forward
-from moecomm.quant import QuantFormat
+from moecomm.quant import QuantFormat, ReduceFormat
 
 __all__ = ["moe_forward", "moe_forward_op", "EXPERT_TENSORS"]
 
@@ -57,6 +57,7 @@ def moe_forward(
     validate: bool = False,
     allow_quantized: bool | None = None,
     chunks: int | None = None,
+    combine_format: ReduceFormat | str = "bf16",
 ) -> torch.Tensor:
     """One EP MoE layer step for DP attention: dispatch, local experts, combine.
 
@@ -84,6 +85,14 @@ def moe_forward(
     count measured to pay at this world size and token count (``data/crossover.json``, ``"chunks"``), 1
     where nothing was measured or overlap does not pay (decode).
 
+    ``combine_format``: the wire format of the combine's reducescatterv. ``"bf16"`` (default) as above;
+    ``"int8"`` or ``"fp8"`` (e4m3) quantize each rank's partial output per (token, 128 columns) with an
+    fp32 scale, and each token's owner dequantizes and sums the ``world_size`` pieces in float32 in rank
+    order (:mod:`moecomm.comm.quantized`): about half the combine's bytes, deterministic (the same bits on
+    CPU and GPU, for every algorithm and chunk count), at the accuracy of the format (docs/accuracy.md). It
+    changes numerics, so it is never chosen automatically. Needs an ``agrs*`` strategy (``"auto"`` resolves
+    to one) and a hidden size that is a multiple of 128.
+
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
     split over the group, their hidden size differs or one of their tensors requires grad in grad mode
     (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``);
@@ -98,7 +107,7 @@ def moe_forward(
         return moe_forward_op(hidden, topk_ids, topk_weights, weights, sizes=sizes, strategy=strategy,
                                global_scale=global_scale, expert_input_format=expert_input_format, group=group,
                                pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
-                               chunks=chunks)
+                               chunks=chunks, combine_format=combine_format)
     strategy = Strategy(strategy)
 
     def prepare():
@@ -110,6 +119,7 @@ def moe_forward(
                                        ep_size=world, allow_quantized=allow_quantized)
         checked = check_dispatch(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format,
                             pack)
+        check_combine_format(combine_format, resolved, hidden.shape[1], rank)
         chosen.append((resolved, resolve_chunks(chunks, checked[0], world)))
         return resolved, checked
 
@@ -118,7 +128,8 @@ def moe_forward(
         "moe_forward", prepare,
         lambda: {**dispatch_agreement(hidden, topk_ids, sizes, chosen[0][0], global_scale, expert_input_format, pack,
                               algorithm, weights.num_experts),
-                 "num_experts": weights.num_experts, "chunks": chosen[0][1]},
+                 "num_experts": weights.num_experts, "chunks": chosen[0][1],
+                 "combine_format": ReduceFormat(combine_format).value},
         group, validate)
     chunks = chosen[0][1]
     send = functools.partial(dispatch_checked, rank=rank, world=world, strategy=strategy, global_scale=global_scale,
@@ -131,8 +142,9 @@ def moe_forward(
 
     if chunks == 1 or world == 1:
         tokens, ids, tw, handle = send(hidden, topk_ids, topk_weights, checked_sizes)
-        return combine(compute(tokens, ids, tw), handle, algorithm=algorithm)
-    return pipelined(send, compute, hidden, topk_ids, topk_weights, checked_sizes, rank, chunks, algorithm)
+        return combine(compute(tokens, ids, tw), handle, algorithm=algorithm, combine_format=combine_format)
+    return pipelined(send, compute, hidden, topk_ids, topk_weights, checked_sizes, rank, chunks, algorithm,
+                     combine_format)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,6 +172,7 @@ def _moe_forward_op(
     validate: bool,
     allow_quantized: Optional[bool],
     chunks: Optional[int],
+    combine_format: str,
 ) -> Tensor:
     weights = ExpertWeights(**dict(zip(EXPERT_TENSORS, experts)), activation=Activation(activation),
                             format=WeightFormat(weight_format), first_expert=first_expert, num_experts=num_experts)
@@ -167,7 +180,7 @@ def _moe_forward_op(
         hidden, topk_ids, topk_weights, weights, sizes=sizes.tolist(), strategy=strategy,
         global_scale=global_scale if global_scale is not None else global_scale_value,
         expert_input_format=expert_input_format, group=resolve_group(group_name), pack=pack, algorithm=algorithm,
-        validate=validate, allow_quantized=allow_quantized, chunks=chunks)
+        validate=validate, allow_quantized=allow_quantized, chunks=chunks, combine_format=combine_format)
     # the fake's layout: a fresh tensor (the allreduce strategy returns a slice of its sum buffer)
     return out if out.storage_offset() == 0 else out.clone()
 
@@ -181,7 +194,7 @@ def _(hidden, topk_ids, topk_weights, sizes, *args):
 
 def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="auto", global_scale=None,
                 expert_input_format=None, group=None, pack=True, algorithm="auto", validate=False,
-                allow_quantized=None, chunks=None) -> Tensor:
+                allow_quantized=None, chunks=None, combine_format="bf16") -> Tensor:
     """:func:`moe_forward` as the op ``moecomm::moe_forward``: one EP MoE layer step.
 
     What :func:`moe_forward` calls under ``torch.compile`` or for a tensor ``sizes``.
@@ -196,6 +209,8 @@ def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="
         never baked into a graph) or a list (a constant of the graph).
     strategy, global_scale, expert_input_format, group, pack, algorithm, validate, allow_quantized, chunks :
         As for :func:`moe_forward`; enums may be given as their strings.
+    combine_format : {"bf16", "int8", "fp8"}
+        As for :func:`moe_forward` (a :class:`moecomm.quant.ReduceFormat` or its string).
 
     Returns
     -------
@@ -218,4 +233,4 @@ def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="
         hidden, topk_ids, topk_weights, as_sizes(sizes), [getattr(weights, f) for f in EXPERT_TENSORS],
         enum_value(weights.activation), enum_value(weights.format), weights.first_expert, weights.num_experts,
         enum_value(strategy), gs_tensor, gs_value, enum_value(expert_input_format), group_name(group), pack,
-        enum_value(algorithm), validate, allow_quantized, chunks)
+        enum_value(algorithm), validate, allow_quantized, chunks, enum_value(combine_format))

@@ -23,7 +23,7 @@ from importlib import resources
 
 from moecomm._enum import ChoiceEnum
 from moecomm.layer.message import message_layout
-from moecomm.quant import QuantFormat
+from moecomm.quant import QuantFormat, ReduceFormat, reduce_row_bytes
 
 __all__ = ["Strategy", "DISABLE_ENV", "wire_format", "choose_strategy", "resolve_chunks", "wire_bytes_per_token"]
 
@@ -106,17 +106,23 @@ def resolve_chunks(chunks, sizes: list[int], world: int) -> int:
 
 
 def wire_bytes_per_token(strategy: Strategy | str, hidden: int, topk: int,
-                         expert_input_format: QuantFormat | None = None) -> int:
+                         expert_input_format: QuantFormat | None = None,
+                         combine_format: ReduceFormat | str = "bf16") -> int:
     """Bytes one token occupies in the dispatch message plus in the combine message.
 
     Dispatch: the packed :func:`message_layout` row (bf16 ``2*hidden`` + int32 ids + fp32 weights for
-    ``allreduce`` / ``agrs``). Combine: ``2*hidden`` (bf16). ``allreduce`` moves these bytes for every
-    token of the global batch on every rank (and an all-reduce moves about twice the bytes of an
+    ``allreduce`` / ``agrs``). Combine: ``2*hidden`` (bf16), or for a quantized ``combine_format``
+    ``hidden + 4*hidden/128`` (:func:`moecomm.quant.reduce_row_bytes`). ``allreduce`` moves these bytes for
+    every token of the global batch on every rank (and an all-reduce moves about twice the bytes of an
     all-gather on the bus); ``agrs`` strategies gather each token once (padded layouts add the padding
-    rows). Hidden 7168: bf16 14336 B, NVFP4 4032 B, FP8 per-128 7392 B of payload and scales per token.
+    rows). Hidden 7168: bf16 14336 B, NVFP4 4032 B, FP8 per-128 7392 B of payload and scales per token;
+    an int8 or FP8 combine 7392 B (0.516x of bf16). ``ValueError`` for ``"auto"``, or a quantized combine
+    with ``allreduce`` (which sums in bf16 on the wire).
     """
     strategy = Strategy(strategy)
     if strategy == Strategy.AUTO:
         raise ValueError("wire_bytes_per_token needs a concrete strategy, not 'auto'")
+    if strategy == Strategy.ALLREDUCE and ReduceFormat(combine_format) != ReduceFormat.BF16:
+        raise ValueError(f"the allreduce strategy combines in bf16, not {ReduceFormat(combine_format).value}")
     dispatch_bytes = message_layout(wire_format(strategy, expert_input_format), hidden, topk).row_bytes
-    return dispatch_bytes + 2 * hidden
+    return dispatch_bytes + reduce_row_bytes(combine_format, hidden)

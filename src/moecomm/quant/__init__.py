@@ -27,6 +27,15 @@ Formats (all blocks/groups run along the last dimension, ``hidden``):
       scale = max(amax(group), FP8_EPS) / 448     (rounded up to a power of two when ue8m0=True)
       q     = e4m3_rne_satfinite(x / scale)       x ~= float(q) * scale
 
+* **int8** with an fp32 scale per group of 128 (``int8``), the int8 combine's format::
+
+      scale = max(amax(group), INT8_EPS) / 127
+      q     = clamp(round_half_even(x / scale), -127, 127)
+
+Partial sums travel to a quantized reducescatterv in int8 or FP8 groups (``reduce``: :class:`ReduceFormat`,
+:func:`quantize_partials`, and :func:`dequantize_sum`, which dequantizes the pieces of every rank and sums
+them in float32 in a fixed order).
+
 Special values (see docs/formats.md): +-Inf saturates (largest code, e.g. NVFP4 scale 448 and
 elements +-6). NaN propagates per block: a block (group) containing a NaN gets a NaN scale (e4m3
 0x7F, e8m0 0xFF, fp32 NaN) and all-zero element codes, so it dequantizes to NaN and no other block is
@@ -42,8 +51,9 @@ only (docs/formats.md, "Kernels vs references").
 ``backend``: ``"auto"`` (Triton kernel for CUDA inputs, torch reference on CPU), ``"triton"`` (force
 the kernel; on CPU needs ``TRITON_INTERPRET=1``) or ``"torch"`` (force the reference).
 
-Modules: ``common`` (constants, :class:`QuantFormat`), ``nvfp4``, ``mxfp4``, ``fp8`` (one format each, with its
-reference), ``swizzle`` (the 128x4 scale layout), ``tensor`` (:class:`QuantizedTensor`, :func:`quantize`,
+Modules: ``common`` (constants, :class:`QuantFormat`), ``nvfp4``, ``mxfp4``, ``fp8``, ``int8`` (one format each,
+with its reference), ``reduce`` (the wire formats of partial sums and their dequantize-and-sum), ``swizzle``
+(the 128x4 scale layout), ``tensor`` (:class:`QuantizedTensor`, :func:`quantize`,
 :func:`row_bytes`). Everything public is re-exported here.
 """
 
@@ -52,6 +62,7 @@ from moecomm.quant.common import (
     E4M3_MAX,
     FP8_EPS,
     FP8_GROUP,
+    INT8_GROUP,
     MXFP4_BLOCK,
     NVFP4_BLOCK,
     QuantFormat,
@@ -62,7 +73,15 @@ from moecomm.quant.fp8 import (
     quantize_fp8,
     quantize_fp8_ref,
 )
+from moecomm.quant.int8 import dequantize_int8, dequantize_int8_ref, quantize_int8, quantize_int8_ref
 from moecomm.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4, quantize_mxfp4_ref
+from moecomm.quant.reduce import (
+    ReduceFormat,
+    dequantize_sum,
+    dequantize_sum_ref,
+    quantize_partials,
+    reduce_row_bytes,
+)
 from moecomm.quant.nvfp4 import (
     dequantize_nvfp4,
     dequantize_nvfp4_ref,
@@ -80,7 +99,9 @@ __all__ = [
     "MXFP4_BLOCK",
     "FP8_GROUP",
     "FP8_EPS",
+    "INT8_GROUP",
     "QuantFormat",
+    "ReduceFormat",
     "QuantizedTensor",
     "nvfp4_global_scale",
     "quantize_nvfp4",
@@ -89,6 +110,11 @@ __all__ = [
     "dequantize_mxfp4",
     "quantize_fp8",
     "dequantize_fp8",
+    "quantize_int8",
+    "dequantize_int8",
+    "quantize_partials",
+    "dequantize_sum",
+    "reduce_row_bytes",
     "quantize",
     "row_bytes",
     "swizzle_block_scales",
@@ -98,4 +124,7 @@ __all__ = [
     "dequantize_fp8_ref",
     "quantize_mxfp4_ref",
     "quantize_fp8_ref",
+    "quantize_int8_ref",
+    "dequantize_int8_ref",
+    "dequantize_sum_ref",
 ]

@@ -54,6 +54,14 @@ def _fp8_scale(amax, EPS: tl.constexpr, UE8M0: tl.constexpr):
 
 
 @triton.jit
+def _is_nan_group(amax, SATURATE_INF: tl.constexpr):
+    """Whether a group of magnitude maximum ``amax`` is a NaN group: NaN, or also +Inf unless SATURATE_INF."""
+    if SATURATE_INF:
+        return amax != amax
+    return amax.to(tl.int32, bitcast=True) >= _EXP_MASK  # Inf or NaN (magnitude bits)
+
+
+@triton.jit
 def _fp8_quotient(x, nscale, r, UE8M0: tl.constexpr):
     """``min(RN(|x| / scale), 448)`` for ``nscale = -scale``: the division exactly (a power of two: one
     multiply), clamped so that Inf inputs (whose remainder is NaN; ``minimum`` drops NaN) saturate."""
@@ -69,14 +77,14 @@ def _fp8_group_kernel(
     x_ptr, q_ptr, s_ptr,
     M, n_groups, stride_xw, stride_qm, stride_sm,
     IN_KIND: tl.constexpr, Q: tl.constexpr, J: tl.constexpr, UE8M0: tl.constexpr, EPS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    SATURATE_INF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     # A group of 8 Q J elements: 4 Q J words, J lanes with Q quads each.
     rows, grps, bmask = _rows_and_blocks(tl.program_id(0), tl.program_id(1), M, n_groups, BLOCK_M, BLOCK_B)
     offs = rows[None, :, None, None, None] * stride_xw + _quad_cols(grps, Q, J)
     xe, xo, t = _load_pairs(x_ptr, offs, _per_block(bmask), IN_KIND)
     amax = _block_amax(xe, xo)
-    is_nan = amax != amax
+    is_nan = _is_nan_group(amax, SATURATE_INF)
     scale, r = _fp8_scale(amax, EPS, UE8M0)
     s5, r5, k = _per_block(scale * -1.0), _per_block(r), _per_block((~is_nan).to(tl.int32))
     be, bo = _fp8_bytes(_fp8_quotient(xe, s5, r5, UE8M0), _fp8_quotient(xo, s5, r5, UE8M0), t, k, IN_KIND)
@@ -90,7 +98,8 @@ def _fp8_group_kernel(
 def _fp8_token_kernel(
     x_ptr, q_ptr, s_ptr,
     M, n_words, stride_xw, stride_qm, stride_sm,
-    IN_KIND: tl.constexpr, UE8M0: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    IN_KIND: tl.constexpr, UE8M0: tl.constexpr, EPS: tl.constexpr, SATURATE_INF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
     # One scale per row: pass 1 takes the row's amax over chunks of BLOCK_B blocks of 64 words, pass 2
     # quantizes (the rows are in L2 by then). Blocks as in the group kernel (Q = J = 4); words masked.
@@ -105,7 +114,7 @@ def _fp8_token_kernel(
         xe, xo, _ = _load_pairs(x_ptr, rows[None, :, None, None, None] * stride_xw + col, mask, IN_KIND)
         amax = tl.maximum(amax, _block_amax(xe, xo).to(tl.int32, bitcast=True))
     amax = tl.max(amax, axis=1).to(tl.float32, bitcast=True)
-    is_nan = amax != amax
+    is_nan = _is_nan_group(amax, SATURATE_INF)
     scale, r = _fp8_scale(amax, EPS, UE8M0)
     s5, r5 = (scale * -1.0)[None, :, None, None, None], r[None, :, None, None, None]
     k = (~is_nan).to(tl.int32)[None, :, None, None, None]
@@ -149,7 +158,7 @@ def _dequant_fp8_kernel(
     _store_values(out_ptr, rows[:, None] * stride_om, pairs[None, :], xe, xo, nan_e, nan_o, mask, OUT_BF16)
 
 
-def quantize_fp8(x, q, scales, *, group_size: int | None, ue8m0: bool, eps: float) -> None:
+def quantize_fp8(x, q, scales, *, group_size: int | None, ue8m0: bool, eps: float, saturate_inf: bool = True) -> None:
     """``group_size``: a power of two >= 8, or None (per token; any hidden)."""
     m, k = x.shape
     if m == 0:
@@ -158,7 +167,7 @@ def quantize_fp8(x, q, scales, *, group_size: int | None, ue8m0: bool, eps: floa
         x8 = torch.zeros((m, k + 8 - k % 8), dtype=x.dtype, device=x.device)
         x8[:, :k] = x
         q8 = torch.empty(x8.shape, dtype=torch.uint8, device=x.device)
-        quantize_fp8(x8, q8, scales, group_size=None, ue8m0=ue8m0, eps=eps)
+        quantize_fp8(x8, q8, scales, group_size=None, ue8m0=ue8m0, eps=eps, saturate_inf=saturate_inf)
         q.view(torch.uint8).copy_(q8[:, :k])
         return
     xw, kind = _as_pairs(x)
@@ -169,7 +178,8 @@ def quantize_fp8(x, q, scales, *, group_size: int | None, ue8m0: bool, eps: floa
             bm, bb, warps = _tile_shape(m, n_blocks, 128, x.is_cuda)
             _fp8_token_kernel[(triton.cdiv(m, bm),)](
                 xw, qw, scales, m, k // 2, xw.stride(0), qw.stride(0), scales.stride(0),
-                IN_KIND=kind, UE8M0=ue8m0, EPS=eps, BLOCK_M=bm, BLOCK_B=bb, num_warps=warps,
+                IN_KIND=kind, UE8M0=ue8m0, EPS=eps, SATURATE_INF=saturate_inf, BLOCK_M=bm, BLOCK_B=bb,
+                num_warps=warps,
             )  # fmt: skip
             return
         n_groups = k // group_size
@@ -179,7 +189,8 @@ def quantize_fp8(x, q, scales, *, group_size: int | None, ue8m0: bool, eps: floa
         grid = (triton.cdiv(m, bm), triton.cdiv(n_groups, bb))
         _fp8_group_kernel[grid](
             xw, qw, scales, m, n_groups, xw.stride(0), qw.stride(0), scales.stride(0),
-            IN_KIND=kind, Q=quads // j, J=j, UE8M0=ue8m0, EPS=eps, BLOCK_M=bm, BLOCK_B=bb, num_warps=warps,
+            IN_KIND=kind, Q=quads // j, J=j, UE8M0=ue8m0, EPS=eps, SATURATE_INF=saturate_inf, BLOCK_M=bm,
+            BLOCK_B=bb, num_warps=warps,
         )  # fmt: skip
 
 

@@ -3,7 +3,8 @@ element codecs of the torch references (private helpers have a leading underscor
 
 Sources of the constants: e2m1 and e4m3 from the OCP 8-bit floating point specification (OFP8) and
 the OCP Microscaling Formats (MX) v1.0 specification; the NVFP4 block of 16 from NVIDIA ModelOpt /
-TensorRT-LLM; the FP8 group of 128 from DeepSeek-V3 (DeepEP, DeepGEMM).
+TensorRT-LLM; the FP8 group of 128 from DeepSeek-V3 (DeepEP, DeepGEMM); symmetric int8 with an absmax / 127
+scale per group as in the quantized all-reduces (vLLM's QuickReduce), here with the FP8 group of 128.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ __all__ = [
     "MXFP4_BLOCK",
     "FP8_GROUP",
     "FP8_EPS",
+    "INT8_MAX",
+    "INT8_GROUP",
+    "INT8_EPS",
     "QuantFormat",
     "round_up",
 ]
@@ -35,6 +39,9 @@ NVFP4_BLOCK = 16  # elements per NVFP4 e4m3 block scale
 MXFP4_BLOCK = 32  # elements per MXFP4 e8m0 block scale (OCP MX v1.0)
 FP8_GROUP = 128  # elements per FP8 group scale (DeepSeek-V3 / DeepEP)
 FP8_EPS = 1e-10  # floor on an FP8 group's amax, so all-zero groups get a finite, non-zero scale
+INT8_MAX = 127.0  # largest int8 code magnitude used (symmetric: -128 is never written)
+INT8_GROUP = 128  # elements per int8 group scale (the FP8 group size of DeepSeek-V3, so both combine formats match)
+INT8_EPS = 1e-10  # floor on an int8 group's amax, as FP8_EPS
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of e2m1 codes 0..7 (bit 3 = sign)
 # Rounding thresholds between consecutive e2m1 magnitudes, and whether a tie rounds up: ties go to the

@@ -46,13 +46,14 @@ def _ceil_pow2(s: Tensor) -> Tensor:
     return torch.ldexp(torch.ones_like(s), exp - (mant == 0.5).to(exp.dtype))
 
 
-def quantize_fp8_ref(x: Tensor, *, group_size: int | None = FP8_GROUP, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
+def quantize_fp8_ref(x: Tensor, *, group_size: int | None = FP8_GROUP, ue8m0: bool = False,
+                     saturate_inf: bool = True) -> tuple[Tensor, Tensor]:
     """Torch reference of ``quantize_fp8`` (the oracle for the kernel); same arguments and results."""
     m, k = _check_input(x, 1, "quantize_fp8_ref")
     g = _fp8_group(group_size, k, "quantize_fp8_ref")
     xf = x.float().reshape(m, k // g, g)
     amax = xf.abs().amax(dim=-1, keepdim=True)  # NaN propagates
-    nan_group = torch.isnan(amax)
+    nan_group = torch.isnan(amax) if saturate_inf else ~torch.isfinite(amax)
     scale = amax.clamp(FP8_EPS, _FP32_MAX) / E4M3_MAX
     if ue8m0:
         scale = _ceil_pow2(scale)
@@ -68,6 +69,7 @@ def quantize_fp8(
     *,
     group_size: int | None = FP8_GROUP,
     ue8m0: bool = False,
+    saturate_inf: bool = True,
     out: tuple[Tensor, Tensor] | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
@@ -88,6 +90,10 @@ def quantize_fp8(
         Triton backend needs a power of two >= 8 (or ``None``: any hidden).
     ue8m0 : bool
         Round each scale up to a power of two (DeepGEMM's UE8M0 scales; stored as fp32).
+    saturate_inf : bool
+        ``True`` (default): +-Inf saturates to +-448 times the group's scale (an Inf amax clamps the
+        scale to ``FP32_MAX / 448``). ``False``: a group holding an Inf is treated as one holding a NaN
+        (NaN scale, zero codes), the policy of the quantized reducescatterv (:mod:`moecomm.quant.reduce`).
     out : tuple of Tensor, optional
         ``(q, scales)`` to write into; row-strided views at any offset allowed (unit stride along dim 1).
     backend : {"auto", "triton", "torch"}
@@ -110,7 +116,7 @@ def quantize_fp8(
     use_triton = _check_backend(backend, x, name)
     out = _check_out(out, [((m, k), torch.float8_e4m3fn), ((m, k // g), torch.float32)], x, name)
     if not use_triton:
-        q, scales = quantize_fp8_ref(x, group_size=g, ue8m0=ue8m0)
+        q, scales = quantize_fp8_ref(x, group_size=g, ue8m0=ue8m0, saturate_inf=saturate_inf)
         if out is None:
             return q, scales
         out[0].copy_(q)
@@ -126,7 +132,8 @@ def quantize_fp8(
     from moecomm.quant import _kernels_fp8
 
     _kernels_fp8.quantize_fp8(
-        x, out[0].view(torch.uint8), out[1], group_size=group_size, ue8m0=ue8m0, eps=FP8_EPS
+        x, out[0].view(torch.uint8), out[1], group_size=group_size, ue8m0=ue8m0, eps=FP8_EPS,
+        saturate_inf=saturate_inf,
     )
     return out
 
