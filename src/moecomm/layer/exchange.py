@@ -29,6 +29,7 @@ from moecomm.comm import (
     reduce_scatterv,
 )
 from moecomm.comm.checks import REDUCE_DTYPES, run_checks
+from moecomm.layer.asynchronous import Pending, launch
 from moecomm.layer.checks import check_dispatch, dispatch_agreement
 from moecomm.layer.message import message_layout
 from moecomm.layer.strategy import Strategy, wire_format
@@ -88,6 +89,7 @@ def dispatch(
     pack: bool = True,
     algorithm: Algorithm | str = Algorithm.AUTO,
     validate: bool = False,
+    async_op: bool = False,
 ):
     """Move every rank's tokens to every rank: the first half of an EP MoE layer step.
 
@@ -121,6 +123,12 @@ def dispatch(
         and check the ids (none below -1) first, and raise on EVERY rank when ranks disagree or any rank's
         input is bad. Syncs with the host; not under graph capture. Also on with ``MOECOMM_VALIDATE=1`` or
         ``TORCH_DISTRIBUTED_DEBUG=DETAIL``.
+    async_op : bool
+        Return at once a :class:`~moecomm.layer.asynchronous.Pending` whose ``wait()`` gives the four
+        results below, the dispatch running on moecomm's communication stream after the work the current
+        stream has queued (inputs and results recorded for the caching allocator; no host sync). The checks
+        (and ``validate``) still run, and raise, before it returns. On a CPU the dispatch runs at once and
+        ``wait()`` returns its results. For micro-batch overlap (``examples/two_microbatches.py``).
 
     Returns
     -------
@@ -149,6 +157,10 @@ def dispatch(
                           pack),
         lambda: dispatch_agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack, algorithm),
         group, validate)
+    if async_op:
+        return launch(lambda: dispatch_checked(hidden, topk_ids, topk_weights, sizes, rank, world, strategy,
+                                               global_scale, expert_input_format, group, pack, algorithm),
+                      (hidden, topk_ids, topk_weights, global_scale), hidden.device)
     return dispatch_checked(hidden, topk_ids, topk_weights, sizes, rank, world, strategy, global_scale,
                      expert_input_format, group, pack, algorithm)
 
@@ -225,7 +237,7 @@ def _gather_by_allreduce(hidden, topk_ids, topk_weights, sizes, rank, group):
 
 
 def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
-            algorithm: Algorithm | str = Algorithm.AUTO) -> torch.Tensor:
+            algorithm: Algorithm | str = Algorithm.AUTO, async_op: bool = False) -> torch.Tensor | Pending:
     """Sum the experts' partial outputs over ranks and return this rank's rows.
 
     ``partial``: ``bf16 [handle.rows, hidden]`` from the local experts. Returns ``bf16 [sizes[rank], hidden]``:
@@ -235,6 +247,12 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     Raises ``ValueError`` when ``partial`` does not have ``handle.rows`` rows or ``out`` is not
     ``[sizes[rank], hidden]`` of ``partial``'s dtype; ``TypeError`` when ``handle`` is not a
     :class:`DispatchHandle` or ``out`` not a tensor.
+
+    ``async_op=True``: return at once a :class:`~moecomm.layer.asynchronous.Pending` whose ``wait()`` gives
+    the result, the combine running on moecomm's communication stream after the work the current stream
+    has queued (``partial`` and ``out`` recorded there for the caching allocator; no host sync). Do not
+    write ``partial`` or ``out`` before ``wait()`` (``allreduce`` sums ``partial`` in place). The checks
+    raise before it returns. On a CPU the combine runs at once and ``wait()`` returns its result.
     """
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"combine needs the DispatchHandle that dispatch returned, got {type(handle).__name__}")
@@ -250,6 +268,14 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     if out is not None and (out.dtype != partial.dtype or out.shape != (n, partial.shape[1])):
         raise ValueError(f"rank {rank}: out must be {partial.dtype} [{n}, {partial.shape[1]}], got "
                          f"{out.dtype} {tuple(out.shape)}")
+    if async_op:
+        return launch(lambda: _combine_checked(partial, handle, out, algorithm), (partial, out), partial.device)
+    return _combine_checked(partial, handle, out, algorithm)
+
+
+def _combine_checked(partial: torch.Tensor, handle: DispatchHandle, out: torch.Tensor | None, algorithm):
+    """:func:`combine` after its checks."""
+    sizes, rank, n = list(handle.sizes), handle.rank, handle.sizes[handle.rank]
     if handle.strategy == Strategy.ALLREDUCE:
         all_reduce(partial, handle.group)  # in place, as the classic DP path does
         start = sum(sizes[:rank])
