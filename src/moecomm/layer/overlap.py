@@ -9,7 +9,7 @@ shapes (4096 and 8192 tokens per rank, FP8 experts) on 2 H200s it lost: the step
 of one chunk with 2 chunks and more with 4 (docs/benchmarks.md, runs G and H), because every chunk
 re-reads all local experts' weights (128 experts, 5.6 GB of FP8 weights per rank, about 1.2 ms at the copy
 bandwidth) and halves the rows per grouped GEMM, which costs more than the 0.5-0.9 ms of communication
-there is to hide. It is no better in decode, where the weights dominate even more. The default
+there is to hide (in decode the weight reads dominate the step even more). The default
 (``chunks=None``) therefore picks 1 unless a measured entry in ``data/crossover.json`` says otherwise; the
 overlap that can pay gives the communication other work instead: shared experts (``shared_experts``) or
 another micro-batch (``dispatch`` / ``combine`` with ``async_op=True``).

@@ -18,10 +18,13 @@ the combine (SGLang and vLLM overlap shared experts with DeepEP's dispatch the s
   DeepSeek's one shared MLP of ``n_shared_experts * moe_intermediate_size``) are one such set.
 
 The result is exactly ``moe_forward(...) + shared_experts(hidden)``: the step adds the shared output to the
-combined bf16 rows once, after the combine, one bf16 addition per element (``out.add_(shared)``, float32
-sum rounded once to bf16, the rounding of ``a + b`` in torch). So it is bit for bit the same as adding the
-shared output to ``moe_forward``'s result afterwards, for every strategy, world size and chunk count, on
-every device. Adding the shared output to this rank's rows of the partial output *before* the combine
+combined bf16 rows once, after the combine (``out.add_(shared)``: per element the same bf16 addition as
+``a + b``, the sum of two bf16 values rounded to bf16). So it is bit for bit the same as adding the shared
+output to ``moe_forward``'s result afterwards, for every strategy, world size and chunk count, on every
+device, as long as the shared experts give the same bits on the same rows (a callable that is not
+deterministic cannot promise that; under :class:`~moecomm.layer.GraphedMoE` they run on the bucket's rows,
+and a row's output is the same where the GEMM's result for a row does not depend on the other rows: true
+on a CPU and observed on an H200, docs/experts.md). Adding the shared output to this rank's rows of the partial output *before* the combine
 would save that one elementwise pass but lose this equality: the reduce-scatter then sums it with the
 other ranks' partials in the collective's order (NCCL rounds bf16 at every step of its ring), which agrees
 with the reference only to bf16 rounding.
