@@ -225,35 +225,41 @@ def _gpu_problem(seed, sizes):
 
 def _shared_on_gpu(seed):
     """Eager: moe_forward with shared experts == moe_forward + shared, bit for bit, chunks 1 and 2 (the shared
-    experts on the caller's stream during the dispatch). GraphedMoE with shared experts: replay == eager."""
+    experts on the caller's stream during the dispatch), uneven sizes and an idle rank. GraphedMoE with
+    shared experts: replay == eager on the same padded bucket."""
     from moecomm.layer import GraphedMoE
 
-    world = dist.get_world_size()
-    rank = dist.get_rank()
-    sizes = gather_sizes(5 + 40 * rank)
-    device, args, experts, mlp, cases = _gpu_problem(seed, sizes)
-    gs = nvfp4_global_scale(torch.tensor(8.0, device=device))
-    for strategy, wfmt, fmt in cases:
-        routed_w, shared_w = experts[wfmt]
-        kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
-        nvfp4 = dict(global_scale=gs) if fmt == QuantFormat.NVFP4 else {}
-        for shared, shared_out in [(mlp, mlp(args[0])),
-                                   (shared_w, experts_forward(args[0], *_all_ones(args[0].shape[0], device), shared_w,
-                                                              input_format=fmt, **nvfp4))]:
-            for chunks in (1, 2):
-                got = moe_forward(*args, routed_w, chunks=chunks, shared_experts=shared, **kw)
-                assert torch.equal(got, moe_forward(*args, routed_w, chunks=chunks, **kw) + shared_out), (strategy, chunks)
-            bucket = max(sizes)
-            graphed = GraphedMoE(routed_w, hidden_size=HIDDEN, topk=TOPK, buckets=[bucket], strategy=strategy,
-                                 global_scale=gs, expert_input_format=fmt, shared_experts=shared)
-            replay = graphed(*args, sizes=sizes).clone()
-            n, pad = args[0].shape[0], bucket - args[0].shape[0]
-            padded = (torch.cat([args[0], args[0].new_zeros(pad, HIDDEN)]),
-                      torch.cat([args[1], args[1].new_full((pad, TOPK), -1)]),
-                      torch.cat([args[2], args[2].new_zeros(pad, TOPK)]))
-            eager = moe_forward(*padded, routed_w, shared_experts=shared, **dict(kw, sizes=[bucket] * world))[:n]
-            assert torch.equal(replay, eager), (strategy, type(shared).__name__)
-            del graphed
+    world, rank = dist.get_world_size(), dist.get_rank()
+    uneven = gather_sizes(5 + 40 * rank)
+    idle = gather_sizes(0 if rank == world - 1 else 9)  # the last rank has no tokens
+    for sizes in (uneven, idle):
+        device, args, experts, mlp, cases = _gpu_problem(seed, sizes)
+        gs = nvfp4_global_scale(torch.tensor(8.0, device=device))
+        n = args[0].shape[0]
+        for strategy, wfmt, fmt in cases:
+            routed_w, shared_w = experts[wfmt]
+            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
+            nvfp4 = dict(global_scale=gs) if fmt == QuantFormat.NVFP4 else {}
+            for shared, shared_out in [(mlp, mlp(args[0])),
+                                       (shared_w, experts_forward(args[0], *_all_ones(n, device), shared_w,
+                                                                  input_format=fmt, **nvfp4))]:
+                for chunks in (1, 2):
+                    got = moe_forward(*args, routed_w, chunks=chunks, shared_experts=shared, **kw)
+                    want = moe_forward(*args, routed_w, chunks=chunks, **kw) + shared_out
+                    assert got.shape == (n, HIDDEN) and torch.equal(got, want), (strategy, chunks, sizes)
+                if sizes is idle:
+                    continue
+                bucket = max(sizes)
+                graphed = GraphedMoE(routed_w, hidden_size=HIDDEN, topk=TOPK, buckets=[bucket], strategy=strategy,
+                                     global_scale=gs, expert_input_format=fmt, shared_experts=shared)
+                replay = graphed(*args, sizes=sizes).clone()
+                pad = bucket - n
+                padded = (torch.cat([args[0], args[0].new_zeros(pad, HIDDEN)]),
+                          torch.cat([args[1], args[1].new_full((pad, TOPK), -1)]),
+                          torch.cat([args[2], args[2].new_zeros(pad, TOPK)]))
+                eager = moe_forward(*padded, routed_w, shared_experts=shared, **dict(kw, sizes=[bucket] * world))[:n]
+                assert torch.equal(replay, eager), (strategy, type(shared).__name__)
+                del graphed
     return "ok"
 
 
