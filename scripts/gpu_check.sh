@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU script: GPU tests and benchmarks, in one device call.
-#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests quant experts coll moe demo all (default: all)
+#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests quant experts coll moe overlap demo all (default: all)
 # Results (logs, JSON, PNG, tables) are packed into $OUT/results.tar.gz after every step (else ./out).
 # Runs from a plain checkout (PYTHONPATH=src, no install), as on the device machine.
 set -uo pipefail
@@ -36,6 +36,13 @@ if want moe; then
   for ws in $(python3 -c "print(*sorted({1, $n}))"); do
     step bench_moe_ws$ws 240 $mc bench moe --world-size "$ws" --graphs --json "$R/moe_ws$ws.json" \
       --plot "$R/moe_ws$ws.png" --write-crossover "$R/crossover.json"
+  done
+fi
+if want overlap; then  # shared experts during the dispatch; two micro-batches with the async halves
+  for ws in $(python3 -c "print(*sorted({1, $n}))"); do
+    step bench_moe_shared_ws$ws 300 $mc bench moe --world-size "$ws" --shared-experts 1 \
+      --json "$R/moe_shared_ws$ws.json"
+    step two_microbatches_ws$ws 120 python3 examples/two_microbatches.py "$ws"
   done
 fi
 if want demo && [[ -d .carry/site ]]; then  # the demo's model, packed by scripts/pack_minilm_for_device.py
