@@ -96,7 +96,9 @@ def moe_forward(
     the step instead (the same result). One that raises or returns another shape raises after the combine.
 
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
-    split over the group or their hidden size differs; ``validate=True`` also compares ``num_experts``
+    split over the group or their hidden size differs; ``TypeError`` / ``ValueError`` for ``shared_experts``
+    that are neither a callable nor ExpertWeights of all shared experts of this hidden size and device
+    (:func:`~moecomm.layer.shared.check_shared_experts`); ``validate=True`` also compares ``num_experts``
     across ranks and checks the ids against it on the host, on every rank.
 
     Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
