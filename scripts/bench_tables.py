@@ -1,6 +1,7 @@
 """Markdown tables for docs/benchmarks.md, made from the benchmarks' JSON (never retyped).
 
     python scripts/bench_tables.py moe FILE.json          # step, graphed skew table, padding tax, chunks
+    python scripts/bench_tables.py shared FILE.json       # bench moe --shared-experts: overlapped vs sequential
     python scripts/bench_tables.py collectives FILE.json  # auto vs the fastest, eager and graphed, host time
 """
 import json
@@ -47,6 +48,20 @@ def moe(path):
         print(_table(["sizes", "strategy", "experts only (us)", "chunks=1 (us)"] + labels, chunks))
 
 
+def shared(path):
+    rows = []
+    for r in json.load(open(path))["results"]:
+        s = r["seconds"]
+        rows.append([r["regime"], r["pattern"], r["sizes"], r["strategy"]]
+                    + [_us(s[k]) for k in ("routed", "shared", "sequential", "overlapped")]
+                    + [f"{r[k]:.3f}" for k in ("overlapped_vs_sequential", "overlapped_vs_routed_plus_shared",
+                                               "speedup_vs_allreduce_sequential")]
+                    + [_us(s["host_sequential"]), _us(s["host_overlapped"])])
+    print(_table(["regime", "pattern", "sizes", "strategy", "routed only (us)", "shared only (us)", "sequential (us)",
+                  "overlapped (us)", "overlapped / sequential", "overlapped / (routed + shared)",
+                  "vs allreduce sequential", "host sequential (us)", "host overlapped (us)"], rows))
+
+
 FLOOR = "nccl binding alone"  # a host-time floor, not an alternative: excluded from the fastest
 
 
@@ -71,4 +86,4 @@ def collectives(path):
 
 
 if __name__ == "__main__":
-    {"moe": moe, "collectives": collectives}[sys.argv[1]](sys.argv[2])
+    {"moe": moe, "shared": shared, "collectives": collectives}[sys.argv[1]](sys.argv[2])

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU script: GPU tests and benchmarks, in one device call.
-#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests ranks quant experts coll moe combine demo all (default: all)
+#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests ranks quant experts coll moe combine overlap demo all
+#   (default: all)
 # Results (logs, JUnit XML, JSON, PNG, tables) are packed into $OUT/results.tar.gz after every step (else ./out).
 # Runs from a plain checkout (PYTHONPATH=src, no install), as on the device machine.
 #
@@ -80,6 +81,13 @@ if want combine; then  # the quantized combine: its kernels vs copy, then the co
     step bench_combine_moe_ws$n 300 $mc bench moe --world-size "$n" --experts bf16 --prefill 4096,8192 \
       --decode 1,64 --chunks 2 --combine-formats bf16,int8,fp8 --json "$R/combine_moe_ws$n.json"
   fi
+fi
+if want overlap; then  # shared experts during the dispatch; two micro-batches with the async halves
+  for ws in $(python3 -c "print(*sorted({1, $n}))"); do
+    step bench_moe_shared_ws$ws 300 $mc bench moe --world-size "$ws" --shared-experts 1 \
+      --json "$R/moe_shared_ws$ws.json"
+    step two_microbatches_ws$ws 120 python3 examples/two_microbatches.py "$ws"
+  done
 fi
 if want demo && [[ -d .carry/site ]]; then  # the demo's model, packed by scripts/pack_minilm_for_device.py
   python3 scripts/pack_minilm_for_device.py --unpack

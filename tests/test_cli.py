@@ -64,6 +64,9 @@ BAD = [
     (["bench", "moe", "--experts", "int4"], "argument --experts: invalid choice: 'int4'"),
     (["bench", "moe", "--plot", "/no/such/dir/m.png"], "argument --plot: directory /no/such/dir does not exist"),
     (["bench", "moe", "--write-crossover", "/no/such/dir/c.json"], "argument --write-crossover: directory"),
+    (["bench", "moe", "--shared-experts", "-1"], "argument --shared-experts: must be at least 0, got -1"),
+    (["bench", "moe", "--world-size", "2", "--shared-experts", "1", "--chunks", "2"],
+     "--shared-experts has its own table: measure --graphs, --chunks, --plot and --write-crossover in another run"),
     (["bench", "quant", "--iters", "0"], "argument --iters: must be at least 1, got 0"),
     (["bench", "quant", "--warmup", "-1"], "argument --warmup: must be at least 0, got -1"),
     (["bench", "quant", "--hidden", "0"], "argument --hidden: must be at least 1, got 0"),
@@ -223,3 +226,24 @@ def test_moe_plot_is_a_grid_in_the_tables_order(tmp_path):
                                                                      ("decode", 16), ("decode", 64)]]
     _plot(one_rank, tmp_path / "ws1.png", "world size 1")
     assert _png_size(tmp_path / "ws1.png") == (round(3 * 4.6 * 110), round((2 * 2.9 + 0.9) * 110))
+
+
+def test_bench_moe_shared_experts_on_cpu(tmp_path, capsys):
+    """``--shared-experts``: every strategy timed four ways, the ratios computed from those times."""
+    path = tmp_path / "shared.json"
+    assert main(["bench", "moe", "--world-size", "2", "--shared-experts", "1", "--iters", "1", "--prefill", "8",
+                 "--decode", "1", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert (data["shared_experts"], data["shared_intermediate"]) == (1, 128)
+    assert {r["strategy"] for r in data["results"]} == {"allreduce", "agrs", "agrs-nvfp4", "agrs-nvfp4/unpacked",
+                                                        "agrs-fp8"}
+    base = {(r["regime"], str(r["sizes"])): r["seconds"]["sequential"] for r in data["results"]
+            if r["strategy"] == "allreduce"}
+    for r in data["results"]:
+        s = r["seconds"]
+        assert all(s[k] > 0 for k in ("routed", "shared", "sequential", "overlapped")), r
+        assert s["host_sequential"] is None and s["host_overlapped"] is None  # host time: CUDA only
+        assert r["overlapped_vs_sequential"] == pytest.approx(s["overlapped"] / s["sequential"])
+        assert r["overlapped_vs_routed_plus_shared"] == pytest.approx(s["overlapped"] / (s["routed"] + s["shared"]))
+        assert r["speedup_vs_allreduce_sequential"] == pytest.approx(base[r["regime"], str(r["sizes"])] / s["overlapped"])
+    assert "MoE layer step with 1 shared expert(s) (intermediate 128), world size 2" in capsys.readouterr().out

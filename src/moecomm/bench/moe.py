@@ -29,6 +29,10 @@ its format.
 ``max(sizes)``, ``sizes`` passed so no all-reduce): the decode cases as balanced / skewed / idle ranks
 with the same total, and the padding tax: one live token per rank replayed in bucket 1 and in bucket 256.
 It needs one GPU per rank; on a CPU it is refused (exit status 2).
+
+``--shared-experts N`` measures the step with DeepSeek-V3's shared experts instead (one of intermediate
+``N * 2048`` on the GPU shapes), overlapped against one after the other: :mod:`moecomm.bench.shared_experts`
+(its own table; not with ``--graphs`` or ``--chunks``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from moecomm._args import (
     positive_int,
 )
 from moecomm._output import device_name, print_table, write_json
+from moecomm.bench import shared_experts as shared_bench
 from moecomm.bench.collectives import PATTERN_NOTES, pattern_sizes
 from moecomm.bench.timing import loop_time, median_time
 from moecomm.comm import launch, rank_device
@@ -132,6 +137,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "every strategy but allreduce")
     p.add_argument("--sm-carveout", type=nonnegative_int, default=0,
                    help="SMs the expert GEMMs leave to communication while chunks overlap (default 0)")
+    p.add_argument("--shared-experts", type=nonnegative_int, default=0, metavar="N",
+                   help="time the step with N shared experts (DeepSeek-V3: 1) overlapped vs sequential instead "
+                        "(its own table; not with --graphs or --chunks)")
     add_output_arguments(p, plot=True)
     p.add_argument("--write-crossover", metavar="PATH", type=merge_path("sources", "min_total_tokens"), default=None,
                    help="merge the measured auto crossover into this table (moecomm/data/crossover.json format)")
@@ -184,7 +192,7 @@ def _variants(experts: str, combine_formats: list[str]):
 
 
 def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chunk_list: list[int],
-               sm_carveout: int, combine_formats: tuple[str, ...] = ("bf16",)) -> list[dict]:
+               sm_carveout: int, combine_formats: tuple[str, ...] = ("bf16",), shared_count: int = 0) -> list[dict]:
     import os
 
     from moecomm.layer import CARVEOUT_ENV
@@ -193,6 +201,8 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chun
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
     cuda = device.type == "cuda"
     weights, bias = _weights(shape, experts, device)
+    shared = shared_bench.make_shared_weights(shape.hidden, shape.inter, shared_count, experts, device) \
+        if shared_count else None
     gs = nvfp4_global_scale(torch.tensor(4.0 * 5, device=device))  # static: calibrated amax of ~5 sigma
     barrier = dist.barrier
     results = []
@@ -212,7 +222,9 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chun
                 ckw = dict(kw, chunks=c or None, combine_format=fmt)
                 t[f"chunks_{c}"] = median_time(lambda i: moe_forward(x, ids, tw, weights, **ckw), device,
                                                iters=iters, barrier=barrier)
-            if regime != "padding":
+            if shared is not None:
+                t = shared_bench.time_shared(x, ids, tw, weights, shared, kw, device, iters, cuda and regime == "decode")
+            elif regime != "padding":
                 qkw = dict(global_scale=gs) if wire == QuantFormat.NVFP4 else {}
                 quant_call = (lambda: quantize(x, wire, **qkw)) if wire is not None else None
                 t["quantize"] = 0.0 if wire is None else median_time(lambda i: quant_call(), device, iters=iters,
@@ -356,8 +368,16 @@ def run(args: argparse.Namespace) -> int:
     prefill = args.prefill if args.prefill is not None else ([256] if small else [4096, 8192])
     decode = args.decode if args.decode is not None else ([1, 16] if small else [1, 16, 64, 256])
     chunk_list = args.chunks if args.chunks is not None else ([2, 4, 0] if on_gpu else [2])
+    if args.shared_experts and (args.graphs or args.chunks is not None or args.plot or args.write_crossover):
+        raise UsageError("--shared-experts has its own table: measure --graphs, --chunks, --plot and "
+                         "--write-crossover in another run")
+    chunk_list = [] if args.shared_experts else chunk_list
     results = launch(_rank_main, world, (shape, experts, _cases(world, prefill, decode), args.iters, args.graphs,
-                                         chunk_list, args.sm_carveout, tuple(args.combine_formats)), timeout=3600)[0]
+                                         chunk_list, args.sm_carveout, tuple(args.combine_formats),
+                                         args.shared_experts), timeout=3600)[0]
+    if args.shared_experts:
+        return shared_bench.report(results, world=world, device=torch.device("cuda" if on_gpu else "cpu"),
+                                   experts=experts, shape=shape, count=args.shared_experts, json_path=args.json)
     base = {(r["regime"], r["pattern"], tuple(r["sizes"])): r["seconds"] for r in results
             if r["strategy"] == "allreduce"}
     rows = []

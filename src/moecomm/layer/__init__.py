@@ -8,15 +8,17 @@ With attention data-parallel, rank ``r`` holds ``sizes[r]`` tokens. One MoE laye
     combine:  partials are summed over ranks and each rank keeps its own rows
 
 Modules, bottom to top: ``message`` (the packed row of one token), ``strategy`` (strategies, the
-crossover choice, bytes per token), ``checks`` (the checks at the door), ``exchange`` (:func:`dispatch`,
-:func:`combine`), ``overlap`` (the chunked pipeline), ``step`` (:func:`moe_forward` and its custom op),
-``graphs`` (:class:`GraphedMoE`). Everything public is re-exported here.
+crossover choice, bytes per token), ``checks`` (the checks at the door), ``asynchronous`` (moecomm's
+communication stream and :class:`Pending`, what ``async_op=True`` returns), ``exchange`` (:func:`dispatch`,
+:func:`combine`), ``shared`` (shared experts during the dispatch), ``overlap`` (the step on the
+communication stream: chunks, shared experts), ``step`` (:func:`moe_forward` and its custom op), ``graphs``
+(:class:`GraphedMoE`). Everything public is re-exported here.
 """
 
+from moecomm.layer.asynchronous import CARVEOUT_ENV, Pending
 from moecomm.layer.exchange import DispatchHandle, combine, dispatch
 from moecomm.layer.graphs import GraphedMoE
 from moecomm.layer.message import MessageLayout, message_layout
-from moecomm.layer.overlap import CARVEOUT_ENV
 from moecomm.layer.step import EXPERT_TENSORS, moe_forward
 from moecomm.quant.reduce import ReduceFormat
 from moecomm.layer.strategy import (
@@ -36,6 +38,7 @@ __all__ = [
     "choose_strategy",
     "dispatch",
     "combine",
+    "Pending",
     "moe_forward",
     "GraphedMoE",
     "EXPERT_TENSORS",

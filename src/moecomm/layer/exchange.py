@@ -30,6 +30,7 @@ from moecomm.comm import (
     reduce_scatterv,
 )
 from moecomm.comm.checks import REDUCE_DTYPES, run_checks
+from moecomm.layer.asynchronous import Pending, launch
 from moecomm.layer.checks import check_combine_format, check_dispatch, dispatch_agreement
 from moecomm.layer.message import message_layout
 from moecomm.layer.strategy import Strategy, wire_format
@@ -90,6 +91,7 @@ def dispatch(
     pack: bool = True,
     algorithm: Algorithm | str = Algorithm.AUTO,
     validate: bool = False,
+    async_op: bool = False,
 ):
     """Move every rank's tokens to every rank: the first half of an EP MoE layer step.
 
@@ -123,6 +125,12 @@ def dispatch(
         and check the ids (none below -1) first, and raise on EVERY rank when ranks disagree or any rank's
         input is bad. Syncs with the host; not under graph capture. Also on with ``MOECOMM_VALIDATE=1`` or
         ``TORCH_DISTRIBUTED_DEBUG=DETAIL``.
+    async_op : bool
+        Return at once a :class:`~moecomm.layer.asynchronous.Pending` whose ``wait()`` gives the four
+        results below, the dispatch running on moecomm's communication stream after the work the current
+        stream has queued (inputs and results recorded for the caching allocator; no host sync). The checks
+        (and ``validate``) still run, and raise, before it returns. On a CPU the dispatch runs at once and
+        ``wait()`` returns its results. For micro-batch overlap (``examples/two_microbatches.py``).
 
     Returns
     -------
@@ -153,6 +161,10 @@ def dispatch(
                           pack),
         lambda: dispatch_agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack, algorithm),
         group, validate)
+    if async_op:
+        return launch(lambda: dispatch_checked(hidden, topk_ids, topk_weights, sizes, rank, world, strategy,
+                                               global_scale, expert_input_format, group, pack, algorithm),
+                      (hidden, topk_ids, topk_weights, global_scale), hidden.device)
     return dispatch_checked(hidden, topk_ids, topk_weights, sizes, rank, world, strategy, global_scale,
                      expert_input_format, group, pack, algorithm)
 
@@ -229,7 +241,8 @@ def _gather_by_allreduce(hidden, topk_ids, topk_weights, sizes, rank, group):
 
 
 def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
-            algorithm: Algorithm | str = Algorithm.AUTO, combine_format: ReduceFormat | str = "bf16") -> torch.Tensor:
+            algorithm: Algorithm | str = Algorithm.AUTO, combine_format: ReduceFormat | str = "bf16",
+            async_op: bool = False) -> torch.Tensor | Pending:
     """Sum the experts' partial outputs over ranks and return this rank's rows.
 
     ``partial``: ``bf16 [handle.rows, hidden]`` from the local experts. Returns ``bf16 [sizes[rank], hidden]``:
@@ -244,6 +257,12 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     ``partial`` does not have ``handle.rows`` rows, ``out`` is not ``[sizes[rank], hidden]`` of ``partial``'s
     dtype or ``combine_format`` is unknown or does not fit (as listed); ``TypeError`` when ``handle`` is not a
     :class:`DispatchHandle` or ``out`` not a tensor.
+
+    ``async_op=True``: return at once a :class:`~moecomm.layer.asynchronous.Pending` whose ``wait()`` gives
+    the result, the combine running on moecomm's communication stream after the work the current stream
+    has queued (``partial`` and ``out`` recorded there for the caching allocator; no host sync). Do not
+    write ``partial`` or ``out`` before ``wait()`` (``allreduce`` sums ``partial`` in place). The checks
+    raise before it returns. On a CPU the combine runs at once and ``wait()`` returns its result.
     """
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"combine needs the DispatchHandle that dispatch returned, got {type(handle).__name__}")
@@ -261,6 +280,14 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
         raise ValueError(f"rank {rank}: out must be {partial.dtype} [{n}, {partial.shape[1]}], got "
                          f"{out.dtype} {tuple(out.shape)}")
     fmt = check_combine_format(combine_format, handle.strategy, partial.shape[1], rank)
+    if async_op:
+        return launch(lambda: _combine_checked(partial, handle, out, algorithm, fmt), (partial, out), partial.device)
+    return _combine_checked(partial, handle, out, algorithm, fmt)
+
+
+def _combine_checked(partial: torch.Tensor, handle: DispatchHandle, out: torch.Tensor | None, algorithm, fmt):
+    """:func:`combine` after its checks (``fmt``: the checked combine format)."""
+    sizes, rank, n = list(handle.sizes), handle.rank, handle.sizes[handle.rank]
     if handle.strategy == Strategy.ALLREDUCE:
         all_reduce(partial, handle.group)  # in place, as the classic DP path does
         start = sum(sizes[:rank])

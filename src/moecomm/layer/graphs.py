@@ -13,6 +13,7 @@ import torch.distributed as dist
 from moecomm._modes import kept_state, refuse_grad
 from moecomm.comm.checks import check_sizes
 from moecomm.comm.group import rank_and_world
+from moecomm.layer.shared import SharedExperts
 from moecomm.layer.step import moe_forward
 from moecomm.layer.strategy import Strategy
 from moecomm.moe import ExpertWeights, ids_int32
@@ -38,6 +39,9 @@ class GraphedMoE:
     strategy, global_scale, expert_input_format, group, chunks, combine_format : as for :func:`moe_forward`;
         ``"auto"`` and ``chunks=None`` are resolved per bucket at capture time (from ``bucket * world_size``
         tokens).
+    shared_experts : as for :func:`moe_forward`, captured with the step (the shared experts on the capturing
+        stream during the dispatch on the communication stream); a callable must be capturable. They run on
+        all the bucket's rows, padding included (row-local: the live rows' output does not depend on them).
 
     Raises
     ------
@@ -57,7 +61,8 @@ class GraphedMoE:
     def __init__(self, weights: ExpertWeights, *, hidden_size: int, topk: int, buckets: Sequence[int],
                  strategy: Strategy | str = Strategy.AUTO, global_scale: torch.Tensor | None = None,
                  expert_input_format: QuantFormat | None = None, group: dist.ProcessGroup | None = None,
-                 chunks: int | None = None, combine_format: str = "bf16"):
+                 chunks: int | None = None, combine_format: str = "bf16",
+                 shared_experts: SharedExperts | None = None):
         if not buckets or any(isinstance(b, bool) or int(b) != b or b < 1 for b in buckets):
             raise ValueError(f"buckets must be positive integers, got {buckets}")
         if not torch.cuda.is_available() or weights.w13.device.type != "cuda":
@@ -82,7 +87,8 @@ class GraphedMoE:
                 def step(hidden=hidden, ids=ids, tw=tw, bucket=bucket):
                     return moe_forward(hidden, ids, tw, weights, sizes=[bucket] * self.world_size, strategy=strategy,
                                        global_scale=global_scale, expert_input_format=expert_input_format,
-                                       group=group, chunks=chunks, combine_format=combine_format)
+                                       group=group, chunks=chunks, combine_format=combine_format,
+                                       shared_experts=shared_experts)
 
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())

@@ -1,44 +1,45 @@
-"""The layer step in chunks, the communication of one chunk overlapping the experts of another (TensorRT-LLM's
-chunked MoE): :func:`pipelined`, which :func:`moecomm.layer.step.moe_forward` runs for ``chunks > 1``.
+"""The layer step on moecomm's communication stream: :func:`pipelined`, which
+:func:`moecomm.layer.step.moe_forward` runs for ``chunks > 1`` (TensorRT-LLM's chunked MoE: the
+communication of one chunk overlapping the experts of another) and with shared experts (the shared experts
+on the caller's stream during the dispatch, :mod:`moecomm.layer.shared`).
 
-Where it pays: only where the communication takes long enough to hide behind the experts AND the experts
-lose little by running on fewer rows at a time. At DeepSeek-V3 prefill shapes on 2 H200s it did not pay
-(1.23-1.46x slower than one chunk, docs/benchmarks.md runs G and H): every chunk re-reads all local
-experts' weights and halves the rows per GEMM. The default (``chunks=None``) picks 1 unless a measured
-entry in ``data/crossover.json`` says otherwise.
+Where chunks do not pay, and why. Chunking can only pay where the communication takes long enough to hide
+behind the experts AND the experts lose little by running on fewer rows at a time. At DeepSeek-V3 prefill
+shapes (4096 and 8192 tokens per rank, FP8 experts) on 2 H200s it lost: the step took 1.23-1.46x the time
+of one chunk with 2 chunks and more with 4 (docs/benchmarks.md, runs G and H), because every chunk
+re-reads all local experts' weights (128 experts, 5.6 GB of FP8 weights per rank, about 1.2 ms at the copy
+bandwidth) and halves the rows per grouped GEMM, which costs more than the 0.5-0.9 ms of communication
+there is to hide (in decode the weight reads dominate the step even more). The default
+(``chunks=None``) therefore picks 1 unless a measured entry in ``data/crossover.json`` says otherwise; the
+overlap that can pay gives the communication other work instead: shared experts (``shared_experts``) or
+another micro-batch (``dispatch`` / ``combine`` with ``async_op=True``).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from moecomm.layer.asynchronous import communication_stream, leaving_sms, tensors_in
 from moecomm.layer.exchange import combine
-from moecomm.quant import QuantizedTensor
+from moecomm.layer.shared import SharedOutput
 
-__all__ = ["pipelined", "CARVEOUT_ENV"]
-
-_COMM_STREAMS: dict = {}
-CARVEOUT_ENV = "MOECOMM_OVERLAP_SM_CARVEOUT"  # SMs the expert GEMMs leave free while chunks overlap (default 0)
-
-
-def _gathered_tensors(tokens, ids, tw) -> list[torch.Tensor]:
-    return ([tokens.data, tokens.scales] if isinstance(tokens, QuantizedTensor) else [tokens]) + [ids, tw]
+__all__ = ["pipelined"]
 
 
 def pipelined(send, compute, hidden, topk_ids, topk_weights, sizes: list[int], rank: int, chunks: int,
-               algorithm, combine_format="bf16") -> torch.Tensor:
-    """:func:`moe_forward` in ``chunks`` pieces, the communication overlapping the experts on CUDA.
+              algorithm, shared=None, combine_format="bf16") -> torch.Tensor:
+    """:func:`moe_forward` in ``chunks`` pieces (1 or more), the communication overlapping the experts and the
+    shared experts (``shared``: ``hidden -> bf16 [n, H]`` or None) on CUDA; every combine in ``combine_format``.
 
-    Streams (``main`` = the caller's stream, ``comm`` = one side stream per device): every dispatch runs on
-    ``comm`` in chunk order; the experts of chunk ``c`` run on ``main`` after the dispatch of ``c``; the
-    combine of ``c`` runs on ``comm`` after those experts and writes this rank's rows of ``c`` into the
-    output; ``main`` waits for ``comm`` before returning. Tensors made on one stream and used on the other
-    are recorded there (``Tensor.record_stream``), so the caching allocator never reuses their memory while
-    the other stream may still read it. While overlapping, the expert GEMMs may leave SMs to the
-    communication kernels (``MOECOMM_OVERLAP_SM_CARVEOUT``, torch's experimental SM carveout, which its
-    grouped GEMMs honour). On a CPU the chunks run one after another.
+    Streams (``main`` = the caller's stream, ``comm`` = moecomm's communication stream,
+    :func:`~moecomm.layer.asynchronous.communication_stream`): every dispatch runs on ``comm`` in chunk
+    order; the shared experts run on ``main`` while the first dispatch is in flight; the experts of chunk
+    ``c`` run on ``main`` after the dispatch of ``c``; the combine of ``c`` runs on ``comm`` after those
+    experts and writes this rank's rows of ``c`` into the output; ``main`` waits for ``comm``, then adds
+    the shared output. Tensors made on one stream and used on the other are recorded there
+    (``Tensor.record_stream``), so the caching allocator never reuses their memory while the other stream
+    may still read it. While overlapping, the GEMMs may leave SMs to the communication kernels
+    (``MOECOMM_OVERLAP_SM_CARVEOUT``). On a CPU the chunks run one after another, then the shared experts.
     """
     n = hidden.shape[0]
     bounds = [[s * c // chunks for c in range(chunks + 1)] for s in sizes]
@@ -48,11 +49,9 @@ def pipelined(send, compute, hidden, topk_ids, topk_weights, sizes: list[int], r
         for chunk_sizes, rows in pieces:
             tokens, ids, tw, handle = send(hidden[rows], topk_ids[rows], topk_weights[rows], chunk_sizes)
             combine(compute(tokens, ids, tw), handle, out=out[rows], algorithm=algorithm, combine_format=combine_format)
-        return out
+        return SharedOutput(shared, hidden).add_to(out)
     main = torch.cuda.current_stream(hidden.device)
-    comm = _COMM_STREAMS.get(hidden.device)
-    if comm is None:
-        comm = _COMM_STREAMS[hidden.device] = torch.cuda.Stream(hidden.device)
+    comm = communication_stream(hidden.device)
     comm.wait_stream(main)
     for t in (hidden, topk_ids, topk_weights, out):
         t.record_stream(comm)
@@ -63,20 +62,17 @@ def pipelined(send, compute, hidden, topk_ids, topk_weights, sizes: list[int], r
             done = torch.cuda.Event()
             done.record(comm)
             sent.append((gathered, done))
-    carveout = int(os.environ.get(CARVEOUT_ENV, "0"))
-    previous = torch._C._get_sm_carveout_experimental()
+    with leaving_sms():
+        extra = SharedOutput(shared, hidden)
     for (_, rows), ((tokens, ids, tw, handle), done) in zip(pieces, sent):
         main.wait_event(done)
-        for t in _gathered_tensors(tokens, ids, tw):
+        for t in tensors_in((tokens, ids, tw)):
             t.record_stream(main)
-        torch._C._set_sm_carveout_experimental(carveout or previous)
-        try:
+        with leaving_sms():
             partial = compute(tokens, ids, tw)
-        finally:
-            torch._C._set_sm_carveout_experimental(previous)
         partial.record_stream(comm)
         comm.wait_stream(main)
         with torch.cuda.stream(comm):
             combine(partial, handle, out=out[rows], algorithm=algorithm, combine_format=combine_format)
     main.wait_stream(comm)
-    return out
+    return extra.add_to(out)

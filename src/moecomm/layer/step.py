@@ -31,6 +31,7 @@ from moecomm.comm.group import rank_and_world
 from moecomm.layer.checks import check_combine_format, check_dispatch, check_experts, dispatch_agreement
 from moecomm.layer.exchange import combine, dispatch_checked
 from moecomm.layer.overlap import pipelined
+from moecomm.layer.shared import SharedExperts, check_shared_experts, shared_output
 from moecomm.layer.strategy import Strategy, choose_strategy, resolve_chunks
 from moecomm.moe import Activation, ExpertWeights, WeightFormat, experts_forward
 from moecomm.quant import QuantFormat, ReduceFormat
@@ -58,6 +59,7 @@ def moe_forward(
     allow_quantized: bool | None = None,
     chunks: int | None = None,
     combine_format: ReduceFormat | str = "bf16",
+    shared_experts: SharedExperts | None = None,
 ) -> torch.Tensor:
     """One EP MoE layer step for DP attention: dispatch, local experts, combine.
 
@@ -83,7 +85,17 @@ def moe_forward(
     (TensorRT-LLM's chunked MoE; CUDA events, no host sync). The result is bit-identical to ``chunks=1``
     where the sums over ranks are (two ranks; gloo always): the experts are row-local. ``None`` picks the
     count measured to pay at this world size and token count (``data/crossover.json``, ``"chunks"``), 1
-    where nothing was measured or overlap does not pay (decode).
+    where nothing was measured or overlap does not pay (decode). At DeepSeek-V3 prefill shapes on 2 H200s
+    chunks did not pay (every chunk re-reads all local experts' weights and halves the rows per GEMM:
+    :mod:`moecomm.layer.overlap`); shared experts and micro-batch overlap give the communication other work.
+
+    ``shared_experts``: a callable on ``bf16 [sizes[rank], hidden]`` returning the same shape, or
+    :class:`moecomm.moe.ExpertWeights` of shared experts that moecomm runs with every token routed to every
+    one at weight 1, in ``expert_input_format`` (:mod:`moecomm.layer.shared`). They run on the caller's
+    stream while the dispatch runs on moecomm's communication stream (no host sync), and their output is
+    added to this rank's rows after the combine: the result is bit for bit ``moe_forward(...) +
+    shared_experts(hidden)``. On a CPU, under ``torch.compile`` and with ``sizes`` a tensor they run after
+    the step instead (the same result). One that raises or returns another shape raises after the combine.
 
     ``combine_format``: the wire format of the combine's reducescatterv. ``"bf16"`` (default) as above;
     ``"int8"`` or ``"fp8"`` (e4m3) quantize each rank's partial output per (token, 128 columns) with an
@@ -96,6 +108,8 @@ def moe_forward(
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
     split over the group, their hidden size differs or one of their tensors requires grad in grad mode
     (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``);
+    ``TypeError`` / ``ValueError`` for ``shared_experts`` that are neither a callable nor ExpertWeights of all
+    shared experts of this hidden size and device (:func:`~moecomm.layer.shared.check_shared_experts`);
     ``validate=True`` also compares ``num_experts`` across ranks and checks the ids against it on the host,
     on every rank.
 
@@ -103,16 +117,24 @@ def moe_forward(
     ``moecomm::moe_forward`` (:func:`moe_forward_op`): no graph break, and sizes passed as a tensor never
     recompile. Eager calls with a list do not pass through the op.
     """
+    shared = None
+    if shared_experts is not None:
+        shared = functools.partial(shared_output, shared_experts, rank=rank_and_world(group)[0],
+                                   expert_input_format=expert_input_format, global_scale=global_scale)
     if torch.compiler.is_compiling() or isinstance(sizes, torch.Tensor):
-        return moe_forward_op(hidden, topk_ids, topk_weights, weights, sizes=sizes, strategy=strategy,
-                               global_scale=global_scale, expert_input_format=expert_input_format, group=group,
-                               pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
-                               chunks=chunks, combine_format=combine_format)
+        if shared is not None:
+            check_shared_experts(shared_experts, hidden, shared.keywords["rank"])
+        out = moe_forward_op(hidden, topk_ids, topk_weights, weights, sizes=sizes, strategy=strategy,
+                             global_scale=global_scale, expert_input_format=expert_input_format, group=group,
+                             pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
+                             chunks=chunks, combine_format=combine_format)
+        return out if shared is None else out + shared(hidden)
     strategy = Strategy(strategy)
 
     def prepare():
         rank, world = rank_and_world(group)
         check_experts(weights, hidden, rank, world)
+        check_shared_experts(shared_experts, hidden, rank)
         resolved = strategy
         if strategy == Strategy.AUTO:
             resolved = choose_strategy(expert_input_format, sum(check_sizes(sizes, world)), world_size=world,
@@ -140,11 +162,11 @@ def moe_forward(
         return experts_forward(tokens, ids, tw, weights, input_format=after,
                                global_scale=global_scale if after == QuantFormat.NVFP4 else None)
 
-    if chunks == 1 or world == 1:
+    if shared is None and (chunks == 1 or world == 1):
         tokens, ids, tw, handle = send(hidden, topk_ids, topk_weights, checked_sizes)
         return combine(compute(tokens, ids, tw), handle, algorithm=algorithm, combine_format=combine_format)
-    return pipelined(send, compute, hidden, topk_ids, topk_weights, checked_sizes, rank, chunks, algorithm,
-                     combine_format)
+    return pipelined(send, compute, hidden, topk_ids, topk_weights, checked_sizes, rank, chunks if world > 1 else 1,
+                     algorithm, shared, combine_format)
 
 
 # ----------------------------------------------------------------------------------------------------
