@@ -27,7 +27,9 @@ from moecomm.comm import Algorithm
 from moecomm.comm._library import as_sizes, enum_value, group_name, resolve_group
 from moecomm.comm.checks import check_sizes, run_checks
 from moecomm.comm.group import rank_and_world
+from moecomm.layer._op_args import EXPERT_TENSORS
 from moecomm.layer.checks import check_dispatch, check_experts, dispatch_agreement
+from moecomm.layer.counted import counted_mode, moe_forward_counted
 from moecomm.layer.exchange import combine, dispatch_checked
 from moecomm.layer.overlap import pipelined
 from moecomm.layer.strategy import Strategy, choose_strategy, resolve_chunks
@@ -36,8 +38,6 @@ from moecomm.quant import QuantFormat
 
 __all__ = ["moe_forward", "moe_forward_op", "EXPERT_TENSORS"]
 
-# The tensor fields of ExpertWeights, in the order of the op's ``experts`` list
-EXPERT_TENSORS = ("w13", "w2", "w13_scale", "w2_scale", "w13_global_scale", "w2_global_scale", "b13", "b2")
 
 
 def moe_forward(
@@ -46,7 +46,9 @@ def moe_forward(
     topk_weights: torch.Tensor,
     weights: ExpertWeights,
     *,
-    sizes: Sequence[int],
+    sizes: Sequence[int] | None = None,
+    num_tokens: torch.Tensor | None = None,
+    max_tokens_per_rank: int | None = None,
     strategy: Strategy | str = Strategy.AUTO,
     global_scale: torch.Tensor | float | None = None,
     expert_input_format: QuantFormat | None = None,
@@ -83,14 +85,28 @@ def moe_forward(
     count measured to pay at this world size and token count (``data/crossover.json``, ``"chunks"``), 1
     where nothing was measured or overlap does not pay (decode).
 
+    **Device counts** (instead of ``sizes``): ``num_tokens`` (this rank's live count, a one-element int32
+    tensor on ``hidden``'s device) with ``max_tokens_per_rank`` (the static slot ``M`` of every rank, the one
+    setting ranks agree on): ``hidden`` is any ``[n <= M, H]`` buffer, nothing is read on the host, one CUDA
+    graph serves every step, and the result is ``[n, H]`` with its rows at or past ``num_tokens`` zero
+    (:func:`moecomm.layer.counted.moe_forward_counted`, docs/device-counts.md). ``algorithm`` is then its
+    transport (``"auto"``, ``"padded"``, ``"symm"``).
+
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
     split over the group or their hidden size differs; ``validate=True`` also compares ``num_experts``
-    across ranks and checks the ids against it on the host, on every rank.
+    across ranks and checks the ids against it on the host, on every rank. ``TypeError`` unless exactly one
+    of ``sizes`` and ``num_tokens`` (with ``max_tokens_per_rank``) is given.
 
     Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
     ``moecomm::moe_forward`` (:func:`moe_forward_op`): no graph break, and sizes passed as a tensor never
     recompile. Eager calls with a list do not pass through the op.
     """
+    if counted_mode(sizes, num_tokens, max_tokens_per_rank):
+        return moe_forward_counted(hidden, topk_ids, topk_weights, weights, num_tokens=num_tokens,
+                                   max_tokens_per_rank=max_tokens_per_rank, strategy=strategy,
+                                   global_scale=global_scale, expert_input_format=expert_input_format, group=group,
+                                   pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
+                                   chunks=chunks)
     if torch.compiler.is_compiling() or isinstance(sizes, torch.Tensor):
         return moe_forward_op(hidden, topk_ids, topk_weights, weights, sizes=sizes, strategy=strategy,
                                global_scale=global_scale, expert_input_format=expert_input_format, group=group,
