@@ -164,3 +164,37 @@ def test_bad_arguments_raise_on_every_rank():
         assert "ranks disagree on max_tokens_per_rank: rank 0: 5, rank 1: 6, rank 2: 7" in r["M differs"]
         assert "ranks disagree on max_tokens_per_rank: rank 0: 7, rank 1: 8" in r["M differs, allreduce"]
         assert "rank 1: num_tokens = 9 is outside [0, 4]" in r["validate: count too big on rank 1"]
+
+
+def _compiled(seed):
+    """torch.compile(fullgraph=True) through the op moecomm::moe_forward_counted: the same bits as eager, one
+    compilation for every count (values of an input tensor), no graph break."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(4 * world, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
+    w2 = torch.randn(4 * world, HIDDEN, INTER, generator=gen) / INTER**0.5
+    mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
+    gs = nvfp4_global_scale(torch.tensor(40.0))
+
+    def block(x, ids, w, count):
+        y = moe_forward(x * 2, ids, w, mine, num_tokens=count, max_tokens_per_rank=M, strategy="agrs-nvfp4",
+                        global_scale=gs, expert_input_format=QuantFormat.NVFP4)
+        return y + 1
+
+    counters.clear()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    x, ids, w = _rank_inputs(torch.Generator().manual_seed(seed + rank), M, 4 * world)
+    for step, count in enumerate([M, 0, 1 + rank, 3]):
+        c = torch.tensor(count, dtype=torch.int32)
+        got, eager = compiled(x, ids, w, c), block(x, ids, w, c)
+        assert torch.equal(got, eager), (step, count)
+    assert counter.frame_count == 1 and not counters["graph_break"], (counter.frame_count, dict(counters["graph_break"]))
+    return "ok"
+
+
+def test_compiled_counted_op_never_recompiles():
+    assert launch(_compiled, 2, (random.randrange(1 << 30),), backend="gloo", timeout=240) == ["ok", "ok"]

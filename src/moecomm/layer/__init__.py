@@ -10,9 +10,13 @@ With attention data-parallel, rank ``r`` holds ``sizes[r]`` tokens. One MoE laye
 Modules, bottom to top: ``message`` (the packed row of one token), ``strategy`` (strategies, the
 crossover choice, bytes per token), ``checks`` (the checks at the door), ``exchange`` (:func:`dispatch`,
 :func:`combine`), ``overlap`` (the chunked pipeline), ``step`` (:func:`moe_forward` and its custom op),
-``graphs`` (:class:`GraphedMoE`). Everything public is re-exported here.
+``graphs`` (:class:`GraphedMoE`); the device-count mode beside them: ``counted`` (:func:`moe_forward` with
+``num_tokens`` and ``max_tokens_per_rank``, its op) and ``counted_graphs`` (:class:`CountedGraphedMoE`, one
+CUDA graph per rank). Everything public is re-exported here.
 """
 
+from moecomm.layer.counted import moe_forward_counted
+from moecomm.layer.counted_graphs import CountedGraphedMoE
 from moecomm.layer.exchange import DispatchHandle, combine, dispatch
 from moecomm.layer.graphs import GraphedMoE
 from moecomm.layer.message import MessageLayout, message_layout
@@ -36,6 +40,8 @@ __all__ = [
     "combine",
     "moe_forward",
     "GraphedMoE",
+    "moe_forward_counted",
+    "CountedGraphedMoE",
     "EXPERT_TENSORS",
     "DISABLE_ENV",
     "CARVEOUT_ENV",
