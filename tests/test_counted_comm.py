@@ -70,7 +70,7 @@ def _run_steps(ws, seed, steps, paired):
 
 
 def _symm_ranks(seed, buffers, steps):
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     ws = CountedWorkspace.from_peer_buffers(buffers, rank, max_tokens_per_rank=M, row_bytes=ROW_BYTES, hidden=HIDDEN,
                                             programs=2, max_spin=1 << 22)
     flagged = _run_steps(ws, seed, steps, paired=True)
