@@ -68,23 +68,25 @@ def _publish(table_ptr, slot, msg, W: tl.constexpr):
 
 
 @triton.jit
-def _wait(table_ptr, first_slot, rank, epoch, max_spin, W: tl.constexpr, WP: tl.constexpr):
-    """Poll this rank's words ``first_slot + p`` (p < W) until each carries ``epoch``; returns the counts they
-    carry (int64 ``[WP]``, 0 past W and for a peer that timed out) and how many timed out."""
+def _wait(table_ptr, first_slot, rank, epoch, own, max_spin, W: tl.constexpr, WP: tl.constexpr):
+    """Poll this rank's words ``first_slot + p`` (every peer ``p != rank``) until each carries ``epoch``; returns
+    every rank's count (int64 ``[WP]``: ``own`` for this rank, 0 past W and for a peer that timed out) and how
+    many peers timed out. This rank's own word is never awaited: no program waits on its own launch."""
     mine = tl.load(table_ptr + rank).to(tl.pointer_type(tl.int64)) + first_slot
     want = (epoch << 32) >> 32  # the sign-extended low 32 bits of the epoch, as (word >> 32) gives them
     peers = tl.arange(0, WP)
-    counts = tl.zeros([WP], dtype=tl.int64)
+    counts = tl.where(peers == rank, own, 0).to(tl.int64)
     missing = 0
     for p in tl.static_range(W):
+        peer = p != rank
         v = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
         n = 0
-        while ((v >> 32) != want) & (n < max_spin):
+        while ((v >> 32) != want) & (n < max_spin) & peer:
             v = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
             n += 1
         ok = (v >> 32) == want
-        counts = tl.where(peers == p, tl.where(ok, v & 2147483647, 0), counts)
-        missing += tl.where(ok, 0, 1)
+        counts = tl.where((peers == p) & peer, tl.where(ok, v & 2147483647, 0), counts)
+        missing += tl.where(ok | (p == rank), 0, 1)
     tl.debug_barrier()  # the acquire of one thread orders the whole program's later loads
     return counts, missing
 
@@ -129,7 +131,7 @@ def _gather_kernel(
     c = _clamped(count_ptr, limit, err_ptr, COUNT_BIT)  # every program flags a bad count alike: same bits
     if pid == 0:
         _publish(table_ptr, flag_slot + rank, (epoch << 32) | c, W)
-    counts, missing = _wait(table_ptr, flag_slot, rank, epoch, max_spin, W, WP)
+    counts, missing = _wait(table_ptr, flag_slot, rank, epoch, c, max_spin, W, WP)
     if missing > 0:
         tl.atomic_or(err_ptr, TIMEOUT_BIT)
     peers = tl.arange(0, WP)
@@ -148,7 +150,7 @@ def _gather_kernel(
         i = j - tl.sum(tl.where(peers == p, starts, 0))
         src = tl.load(table_ptr + p).to(tl.pointer_type(tl.int64)) + send_off + i * row_words
         dst = gathered64_ptr + (p * rows + i) * row_words
-        tl.store(dst + w, tl.load(src + w, mask=w < row_words), mask=w < row_words)
+        tl.store(dst + w, tl.load(src + w, mask=w < row_words, cache_modifier=".cg"), mask=w < row_words)
     # dead rows: their topk_ids become -1 (masked slots); their other bytes are left as they are
     mcols = tl.arange(0, MASK_BLOCK)
     for t in range(pid, W * rows, nprog):
@@ -182,12 +184,13 @@ def _load_f32(base, offset, mask, KIND: tl.constexpr):
     """float32 values at element ``offset`` of the partial at address ``base`` (bf16 through its bits: exact,
     and the interpreter has no bf16 pointers)."""
     if KIND == 0:
-        bits = tl.load(base.to(tl.pointer_type(tl.uint16)) + offset, mask=mask, other=0)
+        bits = tl.load(base.to(tl.pointer_type(tl.uint16)) + offset, mask=mask, other=0, cache_modifier=".cg")
         return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     elif KIND == 1:
-        return tl.load(base.to(tl.pointer_type(tl.float16)) + offset, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(base.to(tl.pointer_type(tl.float16)) + offset, mask=mask, other=0.0,
+                       cache_modifier=".cg").to(tl.float32)
     else:
-        return tl.load(base.to(tl.pointer_type(tl.float32)) + offset, mask=mask, other=0.0)
+        return tl.load(base.to(tl.pointer_type(tl.float32)) + offset, mask=mask, other=0.0, cache_modifier=".cg")
 
 
 @triton.jit
@@ -211,7 +214,7 @@ def _reduce_kernel(
     c = _clamped(count_ptr, limit, err_ptr, COUNT_BIT)  # every program flags a bad count alike: same bits
     if pid == 0:
         _publish(table_ptr, flag_slot + rank, (epoch << 32) | c, W)
-    _, missing = _wait(table_ptr, flag_slot, rank, epoch, max_spin, W, WP)
+    _, missing = _wait(table_ptr, flag_slot, rank, epoch, c, max_spin, W, WP)
     if missing > 0:
         tl.atomic_or(err_ptr, TIMEOUT_BIT)
     chunks = tl.cdiv(hidden, BLOCK)
@@ -254,7 +257,7 @@ def _done_kernel(table_ptr, epoch_ptr, err_ptr, max_spin, rank, flag_slot,
                  W: tl.constexpr, WP: tl.constexpr, TIMEOUT_BIT: tl.constexpr):
     epoch = tl.load(epoch_ptr) + 1
     _publish(table_ptr, flag_slot + rank, epoch << 32, W)
-    _, missing = _wait(table_ptr, flag_slot, rank, epoch, max_spin, W, WP)
+    _, missing = _wait(table_ptr, flag_slot, rank, epoch, 0, max_spin, W, WP)
     if missing > 0:
         tl.atomic_or(err_ptr, TIMEOUT_BIT)
     tl.store(epoch_ptr, epoch)
