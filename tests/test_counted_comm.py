@@ -163,3 +163,21 @@ def test_a_peer_that_never_arrives_is_flagged_not_a_hang():
     with pytest.raises(ValueError, match="flag wait .* gave up"):
         errors.check_errors()
     assert ws._epochs[kernels.GATHER].tolist() == [1]  # it still counts: the next call is epoch 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "counted", "--max-tokens", "0"], "argument --max-tokens: must be at least 1, got 0"),
+    (["bench", "counted", "--transport", "nccl"], "argument --transport: unknown 'nccl'; choose from auto, padded"),
+    (["bench", "counted", "--tokens", "4,0"], "argument --tokens: every value must be at least 1, got 0"),
+] + ([] if torch.cuda.is_available() else [
+    (["bench", "counted"], "bench counted replays CUDA graphs: it needs a CUDA device")]))
+def test_bench_counted_refuses_bad_arguments(capsys, argv, message):
+    """``moecomm bench counted``: exit status 2 and one line naming the problem, before any rank starts."""
+    from moecomm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("moecomm bench counted: error: ") and message in last, err
