@@ -249,3 +249,24 @@ def test_reduce_overhead_captures_the_counted_op():
     for ws in sorted({1, min(2, torch.cuda.device_count())}):
         assert launch(_reduce_overhead, ws, (seed,), backend="nccl", timeout=300) == ["ok"] * ws, (ws, seed)
 
+
+
+def _no_creation_while_capturing(seed):
+    """The first call with a new max_tokens_per_rank inside a capture raises a clear error (buffers are created
+    collectively, once, before capturing) and leaves the process usable."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    experts = _weights(seed, 1, device)
+    x, ids, w = _inputs(seed, 0, 0, 3, 1, device)
+    count = torch.tensor(2, dtype=torch.int32, device=device)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot happen during CUDA-graph capture"):
+        with torch.cuda.graph(graph):
+            moe_forward(x, ids, w, experts[0], num_tokens=count, max_tokens_per_rank=5, strategy="agrs")
+    out = moe_forward(x, ids, w, experts[0], num_tokens=count, max_tokens_per_rank=5, strategy="agrs")
+    assert out.shape == (3, HIDDEN) and not out[2:].any()
+    return "ok"
+
+
+def test_workspace_is_not_created_during_capture():
+    assert launch(_no_creation_while_capturing, 1, (random.randrange(1 << 30),), backend="nccl",
+                  timeout=300) == ["ok"]

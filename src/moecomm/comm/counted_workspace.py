@@ -31,7 +31,8 @@ _ALIGN = 256  # bytes: regions of the peer buffer start on this boundary
 
 
 class Transport(ChoiceEnum):
-    """How the counted collectives move rows (module docstring)."""
+    """How the counted collectives move rows (:mod:`moecomm.comm.counted`). At world size 1 every transport
+    is a local copy (``PADDED``)."""
 
     AUTO = "auto"  # symm where torch symmetric memory works (CUDA, NCCL group, one host), else padded
     PADDED = "padded"  # every rank's whole slot through the native equal-size collectives

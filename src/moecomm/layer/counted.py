@@ -161,6 +161,9 @@ def moe_forward_counted(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
         The first call for a new shape happens during CUDA-graph capture (warm up first).
     """
     if torch.compiler.is_compiling():
+        if pack is not True or chunks not in (None, 1):  # the op has neither: refuse rather than ignore them
+            raise ValueError(f"the device-count mode sends one packed message in one piece; pack={pack!r}, "
+                             f"chunks={chunks!r}")
         return moe_forward_counted_op(hidden, topk_ids, topk_weights, weights, num_tokens=num_tokens,
                                       max_tokens_per_rank=max_tokens_per_rank, strategy=strategy,
                                       global_scale=global_scale, expert_input_format=expert_input_format, group=group,
