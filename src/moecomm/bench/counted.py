@@ -1,4 +1,5 @@
-"""``moecomm bench counted``: the device-count mode's one CUDA graph per rank (:class:`moecomm.layer.CountedGraphedMoE`).
+"""``moecomm bench counted``: the device-count mode's one CUDA graph per rank
+(:class:`moecomm.layer.CountedGraphedMoE`).
 
 Spawns N ranks: NCCL, one GPU each; or with ``--one-gpu`` N processes on cuda:0 over gloo, the ``symm``
 transport on torch symmetric memory shared across the processes (``TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1``,

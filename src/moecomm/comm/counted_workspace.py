@@ -102,11 +102,13 @@ class CountedWorkspace:
             self._partial_elems = layout.partial_off // dtype.itemsize
             self.send = local[layout.send_off : layout.send_off + rows * row_bytes].view(rows, row_bytes)
             nparts = world * rows * hidden * dtype.itemsize
-            self.partial = local[layout.partial_off : layout.partial_off + nparts].view(dtype).view(world * rows, hidden)
+            partial = local[layout.partial_off : layout.partial_off + nparts]
+            self.partial = partial.view(dtype).view(world * rows, hidden)
             self.gathered = torch.empty((world * rows, row_bytes), dtype=torch.uint8, device=device)
             self.counts = torch.zeros(world, dtype=torch.int32, device=device)
-            if programs is None:
-                programs = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+            if programs is None:  # the fixed grid: one program per SM (2 under the interpreter)
+                cuda = device.type == "cuda"
+                programs = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 2
             self._epochs = torch.zeros(kernels.ROUNDS, programs, dtype=torch.int64, device=device)
             self._max_spin = max_spin if max_spin is not None else int(os.environ.get(MAX_SPIN_ENV, str(1 << 25)))
         else:

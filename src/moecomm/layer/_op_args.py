@@ -21,7 +21,8 @@ def flatten_experts(weights: ExpertWeights) -> tuple:
             weights.first_expert, weights.num_experts)
 
 
-def unflatten_experts(tensors, activation: str, weight_format: str, first_expert: int, num_experts: int) -> ExpertWeights:
+def unflatten_experts(tensors, activation: str, weight_format: str, first_expert: int,
+                      num_experts: int) -> ExpertWeights:
     """The inverse of :func:`flatten_experts`."""
     return ExpertWeights(**dict(zip(EXPERT_TENSORS, tensors)), activation=Activation(activation),
                          format=WeightFormat(weight_format), first_expert=first_expert, num_experts=num_experts)

@@ -75,7 +75,8 @@ def _check(hidden, topk_ids, topk_weights, weights, num_tokens, max_tokens_per_r
     if not isinstance(num_tokens, torch.Tensor):
         raise TypeError(f"rank {rank}: num_tokens must be a one-element int32/int64 tensor on hidden's device, got "
                         f"{type(num_tokens).__name__} (a Python int would be baked into a CUDA graph)")
-    if num_tokens.numel() != 1 or num_tokens.dtype not in (torch.int32, torch.int64) or num_tokens.device != hidden.device:
+    if (num_tokens.numel() != 1 or num_tokens.dtype not in (torch.int32, torch.int64)
+            or num_tokens.device != hidden.device):
         raise ValueError(f"rank {rank}: num_tokens must be a one-element int32/int64 tensor on {hidden.device}, got "
                          f"{num_tokens.dtype} {tuple(num_tokens.shape)} on {num_tokens.device}")
     if pack is not True:
@@ -93,7 +94,8 @@ def _check(hidden, topk_ids, topk_weights, weights, num_tokens, max_tokens_per_r
     return strategy, transport, rank, world
 
 
-def _agreement(hidden, topk_ids, num_tokens, weights, m, strategy, global_scale, expert_input_format, transport) -> dict:
+def _agreement(hidden, topk_ids, num_tokens, weights, m, strategy, global_scale, expert_input_format,
+               transport) -> dict:
     """What ranks must agree on, and the host checks of validation (reads the count: a sync)."""
     count = int(num_tokens.reshape(-1)[0])
     if not 0 <= count <= hidden.shape[0]:
