@@ -84,7 +84,7 @@ class CountedWorkspace:
     """
 
     def __init__(self, *, rank: int, world: int, device: torch.device, rows: int, row_bytes: int, hidden: int,
-                 dtype: torch.dtype, transport: Transport, group=None, peer_buffers=None, handle=None,
+                 dtype: torch.dtype, transport: Transport, group=None, local=None, peer_ptrs=None, keep=None,
                  programs: int | None = None, max_spin: int | None = None):
         self.rank, self.world_size, self.device = rank, world, device
         self.rows, self.row_bytes, self.hidden, self.dtype, self.transport = rows, row_bytes, hidden, dtype, transport
@@ -94,9 +94,8 @@ class CountedWorkspace:
         self._rows_index = torch.arange(rows, device=device)
         if transport == Transport.SYMM:
             layout = peer_layout(world, rows, row_bytes, hidden, dtype)
-            local = peer_buffers[rank]
-            self._keep = (peer_buffers, handle)  # the mappings live as long as the workspace
-            self._table = torch.tensor([b.data_ptr() for b in peer_buffers], dtype=torch.int64, device=device)
+            self._keep = keep  # whatever keeps the peer mappings alive lives as long as the workspace
+            self._table = torch.tensor(peer_ptrs, dtype=torch.int64, device=device)  # this process's addresses
             self._flag_slot = layout.flag_off // 8
             self._send_words = layout.send_off // 8
             self._partial_elems = layout.partial_off // dtype.itemsize
@@ -142,7 +141,8 @@ class CountedWorkspace:
                 raise ValueError(f"buffers[{p}] must be uint8 [>= {need}] on {device.type}, got {b.dtype} "
                                  f"{tuple(b.shape)} on {b.device}")
         return cls(rank=rank, world=world, device=device, rows=max_tokens_per_rank, row_bytes=row_bytes, hidden=hidden,
-                   dtype=dtype, transport=Transport.SYMM, peer_buffers=list(buffers), programs=programs,
+                   dtype=dtype, transport=Transport.SYMM, local=buffers[rank],
+                   peer_ptrs=[b.data_ptr() for b in buffers], keep=list(buffers), programs=programs,
                    max_spin=max_spin)
 
     def _comm(self):
@@ -188,7 +188,8 @@ def _resolve_transport(transport: Transport, group, device: torch.device, world:
 
 
 def _symm_buffers(group, device: torch.device, nbytes: int):
-    """This rank's zeroed buffer in torch symmetric memory and every rank's mapping of its peers' buffers."""
+    """This rank's zeroed buffer in torch symmetric memory, every rank's buffer address as this process maps it
+    (``buffer_ptrs``, what the kernels address), and the handle that keeps the mappings alive."""
     import torch.distributed._symmetric_memory as symm_mem
 
     local = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
@@ -199,10 +200,7 @@ def _symm_buffers(group, device: torch.device, nbytes: int):
     if ptrs[handle.rank] != local.data_ptr():  # newer torch may hand out allocation-level pointers
         raise RuntimeError(f"torch symmetric memory: buffer_ptrs[{handle.rank}] = {ptrs[handle.rank]:#x} is not the "
                            f"tensor's address {local.data_ptr():#x}; this torch version is not supported")
-    peers = [local if r == handle.rank else handle.get_buffer(r, (nbytes,), torch.uint8) for r in range(len(ptrs))]
-    if [p.data_ptr() for p in peers] != ptrs:
-        raise RuntimeError("torch symmetric memory: get_buffer() does not map buffer_ptrs; unsupported torch version")
-    return peers, handle
+    return local, ptrs, handle
 
 
 def counted_workspace(group: dist.ProcessGroup | None, device: torch.device, *, max_tokens_per_rank: int,
@@ -250,11 +248,11 @@ def counted_workspace(group: dist.ProcessGroup | None, device: torch.device, *, 
     if world > 1 or error is not None:
         check_agreement("counted_workspace", mine, group, error)
     transport = _resolve_transport(transport, group, device, world)
-    buffers = handle = None
+    local = ptrs = handle = None
     if transport == Transport.SYMM:
-        buffers, handle = _symm_buffers(group, device, peer_layout(world, max_tokens_per_rank, row_bytes, hidden,
+        local, ptrs, handle = _symm_buffers(group, device, peer_layout(world, max_tokens_per_rank, row_bytes, hidden,
                                                                    dtype).nbytes)
     ws = _WORKSPACES[key] = CountedWorkspace(rank=rank, world=world, device=device, rows=max_tokens_per_rank,
                                              row_bytes=row_bytes, hidden=hidden, dtype=dtype, transport=transport,
-                                             group=group, peer_buffers=buffers, handle=handle)
+                                             group=group, local=local, peer_ptrs=ptrs, keep=handle)
     return ws
