@@ -39,7 +39,6 @@ from moecomm.quant import QuantFormat
 __all__ = ["moe_forward", "moe_forward_op", "EXPERT_TENSORS"]
 
 
-
 def moe_forward(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
