@@ -40,7 +40,7 @@ if want moe; then
 fi
 if want counted; then  # device token counts: one graph per rank (world size 1, 4 ranks on one GPU, all GPUs)
   step bench_counted_ws1 300 $mc bench counted --world-size 1 --json "$R/counted_ws1.json"
-  step bench_counted_one_gpu 600 $mc bench counted --one-gpu --world-size 4 --tokens 1,16,64 --json "$R/counted_one_gpu.json"
+  step bench_counted_one_gpu 600 $mc bench counted --one-gpu --world-size 4 --small --tokens 1,16,64 --json "$R/counted_one_gpu.json"
   [[ $n -gt 1 ]] && step bench_counted_ws$n 600 $mc bench counted --world-size "$n" --transport auto,padded \
     --json "$R/counted_ws$n.json"
 fi

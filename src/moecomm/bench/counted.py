@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``moecomm bench counted``."""
     add_world_size_arguments(p, default=None, default_help="all GPUs; with --one-gpu 2")
     p.add_argument("--one-gpu", action="store_true",
-                   help="run every rank on cuda:0 (gloo + torch symmetric memory across processes, symm transport)")
+                   help="run every rank on cuda:0 (gloo + torch symmetric memory across processes, symm transport); "
+                        "with --small beyond 2 ranks (each rank draws the whole model's weights first)")
     p.add_argument("--max-tokens", type=positive_int, default=256, metavar="M",
                    help="max_tokens_per_rank, the static slot of every rank (default 256)")
     p.add_argument("--tokens", type=int_list(), default=[1, 16, 64, 256],
