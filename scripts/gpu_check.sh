@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU script: GPU tests and benchmarks, in one device call.
-#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests ranks quant experts coll moe combine overlap demo all
-#   (default: all)
+#   bash scripts/gpu_check.sh [STEP ...]     STEP: tests ranks quant experts coll moe combine overlap counted demo
+#   all (default: all)
 # Results (logs, JUnit XML, JSON, PNG, tables) are packed into $OUT/results.tar.gz after every step (else ./out).
 # Runs from a plain checkout (PYTHONPATH=src, no install), as on the device machine.
 #
@@ -88,6 +88,12 @@ if want overlap; then  # shared experts during the dispatch; two micro-batches w
       --json "$R/moe_shared_ws$ws.json"
     step two_microbatches_ws$ws 120 python3 examples/two_microbatches.py "$ws"
   done
+fi
+if want counted; then  # device token counts: one graph per rank (world size 1, 4 ranks on one GPU, all GPUs)
+  step bench_counted_ws1 300 $mc bench counted --world-size 1 --json "$R/counted_ws1.json"
+  step bench_counted_one_gpu 600 $mc bench counted --one-gpu --world-size 4 --small --tokens 1,16,64 --json "$R/counted_one_gpu.json"
+  [[ $n -gt 1 ]] && step bench_counted_ws$n 600 $mc bench counted --world-size "$n" --transport auto,padded \
+    --json "$R/counted_ws$n.json"
 fi
 if want demo && [[ -d .carry/site ]]; then  # the demo's model, packed by scripts/pack_minilm_for_device.py
   python3 scripts/pack_minilm_for_device.py --unpack

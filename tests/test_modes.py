@@ -83,7 +83,7 @@ def test_every_cached_tensor_made_in_inference_mode_is_a_normal_tensor(fresh_cac
         gs = exchange._global_scale(2.5, torch.device("cpu"))
     for name, t in (("error buffer", buf), ("global scale", gs)):
         assert not torch.is_inference(t) and not t.requires_grad, name
-    assert gs.item() == 2.5 and buf.tolist() == [0, 2**31 - 1, -(2**31)]
+    assert gs.item() == 2.5 and buf.tolist() == [0, 2**31 - 1, -(2**31), 2**31 - 1, -(2**31)]
 
 
 def _layer_in_every_mode(seed, first):

@@ -1,4 +1,4 @@
-"""The ``moecomm`` command: ``moecomm demo`` and ``moecomm bench {collectives,quant,experts,moe,accuracy}``.
+"""The ``moecomm`` command: ``moecomm demo`` and ``moecomm bench {collectives,quant,experts,moe,counted,accuracy}``.
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args)``;
 modules are imported only when their subcommand runs, so ``moecomm --help`` stays fast. A bad argument
@@ -22,6 +22,7 @@ _BENCHES = {
     "quant": ("moecomm.bench.quant", "NVFP4 / MXFP4 / FP8 quantizers vs copy bandwidth"),
     "experts": ("moecomm.bench.experts", "expert compute vs a bare grouped GEMM"),
     "moe": ("moecomm.bench.moe", "a whole MoE layer step per dispatch strategy"),
+    "counted": ("moecomm.bench.counted", "device token counts: one CUDA graph per rank vs bucket graphs"),
     "accuracy": ("moecomm.bench.accuracy", "the combine formats' error on a DeepSeek-V3 MoE layer (CPU ranks)"),
 }
 

@@ -14,6 +14,10 @@ warm-up under ``torch.inference_mode()`` does not leave an inference tensor that
 update; ``moecomm._modes``); under CUDA-graph capture the kernels write to the buffer that existed at
 capture time (warm up before capturing, which moecomm's graph paths do).
 
+The counted collectives (:mod:`moecomm.comm.counted`) flag here too: a device token count outside
+``[0, rows]`` (clamped on the device, so no buffer is overrun) and a symmetric-memory flag wait that
+gave up (a peer that never arrived; the bounded spin turns a hang into this error).
+
 This is the convention of torch's own deferred device asserts (``torch._assert_async``) without their
 cost: a failed device assert kills the CUDA context; a flag leaves the process usable.
 """
@@ -24,20 +28,24 @@ import torch
 
 from moecomm._modes import kept_state
 
-__all__ = ["ID_OUT_OF_RANGE", "check_errors", "error_buffer", "record_bad_ids", "check_ids"]
+__all__ = ["ID_OUT_OF_RANGE", "COUNT_OUT_OF_RANGE", "PEER_TIMEOUT", "check_errors", "error_buffer",
+           "record_bad_ids", "record_bad_count", "check_ids"]
 
 ID_OUT_OF_RANGE = 1  # bit 0: a topk_id outside [-1, num_experts) reached the experts
+COUNT_OUT_OF_RANGE = 2  # bit 1: a device token count outside [0, rows] reached a counted collective (clamped)
+PEER_TIMEOUT = 4  # bit 2: a symmetric-memory flag wait gave up: a peer never arrived (ranks made other calls?)
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _BUFFERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _clear(device: torch.device) -> torch.Tensor:
-    """An error buffer with nothing flagged: no bits, an empty [smallest, largest] bad-id range."""
-    return torch.tensor([0, _INT32_MAX, _INT32_MIN], dtype=torch.int32, device=device)
+    """An error buffer with nothing flagged: no bits, empty [smallest, largest] bad-id and bad-count ranges."""
+    return torch.tensor([0, _INT32_MAX, _INT32_MIN, _INT32_MAX, _INT32_MIN], dtype=torch.int32, device=device)
 
 
 def error_buffer(device: torch.device) -> torch.Tensor:
-    """int32 ``[3]`` on ``device``: ``[error bits, smallest bad id, largest bad id]`` (created on first use)."""
+    """int32 ``[5]`` on ``device``: ``[error bits, smallest bad id, largest bad id, smallest bad count,
+    largest bad count]`` (created on first use)."""
     buf = _BUFFERS.get(device)
     if buf is None:
         with kept_state():
@@ -58,6 +66,19 @@ def record_bad_ids(ids: torch.Tensor, num_experts: int) -> None:
     buf[0] |= bad.any().to(torch.int32) * ID_OUT_OF_RANGE
     buf[1] = torch.minimum(buf[1], torch.where(bad, flat, _INT32_MAX).amin().to(torch.int32))
     buf[2] = torch.maximum(buf[2], torch.where(bad, flat, _INT32_MIN).amax().to(torch.int32))
+
+
+def record_bad_count(count: torch.Tensor, limit: int) -> None:
+    """Flag a token count (a one-element integer tensor) outside ``[0, limit]`` in :func:`error_buffer` with
+    torch ops (no sync); values past int32 are recorded saturated. The CUDA counted collectives do the same
+    inside their kernels (``moecomm.comm._kernels_counted``)."""
+    buf = error_buffer(count.device)
+    c = count.reshape(()).to(torch.int64)
+    bad = (c < 0) | (c > limit)
+    c32 = c.clamp(_INT32_MIN, _INT32_MAX).to(torch.int32)
+    buf[0] |= bad.to(torch.int32) * COUNT_OUT_OF_RANGE
+    buf[3] = torch.minimum(buf[3], torch.where(bad, c32, _INT32_MAX))
+    buf[4] = torch.maximum(buf[4], torch.where(bad, c32, _INT32_MIN))
 
 
 def check_ids(ids: torch.Tensor, num_experts: int, rank: int | None = None) -> None:
@@ -88,18 +109,27 @@ def check_errors(*, group=None, every_rank: bool = False) -> None:
     ------
     ValueError
         ``"rank R: topk_ids outside [-1, num_experts) reached the experts (values in [lo, hi]) ..."``.
-        int64 ids outside the int32 range appear as -2147483648.
+        int64 ids outside the int32 range appear as -2147483648. ``"... num_tokens outside [0, rows] ..."``
+        for a device token count of the counted path that was clamped; ``"... flag wait ... gave up"`` when a
+        symmetric-memory wait timed out (:mod:`moecomm.comm.counted`).
     """
     import torch.distributed as dist
 
     messages = []
     for device, buf in _BUFFERS.items():
-        bits, lo, hi = buf.tolist()
+        bits, lo, hi, count_lo, count_hi = buf.tolist()
         if bits:
             buf.copy_(_clear(device))
         if bits & ID_OUT_OF_RANGE:
             messages.append(f"topk_ids outside [-1, num_experts) reached the experts on {device} (values in "
                             f"[{lo}, {hi}]); they were skipped like another rank's experts")
+        if bits & COUNT_OUT_OF_RANGE:
+            messages.append(f"num_tokens outside [0, rows of the local buffer] reached a counted collective on "
+                            f"{device} (values in [{count_lo}, {count_hi}]); it was clamped to that range")
+        if bits & PEER_TIMEOUT:
+            messages.append(f"a symmetric-memory flag wait on {device} gave up after MOECOMM_SYMM_MAX_SPIN polls: a "
+                            f"peer never arrived (ranks made different calls, or one died); that step's results "
+                            f"are wrong")
     rank = dist.get_rank(group) if dist.is_initialized() else None
     error = ValueError(f"rank {rank}: " + "; ".join(messages) if rank is not None else "; ".join(messages))
     if every_rank:

@@ -11,6 +11,12 @@ implementation that gives the output shapes without running anything::
         str group_name, bool pack, str algorithm, bool validate, bool? allow_quantized,
         SymInt? chunks, str combine_format) -> Tensor      # shaped like hidden: [sizes[rank], H] bf16
                                                            # (moecomm.layer.step)
+    moecomm::moe_forward_counted(Tensor hidden, Tensor topk_ids, Tensor topk_weights, Tensor num_tokens,
+        SymInt max_tokens_per_rank, Tensor?[] experts, str activation, str weight_format, SymInt first_expert,
+        SymInt num_experts, str strategy, Tensor? global_scale, float? global_scale_value,
+        str? expert_input_format, str group_name, str algorithm, bool validate,
+        bool? allow_quantized) -> Tensor                   # shaped like hidden: [n, H] bf16, device counts
+                                                           # (moecomm.layer.counted)
     moecomm::quantize(Tensor x, str fmt, Tensor? global_scale, str backend) -> Tensor[]
                                                            # [data, scales] (+ the computed NVFP4 scale)
                                                            # (moecomm.quant.tensor)
@@ -34,7 +40,8 @@ they run, so a CUDA graph must never capture them. They carry the ``cudagraph_un
 ``torch.compile(mode="reduce-overhead")`` Inductor splits the graph around them (graph partitions) and
 captures only the parts between them. To replay a whole MoE layer, collectives included, from one CUDA
 graph, use :class:`moecomm.layer.GraphedMoE`. ``quantize`` touches device memory only and may be
-captured.
+captured. ``moe_forward_counted`` (``moe_forward`` with ``num_tokens`` on the device) reads nothing on the
+host: it has no ``cudagraph_unsafe`` tag, and ``mode="reduce-overhead"`` captures it with the model.
 
 Not ops: ``dispatch`` / ``combine`` (the handle carries a layout that depends on the sizes' values;
 compile ``moe_forward`` instead) and the format quantizers (``quantize_nvfp4`` ...; call
@@ -44,8 +51,10 @@ compile ``moe_forward`` instead) and the format quantizers (``quantize_nvfp4`` .
 from moecomm.comm.collectives import all_gatherv_op as all_gatherv
 from moecomm.comm.collectives import reduce_scatterv_op as reduce_scatterv
 from moecomm.comm.collectives import sizes_tensor
+from moecomm.layer.counted import moe_forward_counted_op as moe_forward_counted
 from moecomm.layer.step import EXPERT_TENSORS
 from moecomm.layer.step import moe_forward_op as moe_forward
 from moecomm.quant.tensor import quantize_op as quantize
 
-__all__ = ["EXPERT_TENSORS", "sizes_tensor", "moe_forward", "quantize", "all_gatherv", "reduce_scatterv"]
+__all__ = ["EXPERT_TENSORS", "sizes_tensor", "moe_forward", "moe_forward_counted", "quantize", "all_gatherv",
+           "reduce_scatterv"]

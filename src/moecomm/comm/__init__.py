@@ -4,8 +4,10 @@ Modules, bottom to top: ``group`` (rank, world size, backend, device of a group)
 binding), ``transport`` (NCCL or torch.distributed behind one interface; byte views), ``symm`` (torch
 symmetric-memory staging buffers), ``algorithms`` (broadcast / padded / symm / allreduce and the measured
 choice), ``checks`` (argument checks at the door, agreement across ranks), ``collectives`` (the public
-:func:`all_gatherv`, :func:`reduce_scatterv`, :func:`gather_sizes` and their custom ops), ``launch`` (N
-processes over gloo or NCCL, or in place under torchrun). Everything public is re-exported here.
+:func:`all_gatherv`, :func:`reduce_scatterv`, :func:`gather_sizes` and their custom ops), ``counted_workspace``
+and ``counted`` (the collectives whose counts stay on the device: :func:`all_gather_counted`,
+:func:`reduce_scatter_counted`, transports ``padded`` and ``symm``, Triton kernels in ``_kernels_counted``),
+``launch`` (N processes over gloo or NCCL, or in place under torchrun). Everything public is re-exported here.
 """
 
 from moecomm.comm.launch import RankError, default_backend, launch
@@ -24,6 +26,14 @@ from moecomm.comm.collectives import (
     reduce_scatterv,
     reduce_scatterv_ref,
     sizes_tensor,
+)
+from moecomm.comm.counted import (
+    CountedWorkspace,
+    Transport,
+    all_gather_counted,
+    clamp_count,
+    counted_workspace,
+    reduce_scatter_counted,
 )
 from moecomm.comm.group import rank_device
 
@@ -46,4 +56,10 @@ __all__ = [
     "RankError",
     "default_backend",
     "rank_device",
+    "Transport",
+    "CountedWorkspace",
+    "counted_workspace",
+    "all_gather_counted",
+    "reduce_scatter_counted",
+    "clamp_count",
 ]

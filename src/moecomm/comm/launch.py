@@ -28,6 +28,7 @@ import socket
 import sys
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Sequence
 
 import torch
@@ -50,12 +51,20 @@ def default_backend(world_size: int) -> str:
     return "gloo"
 
 
-class _Pickler(pickle.Pickler):
+class _Pickler(ForkingPickler):
     """Pickle whose plain tensors travel as (bytes, dtype, shape, device): by value, in every dtype. Quantized
-    and sparse tensors and tensor subclasses keep their own pickling (which handles them)."""
+    and sparse tensors and tensor subclasses keep their own pickling (which handles them); with ``share``,
+    tensors in shared memory (and CUDA tensors) keep torch.multiprocessing's sharing by handle, so that
+    ranks can be handed buffers they all see (the reader must outlive nothing: the parent stays alive)."""
+
+    def __init__(self, file, *, share: bool):
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.share = share
 
     def reducer_override(self, obj):
         if type(obj) is not torch.Tensor or obj.layout != torch.strided or obj.is_quantized:
+            return NotImplemented
+        if self.share and obj.is_shared():
             return NotImplemented
         t = obj.detach()
         data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -67,10 +76,13 @@ def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple, device: st
     return raw.view(dtype).reshape(shape).to(device).requires_grad_(requires_grad)
 
 
-def dumps(obj) -> bytes:
-    """``obj`` pickled for :func:`launch`: tensors by value, in any dtype (read back with ``pickle.loads``)."""
+def dumps(obj, *, share: bool = False) -> bytes:
+    """``obj`` pickled for :func:`launch`: tensors by value, in any dtype (read back with ``pickle.loads``).
+
+    ``share``: tensors in shared memory and CUDA tensors travel as torch.multiprocessing handles instead (the
+    arguments of the ranks, which the parent outlives; one ``dumps`` per receiving process)."""
     buf = io.BytesIO()
-    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    _Pickler(buf, share=share).dump(obj)
     return buf.getvalue()
 
 
@@ -189,11 +201,10 @@ def launch(
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{_free_port()}"
-    call = dumps((fn, tuple(args)))
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world_size, backend, init_method, timeout, call, queue),
+            args=(r, world_size, backend, init_method, timeout, dumps((fn, tuple(args)), share=True), queue),
             daemon=True,
         )
         for r in range(world_size)

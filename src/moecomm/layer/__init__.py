@@ -12,10 +12,14 @@ crossover choice, bytes per token), ``checks`` (the checks at the door), ``async
 communication stream and :class:`Pending`, what ``async_op=True`` returns), ``exchange`` (:func:`dispatch`,
 :func:`combine`), ``shared`` (shared experts during the dispatch), ``overlap`` (the step on the
 communication stream: chunks, shared experts), ``step`` (:func:`moe_forward` and its custom op), ``graphs``
-(:class:`GraphedMoE`). Everything public is re-exported here.
+(:class:`GraphedMoE`); the device-count mode beside them: ``counted`` (:func:`moe_forward` with
+``num_tokens`` and ``max_tokens_per_rank``, its op) and ``counted_graphs`` (:class:`CountedGraphedMoE`, one
+CUDA graph per rank). Everything public is re-exported here.
 """
 
 from moecomm.layer.asynchronous import CARVEOUT_ENV, Pending
+from moecomm.layer.counted import moe_forward_counted
+from moecomm.layer.counted_graphs import CountedGraphedMoE
 from moecomm.layer.exchange import DispatchHandle, combine, dispatch
 from moecomm.layer.graphs import GraphedMoE
 from moecomm.layer.message import MessageLayout, message_layout
@@ -41,6 +45,8 @@ __all__ = [
     "Pending",
     "moe_forward",
     "GraphedMoE",
+    "moe_forward_counted",
+    "CountedGraphedMoE",
     "EXPERT_TENSORS",
     "DISABLE_ENV",
     "CARVEOUT_ENV",

@@ -28,18 +28,27 @@ from moecomm.comm import Algorithm
 from moecomm.comm._library import as_sizes, enum_value, group_name, resolve_group
 from moecomm.comm.checks import check_sizes, run_checks
 from moecomm.comm.group import rank_and_world
-from moecomm.layer.checks import check_combine_format, check_dispatch, check_experts, dispatch_agreement
+from moecomm.layer._op_args import (
+    EXPERT_TENSORS,
+    flatten_experts,
+    split_global_scale,
+    unflatten_experts,
+)
+from moecomm.layer.checks import (
+    check_combine_format,
+    check_dispatch,
+    check_experts,
+    dispatch_agreement,
+)
+from moecomm.layer.counted import counted_mode, moe_forward_counted
 from moecomm.layer.exchange import combine, dispatch_checked
 from moecomm.layer.overlap import pipelined
 from moecomm.layer.shared import SharedExperts, check_shared_experts, shared_output
 from moecomm.layer.strategy import Strategy, choose_strategy, resolve_chunks
-from moecomm.moe import Activation, ExpertWeights, WeightFormat, experts_forward
+from moecomm.moe import ExpertWeights, experts_forward
 from moecomm.quant import QuantFormat, ReduceFormat
 
 __all__ = ["moe_forward", "moe_forward_op", "EXPERT_TENSORS"]
-
-# The tensor fields of ExpertWeights, in the order of the op's ``experts`` list
-EXPERT_TENSORS = ("w13", "w2", "w13_scale", "w2_scale", "w13_global_scale", "w2_global_scale", "b13", "b2")
 
 
 def moe_forward(
@@ -48,7 +57,9 @@ def moe_forward(
     topk_weights: torch.Tensor,
     weights: ExpertWeights,
     *,
-    sizes: Sequence[int],
+    sizes: Sequence[int] | None = None,
+    num_tokens: torch.Tensor | None = None,
+    max_tokens_per_rank: int | None = None,
     strategy: Strategy | str = Strategy.AUTO,
     global_scale: torch.Tensor | float | None = None,
     expert_input_format: QuantFormat | None = None,
@@ -105,18 +116,37 @@ def moe_forward(
     changes numerics, so it is never chosen automatically. Needs an ``agrs*`` strategy (``"auto"`` resolves
     to one) and a hidden size that is a multiple of 128.
 
+    **Device counts** (instead of ``sizes``): ``num_tokens`` (this rank's live count, a one-element int32
+    tensor on ``hidden``'s device) with ``max_tokens_per_rank`` (the static slot ``M`` of every rank, the one
+    setting ranks agree on): ``hidden`` is any ``[n <= M, H]`` buffer, nothing is read on the host, one CUDA
+    graph serves every step, and the result is ``[n, H]`` with its rows at or past ``num_tokens`` zero
+    (:func:`moecomm.layer.counted.moe_forward_counted`, docs/device-counts.md). ``algorithm`` is then its
+    transport (``"auto"``, ``"padded"``, ``"symm"``).
+
     Raises as :func:`dispatch` does, and ``ValueError`` when ``weights`` are not this rank's share of an EP
     split over the group, their hidden size differs or one of their tensors requires grad in grad mode
     (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``);
     ``TypeError`` / ``ValueError`` for ``shared_experts`` that are neither a callable nor ExpertWeights of all
     shared experts of this hidden size and device (:func:`~moecomm.layer.shared.check_shared_experts`);
     ``validate=True`` also compares ``num_experts`` across ranks and checks the ids against it on the host,
-    on every rank.
+    on every rank. ``TypeError`` unless exactly one of ``sizes`` and ``num_tokens`` (with
+    ``max_tokens_per_rank``) is given; ``ValueError`` for ``shared_experts`` or a quantized
+    ``combine_format`` in the device-count mode (not built there yet: add the shared experts' output to the
+    live rows after the step).
 
     Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
     ``moecomm::moe_forward`` (:func:`moe_forward_op`): no graph break, and sizes passed as a tensor never
     recompile. Eager calls with a list do not pass through the op.
     """
+    if counted_mode(sizes, num_tokens, max_tokens_per_rank):
+        if shared_experts is not None or ReduceFormat(combine_format) != ReduceFormat.BF16:
+            raise ValueError("moe_forward with num_tokens (the device-count mode) runs neither shared_experts nor a "
+                             "quantized combine_format yet; pass sizes=, or add the shared experts after the step")
+        return moe_forward_counted(hidden, topk_ids, topk_weights, weights, num_tokens=num_tokens,
+                                   max_tokens_per_rank=max_tokens_per_rank, strategy=strategy,
+                                   global_scale=global_scale, expert_input_format=expert_input_format, group=group,
+                                   pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
+                                   chunks=chunks)
     shared = None
     if shared_experts is not None:
         shared = functools.partial(shared_output, shared_experts, rank=rank_and_world(group)[0],
@@ -196,8 +226,7 @@ def _moe_forward_op(
     chunks: Optional[int],
     combine_format: str,
 ) -> Tensor:
-    weights = ExpertWeights(**dict(zip(EXPERT_TENSORS, experts)), activation=Activation(activation),
-                            format=WeightFormat(weight_format), first_expert=first_expert, num_experts=num_experts)
+    weights = unflatten_experts(experts, activation, weight_format, first_expert, num_experts)
     out = moe_forward(
         hidden, topk_ids, topk_weights, weights, sizes=sizes.tolist(), strategy=strategy,
         global_scale=global_scale if global_scale is not None else global_scale_value,
@@ -249,10 +278,7 @@ def moe_forward_op(hidden, topk_ids, topk_weights, weights, *, sizes, strategy="
     """
     refuse_grad("moe_forward", hidden=hidden, topk_weights=topk_weights, global_scale=global_scale,
                 **{f"weights.{f}": getattr(weights, f, None) for f in EXPERT_TENSORS})
-    gs_tensor = global_scale if isinstance(global_scale, Tensor) else None
-    gs_value = None if global_scale is None or gs_tensor is not None else float(global_scale)
+    gs_tensor, gs_value = split_global_scale(global_scale)
     return torch.ops.moecomm.moe_forward(
-        hidden, topk_ids, topk_weights, as_sizes(sizes), [getattr(weights, f) for f in EXPERT_TENSORS],
-        enum_value(weights.activation), enum_value(weights.format), weights.first_expert, weights.num_experts,
-        enum_value(strategy), gs_tensor, gs_value, enum_value(expert_input_format), group_name(group), pack,
+        hidden, topk_ids, topk_weights, as_sizes(sizes), *flatten_experts(weights), enum_value(strategy), gs_tensor, gs_value, enum_value(expert_input_format), group_name(group), pack,
         enum_value(algorithm), validate, allow_quantized, chunks, enum_value(combine_format))
