@@ -5,12 +5,11 @@
 # Results (logs, JUnit XML, JSON, PNG, tables) are packed into $OUT/results.tar.gz after every step (else ./out).
 # Runs from a plain checkout (PYTHONPATH=src, no install), as on the device machine.
 #
-# tests: every GPU test (pytest -m gpu) within TESTS_S seconds (default 420), so that `tests quant` fits one
-#   10-minute device call. tests/test_quant.py goes first, spread over SHARDS pytest processes (default 8,
-#   --shard in tests/conftest.py): its time is Triton JIT compiles (~400 kernel specializations on a fresh
-#   machine) and CPU oracles, one core each. Then every other GPU test in one process (the multi-rank tests,
-#   CUDA graphs, DeepSeek-V3 shapes share the GPU). Each log ends with pytest's --durations=15; gpu_tests.json
-#   (scripts/junit_report.py) has every test's outcome and seconds, and the 15 slowest overall are printed.
+# tests: every GPU test (pytest -m gpu) within TESTS_S seconds (default 420), in three groups at once:
+#   tests/test_quant.py spread over SHARDS pytest processes (default 6, --shard in tests/conftest.py; its time
+#   is Triton JIT compiles, ~400 kernel specializations on a fresh machine, and CPU oracles), the multi-rank
+#   tests (several processes on one GPU, or one per GPU), and the rest. Each log has pytest's --durations=15;
+#   gpu_tests.json (scripts/junit_report.py) has every test's outcome and seconds; the 15 slowest are printed.
 # ranks: only the tests that run several ranks on one GPU (marked gpu and one_gpu_ranks); `tests` runs them too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,25 +33,30 @@ step() {  # step NAME TIMEOUT_S CMD...: run, keep the log, print its tail
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 } > "$R/env.txt" 2>&1; cat "$R/env.txt"
 pytest="python3 -m pytest -q -rfEs -p no:cacheprovider --durations=15"
-gpu_tests() {  # phase 1: test_quant.py in SHARDS processes (half the bound); phase 2: the rest, what is left
-  local end=$((SECONDS + ${TESTS_S:-420})) shards=${SHARDS:-8} pids=() i rc=0
-  local threads=$(( $(nproc) / shards > 0 ? $(nproc) / shards : 1 ))
-  echo "=== gpu_tests ($(date -u +%H:%M:%S)): tests/test_quant.py in $shards processes, then the other GPU tests"
+gpu_tests() {  # three groups at once, each within TESTS_S: test_quant.py in SHARDS processes (JIT compiles and
+  # CPU oracles), the tests that run several ranks (several processes on one GPU, or one per GPU), the rest
+  local t=${TESTS_S:-420} shards=${SHARDS:-6} pids=() names=() i
+  local threads=$(( $(nproc) / (shards + 2) > 0 ? $(nproc) / (shards + 2) : 1 ))
+  local ranks="tests/test_counted_gpu.py tests/test_groups.py"
+  echo "=== gpu_tests ($(date -u +%H:%M:%S)): test_quant.py in $shards shards, $ranks, the rest; ${t} s each"
   for ((i = 0; i < shards; i++)); do
-    OMP_NUM_THREADS=$threads timeout $(( ${TESTS_S:-420} / 2 )) $pytest -m gpu --shard "$i/$shards" \
+    OMP_NUM_THREADS=$threads timeout "$t" $pytest -m gpu --shard "$i/$shards" \
       --junitxml "$R/gpu_tests_quant$i.xml" tests/test_quant.py > "$R/gpu_tests_quant$i.log" 2>&1 &
-    pids+=($!)
+    pids+=($!); names+=("quant$i")
   done
+  OMP_NUM_THREADS=$threads timeout "$t" $pytest -v -m gpu --junitxml "$R/gpu_tests_ranks.xml" $ranks \
+    > "$R/gpu_tests_ranks.log" 2>&1 &
+  pids+=($!); names+=(ranks)
+  OMP_NUM_THREADS=$threads timeout "$t" $pytest -v -m gpu --ignore tests/test_quant.py \
+    $(for f in $ranks; do echo --ignore "$f"; done) --junitxml "$R/gpu_tests_rest.xml" tests \
+    > "$R/gpu_tests_rest.log" 2>&1 &
+  pids+=($!); names+=(rest)
   for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || rc=$?
-    echo "--- quant shard $i/$shards: $(tail -n 1 "$R/gpu_tests_quant$i.log")"
-    [[ -s "$R/gpu_tests_quant$i.xml" ]] || echo "!!! no JUnit XML from shard $i: killed at the bound or crashed"
+    wait "${pids[$i]}"
+    echo "--- ${names[$i]}: exit $? at +${SECONDS} s: $(tail -n 1 "$R/gpu_tests_${names[$i]}.log")"
+    [[ -s "$R/gpu_tests_${names[$i]}.xml" ]] || echo "!!! no JUnit XML from ${names[$i]}: killed at the bound or crashed"
   done
-  echo "--- quant shards done at +$((SECONDS - end + ${TESTS_S:-420})) s (last failing exit $rc)"
-  timeout $(( end - SECONDS > 1 ? end - SECONDS : 1 )) $pytest -m gpu --ignore tests/test_quant.py \
-    --junitxml "$R/gpu_tests_rest.xml" tests > "$R/gpu_tests_rest.log" 2>&1
-  echo "--- other GPU tests: exit $? at +$((SECONDS - end + ${TESTS_S:-420})) s ---"
-  tail -n "${TAILN:-25}" "$R/gpu_tests_rest.log"
+  grep -h -E "(FAILED|ERROR)" "$R"/gpu_tests_*.log | grep -v "^=" | head -40
   python3 scripts/junit_report.py "$R/gpu_tests.json" "$R"/gpu_tests_*.xml --slowest 15
   tar -C "$R" -czf "$OUT/results.tar.gz" .
 }
