@@ -184,7 +184,9 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chun
         ids, tw = grouped_topk(torch.randn(n, shape.experts, device=device), shape.topk,
                                e_score_correction_bias=bias, n_group=shape.n_group, topk_group=shape.topk_group)
         for name, strategy, wire, consumed, pack in VARIANTS[experts]:
-            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=consumed, pack=pack)
+            nvfp4 = QuantFormat.NVFP4 in (wire, consumed)  # the global scale is refused where no NVFP4 is used
+            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs if nvfp4 else None, expert_input_format=consumed,
+                      pack=pack)
             t = dict.fromkeys(("quantize", "dispatch", "experts", "combine", "total", "graphed", "host_quantize",
                                "host_dispatch", "host_combine", "host_total"), float("nan"))
             for c in chunk_list if regime == "prefill" and pack else ():

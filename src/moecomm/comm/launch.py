@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import multiprocessing.util
 import os
 import pickle
 import queue as queue_module
@@ -83,7 +84,10 @@ def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) 
         if dist.is_initialized():
             dist.destroy_process_group()
     # Leave without the interpreter's teardown: torch's C++ destructors at exit can abort a rank
-    # ("terminate called without an active exception") after its result has been sent.
+    # ("terminate called without an active exception") after its result has been sent. First run what a
+    # spawned process runs when its target returns (multiprocessing's finalizers: e.g. Inductor's compile
+    # workers shut down there, else the resource tracker reports their semaphores as leaked).
+    multiprocessing.util._exit_function()
     queue.close()
     queue.join_thread()
     sys.stdout.flush()

@@ -21,7 +21,9 @@ from moecomm.layer.step import EXPERT_TENSORS, moe_forward
 from moecomm.layer.strategy import (
     DISABLE_ENV,
     Strategy,
+    StrategyChoice,
     choose_strategy,
+    explain_strategy,
     wire_bytes_per_token,
 )
 
@@ -32,6 +34,8 @@ __all__ = [
     "message_layout",
     "wire_bytes_per_token",
     "choose_strategy",
+    "explain_strategy",
+    "StrategyChoice",
     "dispatch",
     "combine",
     "moe_forward",

@@ -1,0 +1,153 @@
+"""What an engine integrating moecomm relies on: ``strategy="auto"`` fails the same way at every world size,
+one rule for the NVFP4 global scale, what ``auto`` picked and why, string enums that print their value."""
+
+import logging
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moecomm.comm import Algorithm, launch
+from moecomm.layer import Strategy, explain_strategy, moe_forward
+from moecomm.moe import Activation, WeightFormat, experts_forward_ref, make_expert_weights, topk_softmax
+from moecomm.quant import QuantFormat, nvfp4_global_scale, quantize
+from moecomm.testing import assert_close, error_of
+
+HIDDEN, INTER, TOPK = 128, 32, 2
+
+
+def _problem(seed, sizes, num_experts):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(sizes)
+    x = torch.randn(total, HIDDEN, generator=gen).bfloat16()
+    ids, w = topk_softmax(torch.randn(total, num_experts, generator=gen), TOPK)
+    w13 = torch.randn(num_experts, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
+    w2 = torch.randn(num_experts, HIDDEN, INTER, generator=gen) / INTER**0.5
+    return x, ids, w, w13, w2
+
+
+def _auto_at_this_world_size(seed):
+    """Every rank: the errors of ``auto`` (and of concrete strategies) with a missing or a misplaced global
+    scale, and ``auto`` with the scale against the float32 reference. Returns ``{case: message or None}``."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 6) for _ in range(world)]
+    x, ids, w, w13, w2 = _problem(seed, sizes, 2 * world)
+    start, n = sum(sizes[:rank]), sizes[rank]
+    mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
+    args = (x[start : start + n], ids[start : start + n], w[start : start + n], mine)
+    gs = nvfp4_global_scale(x.float().abs().max())
+
+    def step(**kw):
+        return lambda: moe_forward(*args, sizes=sizes, **kw)
+
+    found = {
+        # NVFP4 experts need the static scale whatever auto picks (a crossover may pick agrs at this world size)
+        "auto, nvfp4 experts, no scale": error_of(step(strategy="auto", expert_input_format=QuantFormat.NVFP4)),
+        "auto, nvfp4 experts, no scale, quantized off": error_of(step(
+            strategy="auto", expert_input_format=QuantFormat.NVFP4, allow_quantized=False)),
+        "agrs, nvfp4 experts, no scale": error_of(step(strategy="agrs", expert_input_format=QuantFormat.NVFP4)),
+        # a global scale where no NVFP4 is used is refused, as quantize() refuses it
+        "auto, fp8 experts, a scale": error_of(step(strategy="auto", expert_input_format=QuantFormat.FP8_GROUP,
+                                                    global_scale=gs)),
+        "agrs-fp8, a scale": error_of(step(strategy="agrs-fp8", global_scale=gs)),
+        "auto, bf16 experts, a scale": error_of(step(strategy="auto", global_scale=gs)),
+        "allreduce, bf16 experts, a scale": error_of(step(strategy="allreduce", global_scale=gs)),
+        "quantize fp8 with a scale": error_of(lambda: quantize(args[0], QuantFormat.FP8_GROUP, global_scale=gs)),
+    }
+    # With the scale, auto runs at every world size and equals the single-process float32 layer
+    everything = make_expert_weights(w13, w2)
+    out = moe_forward(*args, sizes=sizes, strategy="auto", global_scale=gs, expert_input_format=QuantFormat.NVFP4)
+    ref = experts_forward_ref(x, ids, w, everything, input_format=QuantFormat.NVFP4, global_scale=gs)
+    assert_close(out.float(), ref[start : start + n], rel=2e-2, name=f"auto nvfp4 world size {world}")
+    fp8 = moe_forward(*args, sizes=sizes, strategy="auto", expert_input_format=QuantFormat.FP8_GROUP)
+    ref = experts_forward_ref(x, ids, w, everything, input_format=QuantFormat.FP8_GROUP)
+    assert_close(fp8.float(), ref[start : start + n], rel=2e-2, name=f"auto fp8 world size {world}")
+    return found
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_auto_fails_the_same_way_at_every_world_size(world_size):
+    seed = random.randrange(1 << 30)
+    results = launch(_auto_at_this_world_size, world_size, (seed,), backend="gloo", timeout=120)
+    for rank, found in enumerate(results):
+        for case, message in found.items():
+            assert message is not None, f"seed {seed}, world size {world_size}, rank {rank}: {case} did not raise"
+            assert "global_scale" in message, (case, message)
+        for case in ("auto, nvfp4 experts, no scale", "agrs, nvfp4 experts, no scale"):
+            assert "NVFP4" in found[case] and "needs" in found[case], found[case]
+        for case in ("auto, fp8 experts, a scale", "agrs-fp8, a scale", "auto, bf16 experts, a scale"):
+            assert "NVFP4 only" in found[case], found[case]
+
+
+def test_explain_strategy_says_what_auto_picked_and_why(monkeypatch):
+    monkeypatch.delenv("MOECOMM_DISABLE_QUANTIZED_DISPATCH", raising=False)
+    choice = explain_strategy(QuantFormat.NVFP4, 4096, world_size=8)
+    assert choice.strategy == Strategy.AGRS_NVFP4 and isinstance(choice.reason, str)
+    assert "4096" in choice.reason and "8" in choice.reason
+    none = explain_strategy(None, 4096, world_size=8)
+    assert none.strategy == Strategy.AGRS and "expert_input_format" in none.reason
+    one = explain_strategy(QuantFormat.NVFP4, 1 << 20, world_size=1)
+    assert one.strategy == Strategy.AGRS and "world size 1" in one.reason
+    off = explain_strategy(QuantFormat.FP8_GROUP, 4096, world_size=8, allow_quantized=False)
+    assert off.strategy == Strategy.AGRS and "allow_quantized=False" in off.reason
+    monkeypatch.setenv("MOECOMM_DISABLE_QUANTIZED_DISPATCH", "1")
+    env = explain_strategy(QuantFormat.FP8_GROUP, 4096, world_size=8)
+    assert env.strategy == Strategy.AGRS and "MOECOMM_DISABLE_QUANTIZED_DISPATCH" in env.reason
+    monkeypatch.delenv("MOECOMM_DISABLE_QUANTIZED_DISPATCH")
+    ep = explain_strategy(QuantFormat.FP8_GROUP, 4096, world_size=8, ep_size=4)
+    assert ep.strategy == Strategy.AGRS and "ep_size" in ep.reason
+    # the choice moe_forward makes is logged (logger moecomm.layer), once per change
+    (lines,) = launch(_logged_choices, 1, backend="gloo", timeout=60)
+    assert len(lines) == 1 and lines[0].startswith("strategy 'auto' -> agrs: agrs-fp8 never beat agrs at world "
+                                                   "size 1"), lines
+
+
+def _logged_choices():
+    """moe_forward with ``auto`` three times on one rank, the logger ``moecomm.layer`` at DEBUG: its lines."""
+    lines = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("moecomm.layer")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    x, ids, w, w13, w2 = _problem(3, [5], 4)
+    experts = make_expert_weights(w13, w2)
+    for _ in range(3):
+        moe_forward(x, ids, w, experts, sizes=[5], expert_input_format=QuantFormat.FP8_GROUP)
+    return lines
+
+
+@pytest.mark.parametrize("enum, member, value", [
+    (Strategy, "AGRS", "agrs"), (Strategy, "AGRS_NVFP4", "agrs-nvfp4"), (QuantFormat, "FP8_GROUP", "fp8-group"),
+    (Algorithm, "AUTO", "auto"), (Activation, "SILU", "silu"), (WeightFormat, "BF16", "bf16")])
+def test_string_enums_print_their_value(enum, member, value):
+    m = enum[member]
+    assert str(m) == value and f"{m}" == value and format(m, ">12") == f"{value:>12}" and "%s" % m == value
+    assert repr(m).startswith(f"<{enum.__name__}.{member}")  # repr still names the member
+    assert m == value and enum(value) is m
+
+
+_HELD = []  # what a rank keeps until it exits
+
+
+def _hold_a_semaphore():
+    import multiprocessing
+
+    _HELD.append(multiprocessing.get_context("spawn").Lock())  # registered with the resource tracker
+    return "ok"
+
+
+def test_launched_ranks_release_their_semaphores():
+    """Ranks leave with os._exit; what multiprocessing cleans up when a process ends (here a lock the rank
+    keeps, in compiled models Inductor's compile workers) must still be released: no "leaked" warning."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from moecomm.comm import launch; import test_integration "
+            "as t; assert launch(t._hold_a_semaphore, 2, backend='gloo', timeout=60) == ['ok', 'ok']; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    assert "leaked" not in run.stderr, run.stderr[-3000:]
