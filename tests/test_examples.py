@@ -25,7 +25,7 @@ def spawned():
 
 def test_quickstart_runs(spawned):
     assert spawned.returncode == 0, spawned.stderr[-3000:]
-    assert spawned.stdout.strip().endswith("ok")
+    assert spawned.stdout.strip().endswith("ok") and spawned.stdout.split().count("ok") == 1, spawned.stdout
     assert _result_line(spawned.stdout).startswith("sizes [3, 8]: ")
 
 
@@ -38,3 +38,13 @@ def test_quickstart_under_torchrun(spawned):
     assert run.returncode == 0, run.stderr[-3000:]
     # the data and the router are seeded: another run prints the same error, to the last digit
     assert _result_line(run.stdout) == _result_line(spawned.stdout)
+
+
+def test_quickstart_at_three_ranks_under_torchrun_prints_ok_once():
+    # any world size: the experts are a multiple of it; rank 0 alone prints, after every rank's check
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
+                          str(EXAMPLES / "quickstart.py")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _result_line(run.stdout).startswith("sizes [3, 8, 13]: ")
+    assert run.stdout.split().count("ok") == 1, run.stdout
+    assert run.stdout.strip().endswith("ok")
