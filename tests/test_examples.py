@@ -48,3 +48,17 @@ def test_quickstart_at_three_ranks_under_torchrun_prints_ok_once():
     assert _result_line(run.stdout).startswith("sizes [3, 8, 13]: ")
     assert run.stdout.split().count("ok") == 1, run.stdout
     assert run.stdout.strip().endswith("ok")
+
+
+def test_integration_example_on_three_ranks_with_an_idle_one():
+    """docs/integration.md's example: a 2-layer DP-attention / EP-MoE model on 3 gloo ranks, the last one idle,
+    against its float32 single-process reference (the example asserts the agreement on every rank)."""
+    run = subprocess.run([sys.executable, str(EXAMPLES / "integration.py")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "world size 3, sizes [26, 8, 0] (rank 2 idle)" and lines[-1] == "ok", run.stdout
+    assert run.stdout.split().count("ok") == 1
+    assert re.fullmatch(r"strategy 'auto' -> agrs(-nvfp4)?: .*sum\(sizes\)=34 .* world size 3 .*", lines[1]), lines[1]
+    error = float(re.search(r"relative error (\S+) over 34 tokens", run.stdout).group(1))
+    assert 0 < error < 2.5e-2
