@@ -1,8 +1,10 @@
 """What an engine integrating moecomm relies on: ``strategy="auto"`` fails the same way at every world size,
 one rule for the NVFP4 global scale, what ``auto`` picked and why, string enums that print their value."""
 
+import json
 import logging
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +155,85 @@ def test_launched_ranks_release_their_semaphores():
     assert "leaked" not in run.stderr, run.stderr[-3000:]
 
 
+def _compilations(seed, steps, cases):
+    """``MoEBlock`` of examples/compiled_model.py compiled per case ``(dynamic, mark_unbacked, "list" or
+    "tensor")`` over ``steps``: the compilations of each case (every step checked against eager)."""
+    from torch._dynamo.decorators import mark_unbacked
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from moecomm.comm import rank_device
+    from moecomm.ops import sizes_tensor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from compiled_model import EXPERTS, HIDDEN, INTER, MoEBlock
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
+    w2 = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) / INTER**0.5
+    experts = make_expert_weights(w13.to(rank_device()), w2.to(rank_device()), ep_size=world, ep_rank=rank)
+    model = MoEBlock(experts, strategy="agrs", seed=seed)
+    counts = []
+    for dynamic, mark, kind in cases:
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")  # Dynamo's decisions; Inductor's counts are the same
+        compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=dynamic)
+        for step, sizes in enumerate(steps):
+            x = torch.randn(sizes[rank], HIDDEN, generator=torch.Generator().manual_seed(seed + step)).bfloat16()
+            if mark:
+                mark_unbacked(x, 0)
+            with torch.no_grad():
+                got = compiled(x, list(sizes) if kind == "list" else sizes_tensor(sizes))
+                assert torch.equal(got, model(x, list(sizes))), (dynamic, mark, kind, step)
+        counts.append(counter.frame_count)
+    return counts
+
+
+def _guide_compile_table():
+    """docs/integration.md's table of compilations: the steps, and ``(dynamic, mark_unbacked, kind) -> count``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "integration.md").read_text()
+    steps = json.loads(re.search(r"Compilations over the steps `(\[\[.*?\]\])`", text).group(1))
+    table = {}
+    for dynamic, mark, as_list, as_tensor in re.findall(
+            r"^\| `(True|None|False)`[^|]*\| (`mark_unbacked\(x, 0\)`|not marked) \| (\d+)[^|]*\| (\d+)[^|]*\|$",
+            text, flags=re.M):
+        for kind, count in (("list", as_list), ("tensor", as_tensor)):
+            table[({"True": True, "None": None, "False": False}[dynamic], mark != "not marked", kind)] = int(count)
+    return steps, table
+
+
+def test_the_guides_compile_counts_hold():
+    """Under torch.compile(fullgraph=True), how often a model recompiles with ``sizes`` as a list or as a tensor,
+    per ``dynamic=`` and whether the token dimension is marked unbacked, is what docs/integration.md says."""
+    steps, table = _guide_compile_table()
+    assert len(table) == 8 and len(steps) == 4, table
+    cases = sorted(table, key=str)
+    counts = launch(_compilations, 2, (random.randrange(1 << 30), steps, cases), backend="gloo", timeout=300)
+    for rank_counts in counts:
+        assert dict(zip(cases, rank_counts)) == table
+
+
+_HELD = []  # what a rank keeps until it exits
+
+
+def _hold_a_semaphore():
+    import multiprocessing
+
+    _HELD.append(multiprocessing.get_context("spawn").Lock())  # registered with the resource tracker
+    return "ok"
+
+
+def test_launched_ranks_release_their_semaphores():
+    """Ranks leave with os._exit; what multiprocessing cleans up when a process ends (here a lock the rank
+    keeps, in compiled models Inductor's compile workers) must still be released: no "leaked" warning."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from moecomm.comm import launch; import test_integration "
+            "as t; assert launch(t._hold_a_semaphore, 2, backend='gloo', timeout=60) == ['ok', 'ok']; print('ok')")
+    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+    assert "leaked" not in run.stderr, run.stderr[-3000:]
+
+
 def _compiles_with_list_sizes(seed, steps, mark):
     """``MoEBlock`` compiled with ``dynamic=True``, ``sizes`` passed as a Python list (as SGLang passes
     ``global_num_tokens``): the compilations over ``steps``, and every step equal to eager."""
@@ -189,3 +270,57 @@ def test_sizes_as_a_list_compile_once_with_dynamic_true(mark):
     steps = [[rng.randint(2, 6), rng.randint(7, 12)], [rng.randint(13, 20), 3], [5, rng.randint(21, 30)]]
     counts = launch(_compiles_with_list_sizes, 2, (seed, steps, mark), backend="gloo", timeout=300)
     assert counts == [1, 1], (seed, steps, counts)
+
+
+def _moe_step_in_an_engine_graph(seed):
+    """As an engine captures its decode step per batch bucket, every rank padded to the bucket: the router,
+    the masking of the padding rows and moe_forward (``sizes=[bucket] * world``, a list) in ONE CUDA graph of
+    the engine's, replayed with new tokens; equal to eager on the same padded rows, and close to eager on the
+    live rows alone with their true sizes."""
+    from moecomm.comm import gather_sizes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import integration as ex
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device())
+    weights = ex.make_weights(ex.EXPERTS_PER_RANK * world)
+    scales = [nvfp4_global_scale(a) for a in ex.reference(weights, [], ex.prompts(ex.CALIBRATION, 1), True)]
+    layer = ex.Model(weights, scales, rank, world, device).layers[0]
+    bucket = 8
+    x, live = torch.zeros(bucket, ex.HIDDEN, device=device), torch.zeros(bucket, dtype=torch.bool, device=device)
+
+    def step(x, live, sizes):
+        h = ex.rms_norm(x, layer["ffn_norm"])
+        ids, w = topk_softmax(h @ layer["router"].T, ex.TOPK)
+        ids = torch.where(live[:, None], ids, -1)  # padding rows: masked slots, no expert work
+        return moe_forward(h.bfloat16(), ids, w, layer["experts"], sizes=sizes, global_scale=layer["global_scale"],
+                           expert_input_format=QuantFormat.NVFP4)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: kernels compiled, communicators, buffers
+        step(x, live, [bucket] * world)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(x, live, [bucket] * world)
+    rng = random.Random(seed)
+    for step_count in [rng.randint(0, bucket) for _ in range(4)] + [bucket, 0]:
+        n = (step_count + rank) % (bucket + 1)  # this rank's live tokens: another count on every rank
+        tokens = torch.randn(n, ex.HIDDEN, generator=torch.Generator().manual_seed(seed + n + rank)).to(device)
+        x.zero_()
+        x[:n] = tokens
+        live.copy_(torch.arange(bucket, device=device) < n)
+        graph.replay()
+        assert torch.equal(out, step(x, live, [bucket] * world)), n  # eager, the same padded rows
+        unpadded = step(tokens, live[:n], gather_sizes(n))  # eager, the live rows alone, their true sizes
+        assert_close(out[:n].float(), unpadded.float(), rel=1e-2, name=f"graphed vs unpadded, {n} tokens")
+    return "ok"
+
+
+@pytest.mark.gpu
+def test_moe_forward_captured_in_an_engine_graph():
+    from moecomm.testing import on_every_gpu_count
+
+    on_every_gpu_count(_moe_step_in_an_engine_graph)
