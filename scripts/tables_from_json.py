@@ -1,6 +1,8 @@
-"""Markdown tables from the JSON that ``moecomm bench experts --json`` and ``moecomm bench quant --json`` write.
+"""Markdown tables from the JSON that ``moecomm demo --json``, ``moecomm bench experts --json`` and ``moecomm bench
+quant --json`` write.
 
     python scripts/tables_from_json.py docs/results/2026-11-29-h200/experts.json
+    python scripts/tables_from_json.py docs/results/2026-12-03-cpu/demo.json
 
 A table in docs/ that cites a result file is pasted from this output, never retyped, so that the two agree
 (tests/test_docs.py checks it). Files written before the JSON keys were renamed (``format`` -> ``token_format``,
@@ -53,14 +55,25 @@ def quant_table(records: list[dict[str, Any]]) -> str:
     return _markdown(["format", *(f"M={m}" for m in tokens)], rows)
 
 
+def demo_table(data: dict[str, Any]) -> str:
+    """The table ``moecomm demo`` prints, from its ``--json`` file: the same rows (``result_table``), in markdown."""
+    from moecomm.demo.run import StrategyResult, result_table
+
+    _, columns, rows, _ = result_table([StrategyResult.from_json(r) for r in data["strategies"]], data["config"])
+    escape = lambda text: text.replace("|", "\\|")  # noqa: E731 - a cell's "|" would end it
+    return _markdown([escape(c) for c in columns], [[escape(c) for c in row] for row in rows])
+
+
 def table(data: dict[str, Any]) -> str:
-    """The markdown table of one result file (the parsed JSON), by the benchmark named in its command line.
+    """The markdown table of one result file (the parsed JSON), by the command named in its command line.
 
     Raises
     ------
     ValueError
-        The file is not from ``bench experts`` or the timing run of ``bench quant``.
+        The file is not from ``moecomm demo``, ``bench experts`` or the timing run of ``bench quant``.
     """
+    if re.search(r"\bdemo\b", data.get("meta", {}).get("command", "")) and "strategies" in data:
+        return demo_table(data)
     match = re.search(r"\bbench (\w+)", data.get("meta", {}).get("command", ""))
     bench = match.group(1) if match else None
     key = {"experts": "results", "quant": "timing"}.get(bench)
@@ -74,7 +87,7 @@ def table(data: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="a JSON file written by moecomm bench experts/quant --json")
+    parser.add_argument("path", help="a JSON file written by moecomm demo / bench experts / bench quant --json")
     args = parser.parse_args()
     try:
         with open(args.path) as f:
