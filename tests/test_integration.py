@@ -213,65 +213,6 @@ def test_the_guides_compile_counts_hold():
         assert dict(zip(cases, rank_counts)) == table
 
 
-_HELD = []  # what a rank keeps until it exits
-
-
-def _hold_a_semaphore():
-    import multiprocessing
-
-    _HELD.append(multiprocessing.get_context("spawn").Lock())  # registered with the resource tracker
-    return "ok"
-
-
-def test_launched_ranks_release_their_semaphores():
-    """Ranks leave with os._exit; what multiprocessing cleans up when a process ends (here a lock the rank
-    keeps, in compiled models Inductor's compile workers) must still be released: no "leaked" warning."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from moecomm.comm import launch; import test_integration "
-            "as t; assert launch(t._hold_a_semaphore, 2, backend='gloo', timeout=60) == ['ok', 'ok']; print('ok')")
-    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
-    assert "leaked" not in run.stderr, run.stderr[-3000:]
-
-
-def _compiles_with_list_sizes(seed, steps, mark):
-    """``MoEBlock`` compiled with ``dynamic=True``, ``sizes`` passed as a Python list (as SGLang passes
-    ``global_num_tokens``): the compilations over ``steps``, and every step equal to eager."""
-    from torch._dynamo.decorators import mark_unbacked
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    from moecomm.comm import rank_device
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-    from compiled_model import EXPERTS, HIDDEN, INTER, MoEBlock
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    gen = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
-    w2 = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) / INTER**0.5
-    experts = make_expert_weights(w13.to(rank_device()), w2.to(rank_device()), ep_size=world, ep_rank=rank)
-    model = MoEBlock(experts, strategy="agrs", seed=seed)
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
-    for step, sizes in enumerate(steps):
-        x = torch.randn(sizes[rank], HIDDEN, generator=torch.Generator().manual_seed(seed + step)).bfloat16()
-        if mark:
-            mark_unbacked(x, 0)
-        with torch.no_grad():
-            assert torch.equal(compiled(x, list(sizes)), model(x, list(sizes))), (step, sizes)
-    return counter.frame_count
-
-
-@pytest.mark.parametrize("mark", [False, True], ids=["dynamic", "dynamic+mark_unbacked"])
-def test_sizes_as_a_list_compile_once_with_dynamic_true(mark):
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    steps = [[rng.randint(2, 6), rng.randint(7, 12)], [rng.randint(13, 20), 3], [5, rng.randint(21, 30)]]
-    counts = launch(_compiles_with_list_sizes, 2, (seed, steps, mark), backend="gloo", timeout=300)
-    assert counts == [1, 1], (seed, steps, counts)
-
-
 def _moe_step_in_an_engine_graph(seed):
     """As an engine captures its decode step per batch bucket, every rank padded to the bucket: the router,
     the masking of the padding rows and moe_forward (``sizes=[bucket] * world``, a list) in ONE CUDA graph of

@@ -104,3 +104,16 @@ def test_demo_table_fits_the_terminal(capsys, monkeypatch, columns):
     out = capsys.readouterr().out
     _assert_readable(out, columns, [DEMO_COLUMNS], [2])
     assert (len(_headers(out)) == 1) == (columns == 200)  # one block where it fits
+
+
+def test_print_table_without_rows_and_in_a_narrow_console(capsys, monkeypatch):
+    from moecomm._output import print_table
+
+    monkeypatch.setenv("COLUMNS", "40")
+    print_table("none", ["op", "time (us)"], [], caption="nothing measured")
+    print_table("wide", ["key", *(f"column number {i}" for i in range(6))], [["x", *range(6)]], keys=1)
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 40
+    assert "nothing measured" in out and len(_headers(out)) >= 3  # the wide one in blocks of whole columns
+    for block in _headers(out)[1:]:
+        assert block[0] == "key" and all(h.startswith("column number ") for h in block[1:]), block

@@ -59,7 +59,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     cells = [[_cell(v) for v in row] for row in rows]
     texts = [[columns[c], *(row[c] for row in cells)] for c in range(len(columns))]
     most = [max(len(t) for t in column) for column in texts]  # nothing wraps
-    whole = [max(_longest_word(column[0]), *(len(t) for t in column[1:])) for column in texts]  # headers wrap
+    whole = [max([_longest_word(column[0]), *(len(t) for t in column[1:])]) for column in texts]  # headers wrap
     fewest = [max(_longest_word(t) for t in column) for column in texts]  # cells wrap too, between words
     blocks = _column_blocks(out.width, whole, keys)
     for i, block in enumerate(blocks):
