@@ -7,7 +7,7 @@ Each rank holds a different number of tokens. ``moe_forward`` quantizes them to 
 static global scale, gathers every rank's tokens (allgatherv), runs this rank's experts on all of them
 and returns this rank's rows of the sum over all experts (reducescatterv). The result is compared with
 the same MoE computed in one process, and with the bf16 ``agrs`` strategy (bit-identical, since these
-experts quantize their input to NVFP4 anyway). Rank 0 prints the worst error of all ranks, then ``ok``.
+experts quantize their input to NVFP4 anyway). Every rank checks its rows; rank 0 prints its error, then ``ok``.
 """
 
 import torch
@@ -22,7 +22,7 @@ HIDDEN, INTER, EXPERTS_PER_RANK, TOPK = 256, 128, 4, 2
 
 
 def layer_step() -> float:
-    """Runs on every rank (a module-level function: ranks are spawned processes); returns the worst error."""
+    """Runs on every rank (a module-level function: ranks are spawned processes); returns (rank, error)."""
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
     num_experts = EXPERTS_PER_RANK * world  # the experts must be a multiple of the world size (EP over all ranks)
     # The layer's weights are the same on every rank; each rank keeps EXPERTS_PER_RANK of them.
@@ -51,16 +51,17 @@ def layer_step() -> float:
     ref = experts_forward_ref(hidden, topk_ids, topk_weights, everything, input_format=QuantFormat.NVFP4,
                               global_scale=global_scale.to(device))
     error = ((out.float() - ref).norm() / ref.norm()).item()
-    worst = torch.tensor([error], device=device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)  # the worst rank's error, known to every rank
-    assert worst.item() < 2e-2, worst.item()
+    assert error < 2e-2, (rank, error)
     if rank == 0:
         nvfp4, bf16 = (wire_bytes_per_token(s, HIDDEN, TOPK) for s in ("agrs-nvfp4", "agrs"))
-        print(f"sizes {sizes}: relative error vs one process {worst.item():.2e}; "
+        print(f"sizes {sizes}: relative error vs one process {error:.2e}; "
               f"bytes per token {nvfp4} (NVFP4) vs {bf16} (bf16)")
-        print("ok")
-    return worst.item()
+    return rank, error
 
 
 if __name__ == "__main__":  # needed: launch spawns processes that import this file
-    launch(layer_step, world_size=2)  # under torchrun: this process is one rank of WORLD_SIZE
+    # Spawned: every rank's (rank, error), after all passed. Under torchrun: this process's rank only,
+    # returned after every rank has finished its step (launch ends with a barrier).
+    results = launch(layer_step, world_size=2)
+    if results[0][0] == 0:
+        print("ok")

@@ -3,6 +3,7 @@ one rule for the NVFP4 global scale, what ``auto`` picked and why, string enums 
 
 import json
 import logging
+import os
 import random
 import re
 import subprocess
@@ -265,3 +266,33 @@ def test_moe_forward_captured_in_an_engine_graph():
     from moecomm.testing import on_every_gpu_count
 
     on_every_gpu_count(_moe_step_in_an_engine_graph)
+
+
+def test_a_torchrun_rank_frees_its_process_group():
+    """Under torchrun launch() runs in place and destroys its process group at the end; moecomm's caches of
+    per-group facts must not keep it alive (a gloo group freed only at interpreter exit can abort the process:
+    "terminate called without an active exception", seen at 3 ranks)."""
+    code = """if True:
+        import gc, weakref, torch, torch.distributed as dist
+        from moecomm.comm import all_gatherv, launch
+        held = []
+        def fn():
+            held.append(weakref.ref(dist.group.WORLD))
+            return all_gatherv(torch.randn(3, 4), [3]).shape[0]
+        assert launch(fn, 1) == [3]
+        gc.collect()
+        print("freed" if held[0]() is None else "alive")
+    """
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "freed", run.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

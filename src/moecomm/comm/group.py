@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_info", "rank_and_world", "is_nccl", "rank_device"]
+__all__ = ["group_info", "rank_and_world", "is_nccl", "rank_device", "forget_groups"]
 
 _GROUPS: dict = {}  # process group -> (rank, world size, NCCL?), filled on first use
 
@@ -26,6 +26,11 @@ def group_info(group) -> tuple[int, int, bool]:
                              f"it called a moecomm collective of; call it only on the group's ranks")
         info = _GROUPS[key] = (rank, dist.get_world_size(group), dist.get_backend(group) == "nccl")
     return info
+
+
+def forget_groups() -> None:
+    """Drop the cache (call before ``destroy_process_group``: a cached group would outlive it)."""
+    _GROUPS.clear()
 
 
 def rank_and_world(group) -> tuple[int, int]:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moecomm.comm.group import rank_device
+from moecomm.comm.transport import forget_groups
 
 __all__ = ["launch", "default_backend", "rank_device", "RankError"]
 
@@ -149,6 +150,7 @@ def launch(
         # exception") while a peer is still closing its connections: wait for every rank, then free it.
         # (After a rank raises, torchrun stops the others.)
         dist.barrier()
+        forget_groups()  # moecomm's caches would keep the group alive past its destruction
         dist.destroy_process_group()
         return [result]
 

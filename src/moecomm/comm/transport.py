@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from moecomm.comm import _nccl
+from moecomm.comm import group as group_module
 from moecomm.comm.group import is_nccl
 
 __all__ = ["all_gather_single", "reduce_scatter_single", "communicator", "bytes_per_row", "as_bytes", "row_starts"]
@@ -104,6 +105,14 @@ def communicator(group, rank: int, world: int, device: torch.device):
             comm = _TorchComm(group, rank, world, device, nccl)
         _COMMS[key] = comm
     return comm
+
+
+def forget_groups() -> None:
+    """Drop the cached communication layers and group facts, which hold the process groups: call before
+    ``destroy_process_group``, else the groups outlive it, and a gloo group destroyed at interpreter exit can
+    abort the process ("terminate called without an active exception")."""
+    _COMMS.clear()
+    group_module.forget_groups()
 
 
 def bytes_per_row(t: torch.Tensor) -> int:
