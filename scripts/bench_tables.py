@@ -1,4 +1,5 @@
-"""Markdown tables for docs/benchmarks.md, made from the benchmarks' JSON (never retyped).
+"""Markdown tables for docs/benchmarks.md, made from the benchmarks' JSON (never retyped; tests/test_docs.py
+checks that the doc holds them unchanged).
 
     python scripts/bench_tables.py moe FILE.json          # step, graphed skew table, padding tax, chunks
     python scripts/bench_tables.py shared FILE.json       # bench moe --shared-experts: overlapped vs sequential
@@ -18,7 +19,9 @@ def _table(header, rows):
     return "\n".join(out)
 
 
-def moe(path):
+def moe(path) -> str:
+    """The tables of a ``bench moe --json`` file (blank lines between them): the step, the graphed step, the
+    padding tax, the chunked step."""
     results = json.load(open(path))["results"]
     base = {(r["regime"], str(r["sizes"])): r["seconds"] for r in results if r["strategy"] == "allreduce"}
     step, graphed, pad, chunks = [], [], [], []
@@ -35,20 +38,19 @@ def moe(path):
         if timed:
             chunks.append([r["sizes"], r["strategy"], _us(s["experts"]), _us(s["total"])] +
                           [f"{_us(v)} ({v / s['total']:.2f}x)" for _, v in sorted(timed.items())])
-    print(_table(["regime", "pattern", "sizes", "strategy", "experts only (us)", "step (us)", "step / experts",
-                  "vs allreduce", "host dispatch (us)", "host combine (us)", "host step (us)"], step))
-    print()
-    print(_table(["pattern", "sizes", "bucket", "strategy", "graphed step (us)"], graphed))
-    print()
-    print(_table(["live tokens", "sizes", "bucket", "strategy", "graphed step (us)"], pad))
+    tables = [_table(["regime", "pattern", "sizes", "strategy", "experts only (us)", "step (us)", "step / experts",
+                      "vs allreduce", "host dispatch (us)", "host combine (us)", "host step (us)"], step),
+              _table(["pattern", "sizes", "bucket", "strategy", "graphed step (us)"], graphed),
+              _table(["live tokens", "sizes", "bucket", "strategy", "graphed step (us)"], pad)]
     if chunks:
         keys = sorted({k for r in results for k, v in r["seconds"].items() if k.startswith("chunks_") and v is not None})
-        print()
         labels = ["chunks=auto" if k == "chunks_0" else k.replace("_", "=") for k in keys]
-        print(_table(["sizes", "strategy", "experts only (us)", "chunks=1 (us)"] + labels, chunks))
+        tables.append(_table(["sizes", "strategy", "experts only (us)", "chunks=1 (us)"] + labels, chunks))
+    return "\n\n".join(tables)
 
 
-def shared(path):
+def shared(path) -> str:
+    """The table of a ``bench moe --shared-experts --json`` file: overlapped against sequential."""
     rows = []
     for r in json.load(open(path))["results"]:
         s = r["seconds"]
@@ -57,15 +59,16 @@ def shared(path):
                     + [f"{r[k]:.3f}" for k in ("overlapped_vs_sequential", "overlapped_vs_routed_plus_shared",
                                                "speedup_vs_allreduce_sequential")]
                     + [_us(s["host_sequential"]), _us(s["host_overlapped"])])
-    print(_table(["regime", "pattern", "sizes", "strategy", "routed only (us)", "shared only (us)", "sequential (us)",
-                  "overlapped (us)", "overlapped / sequential", "overlapped / (routed + shared)",
-                  "vs allreduce sequential", "host sequential (us)", "host overlapped (us)"], rows))
+    return _table(["regime", "pattern", "sizes", "strategy", "routed only (us)", "shared only (us)", "sequential (us)",
+                   "overlapped (us)", "overlapped / sequential", "overlapped / (routed + shared)",
+                   "vs allreduce sequential", "host sequential (us)", "host overlapped (us)"], rows)
 
 
 FLOOR = "nccl binding alone"  # a host-time floor, not an alternative: excluded from the fastest
 
 
-def collectives(path):
+def collectives(path) -> str:
+    """The table of a ``bench collectives --json`` file: ``auto`` against the fastest per case."""
     results = json.load(open(path))["results"]
     cases = {}
     for r in results:
@@ -81,9 +84,9 @@ def collectives(path):
         floor = next((r for r in group if r["impl"] == FLOOR), None)
         row += [f"{auto['host_s'] * 1e6:.1f}", "" if floor is None else f"{floor['host_s'] * 1e6:.1f}"]
         rows.append(row)
-    print(_table(["op", "payload", "pattern", "sizes", "auto eager (us)", "/ fastest (which)", "auto graphed (us)",
-                  "/ fastest (which)", "auto host (us)", "NCCL alone host (us)"], rows))
+    return _table(["op", "payload", "pattern", "sizes", "auto eager (us)", "/ fastest (which)", "auto graphed (us)",
+                   "/ fastest (which)", "auto host (us)", "NCCL alone host (us)"], rows)
 
 
 if __name__ == "__main__":
-    {"moe": moe, "shared": shared, "collectives": collectives}[sys.argv[1]](sys.argv[2])
+    print({"moe": moe, "shared": shared, "collectives": collectives}[sys.argv[1]](sys.argv[2]))

@@ -1,7 +1,8 @@
-"""Markdown tables from the JSON that ``moecomm bench experts | quant | accuracy --json`` and ``moecomm demo --json``
+"""Markdown tables from the JSON that ``moecomm demo --json`` and ``moecomm bench experts | quant | accuracy --json``
 write.
 
     python scripts/tables_from_json.py docs/results/2026-11-29-h200/experts.json
+    python scripts/tables_from_json.py docs/results/2026-12-03-cpu/demo.json
 
 A table in docs/ that cites a result file is pasted from this output, never retyped, so that the two agree
 (tests/test_docs.py checks it). Files written before the JSON keys were renamed (``format`` -> ``token_format``,
@@ -71,14 +72,13 @@ def accuracy_table(records: list[dict[str, Any]]) -> str:
     return _markdown(columns, rows)
 
 
-def demo_table(records: list[dict[str, Any]]) -> str:
-    """The agreement table of ``moecomm demo``: per split, strategy and combine format, bytes and agreement."""
-    columns = ["strategy", "combine", "split", "wire B/token", "cos min", "cos mean", "hidden max\\|Δ\\|",
-               "NN top-1 same", "NN top-5 overlap"]
-    rows = [[r["name"], r.get("combine_format", "bf16"), r["split"], str(r["wire_bytes_per_token"]),
-             f"{r['cosine_min']:.6f}", f"{r['cosine_mean']:.6f}", f"{r['hidden_max_abs_diff']:.4f}",
-             f"{r['nn_top1_agreement']:.1%}", f"{r['nn_top5_overlap']:.1%}"] for r in records]
-    return _markdown(columns, rows)
+def demo_table(data: dict[str, Any]) -> str:
+    """The table ``moecomm demo`` prints, from its ``--json`` file: the same rows (``result_table``), in markdown."""
+    from moecomm.demo.run import StrategyResult, result_table
+
+    _, columns, rows, _ = result_table([StrategyResult.from_json(r) for r in data["strategies"]], data["config"])
+    escape = lambda text: text.replace("|", "\\|")  # noqa: E731 - a cell's "|" would end it
+    return _markdown([escape(c) for c in columns], [[escape(c) for c in row] for row in rows])
 
 
 def table(data: dict[str, Any]) -> str:
@@ -87,27 +87,28 @@ def table(data: dict[str, Any]) -> str:
     Raises
     ------
     ValueError
-        The file is not from ``bench experts``, the timing run of ``bench quant``, ``bench accuracy`` or the demo.
+        The file is not from ``moecomm demo``, ``bench experts``, the timing run of ``bench quant`` or
+        ``bench accuracy``.
     """
     command = data.get("meta", {}).get("command", "")
+    if re.search(r"\bdemo\b", command) and "strategies" in data:
+        return demo_table(data)
     match = re.search(r"\bbench (\w+)", command)
-    bench = match.group(1) if match else ("demo" if re.search(r"\bdemo\b", command) else None)
-    key = {"experts": "results", "quant": "timing", "accuracy": "results", "demo": "strategies"}.get(bench)
+    bench = match.group(1) if match else None
+    key = {"experts": "results", "quant": "timing", "accuracy": "results"}.get(bench)
     if key not in data:
-        raise ValueError(f"not a result file of 'bench experts', 'bench quant' (timing), 'bench accuracy' or 'demo': "
+        raise ValueError(f"not a result file of 'demo', 'bench experts', 'bench quant' (timing) or 'bench accuracy': "
                          f"command {command!r}")
     if bench == "quant":
         return quant_table(data[key])
     if bench == "accuracy":
         return accuracy_table(data[key])
-    if bench == "demo":
-        return demo_table(data[key])
     return experts_table([{_RENAMED.get(k, k): v for k, v in r.items()} for r in data[key]])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="a JSON file written by moecomm bench experts/quant/accuracy or demo --json")
+    parser.add_argument("path", help="a JSON file written by moecomm demo / bench experts / quant / accuracy --json")
     args = parser.parse_args()
     try:
         with open(args.path) as f:

@@ -65,11 +65,12 @@ def _contracts(seed, sizes_list):
         total = sum(sizes)
         mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
         everything = make_expert_weights(w13, w2)  # all experts in one process: the oracle
-        gs = nvfp4_global_scale(x.float().abs().max() if total else 0.0)  # static, from the whole batch
+        nvfp4 = nvfp4_global_scale(x.float().abs().max() if total else 0.0)  # static, from the whole batch
         args = (_rows(x, sizes, rank), _rows(ids, sizes, rank), _rows(w, sizes, rank), mine)
         outs = {}
         for strategy, fmt in [(Strategy.ALLREDUCE, None), (Strategy.AGRS, None),
                               (Strategy.AGRS_NVFP4, QuantFormat.NVFP4), (Strategy.AGRS_FP8, QuantFormat.FP8_GROUP)]:
+            gs = nvfp4 if fmt == QuantFormat.NVFP4 else None  # refused where no NVFP4 is used
             out = moe_forward(*args, sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
             assert out.dtype == torch.bfloat16 and out.shape == (sizes[rank], HIDDEN)
             ref = experts_forward_ref(x, ids, w, everything, input_format=fmt,
@@ -93,6 +94,7 @@ def _contracts(seed, sizes_list):
         # The layouts of the gathered rows (padded: masked padding rows) and the collectives' algorithms agree
         for algorithm in ("broadcast", "padded"):
             for strategy, fmt in [(Strategy.AGRS, None), (Strategy.AGRS_NVFP4, QuantFormat.NVFP4)]:
+                gs = nvfp4 if fmt == QuantFormat.NVFP4 else None
                 got = moe_forward(*args, sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt,
                                   algorithm=algorithm)
                 assert_close(got.float(), outs[strategy].float(), rel=TOL, name=f"{strategy.value} {algorithm}")
@@ -240,7 +242,7 @@ def _odd_hidden_sizes():
         ids, w = topk_softmax(torch.randn(sum(sizes), 6, generator=gen), 2)
         mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         # enum or string spellings differ across ranks: validation compares values, not spellings
-        kw = dict(sizes=sizes, strategy=strategy, global_scale=2.0, validate=True,
+        kw = dict(sizes=sizes, strategy=strategy, global_scale=2.0 if fmt == QuantFormat.NVFP4 else None, validate=True,
                   expert_input_format=fmt.value if fmt is not None and rank == 1 else fmt,
                   algorithm=Algorithm.BROADCAST if rank == 0 else "broadcast")
         tokens, gids, gw, _ = dispatch(x[mine], ids[mine], w[mine], **kw)
@@ -328,7 +330,7 @@ def _graph_vs_eager(seed):
     for strategy, fmt in [("agrs", None), ("agrs-nvfp4", QuantFormat.NVFP4), ("agrs-fp8", QuantFormat.FP8_GROUP),
                           ("allreduce", None)]:
         graphed = GraphedMoE(mine, hidden_size=HIDDEN, topk=TOPK, buckets=[4, 16], strategy=strategy,
-                             global_scale=gs, expert_input_format=fmt)
+                             global_scale=gs if fmt == QuantFormat.NVFP4 else None, expert_input_format=fmt)
         for step, n in enumerate([3, 16, 1, 0, 9]):
             n = (n + rank) % 17
             gen = torch.Generator().manual_seed(seed * 7 + step * 31 + rank)
@@ -343,8 +345,8 @@ def _graph_vs_eager(seed):
             xp = torch.cat([x, x.new_zeros(pad, HIDDEN)])
             idp = torch.cat([ids, ids.new_full((pad, TOPK), -1)])
             wp = torch.cat([w, w.new_zeros(pad, TOPK)])
-            eager = moe_forward(xp, idp, wp, mine, sizes=[bucket] * world, strategy=strategy, global_scale=gs,
-                                expert_input_format=fmt)[:n]
+            eager = moe_forward(xp, idp, wp, mine, sizes=[bucket] * world, strategy=strategy,
+                                global_scale=gs if fmt == QuantFormat.NVFP4 else None, expert_input_format=fmt)[:n]
             assert torch.equal(got, eager), (strategy, n)
         with pytest.raises(ValueError, match="largest captured bucket"):
             graphed(torch.zeros(17, HIDDEN, dtype=torch.bfloat16, device=device),
@@ -395,7 +397,8 @@ def _eager_step_never_syncs(seed):
              ("agrs-nvfp4", WeightFormat.BF16, QuantFormat.NVFP4, "broadcast"),
              ("auto", WeightFormat.BF16, QuantFormat.FP8_GROUP, "auto")]
     for strategy, wfmt, fmt, algorithm in cases:
-        kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt, algorithm=algorithm)
+        kw = dict(sizes=sizes, strategy=strategy, global_scale=gs if fmt == QuantFormat.NVFP4 else None,
+                  expert_input_format=fmt, algorithm=algorithm)
         step = lambda: moe_forward(x, ids, w, experts[wfmt], **kw)  # noqa: E731
         expected = step()  # warm-up: kernels compiled, communicator and buffers created
         torch.cuda.synchronize()
@@ -434,7 +437,8 @@ def _chunks_are_exact(seed):
         args = (x[start : start + n], ids[start : start + n], w[start : start + n], mine)
         for strategy, fmt in [("allreduce", None), ("agrs", None), ("agrs-nvfp4", QuantFormat.NVFP4),
                               ("agrs-fp8", QuantFormat.FP8_TOKEN)]:
-            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
+            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs if fmt == QuantFormat.NVFP4 else None,
+                      expert_input_format=fmt)
             one = moe_forward(*args, chunks=1, **kw)
             for chunks in (2, 3, 7):
                 got = moe_forward(*args, chunks=chunks, **kw)

@@ -12,10 +12,21 @@ _spec = importlib.util.spec_from_file_location("tables_from_json", ROOT / "scrip
 tables_from_json = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tables_from_json)
 
-# (doc, result file): the doc holds the table scripts/tables_from_json.py makes of the file, unchanged
+# (doc, result file): the doc holds the table scripts/tables_from_json.py makes of the file, unchanged; for the
+# demo that is the table the command prints (moecomm.demo.run.result_table)
 CITED = [("docs/experts.md", "docs/results/2026-11-29-h200/experts.json"),
+         ("docs/demo.md", "docs/results/2026-12-03-cpu/demo.json"),
+         ("docs/demo.md", "docs/results/2026-12-03-cpu/demo_topk4.json"),
+         ("docs/benchmarks.md", "docs/results/2026-11-29-h200/demo.json"),
          ("docs/accuracy.md", "docs/results/2026-12-03-cpu/combine_accuracy.json"),
          ("docs/accuracy.md", "docs/results/2026-12-03-cpu/demo_combine.json")]
+_spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "scripts" / "bench_tables.py")
+bench_tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_tables)
+# (doc, benchmark, result file): every table scripts/bench_tables.py makes of the file is in the doc, unchanged
+BENCH_CITED = [("docs/benchmarks.md", "collectives", "docs/results/2026-11-30-h200x2/coll_ws2b.json"),
+               ("docs/benchmarks.md", "moe", "docs/results/2026-11-30-h200x2/moe_ws1.json"),
+               ("docs/benchmarks.md", "moe", "docs/results/2026-11-30-h200x2/moe_ws2b.json")]
 
 
 @pytest.mark.parametrize("doc, result", CITED)
@@ -24,6 +35,28 @@ def test_doc_tables_are_generated_from_the_json_they_cite(doc, result):
     assert table.count("\n") > 2
     assert table in (ROOT / doc).read_text(), f"regenerate {doc}'s table: python scripts/tables_from_json.py {result}"
     assert result in (ROOT / doc).read_text()
+
+
+@pytest.mark.parametrize("doc, bench, result", BENCH_CITED)
+def test_benchmark_tables_are_generated_from_the_json(doc, bench, result):
+    tables = [t for t in getattr(bench_tables, bench)(ROOT / result).split("\n\n") if t.count("\n") > 2]
+    assert tables
+    text = (ROOT / doc).read_text()
+    for table in tables:
+        assert table in text, f"regenerate {doc}'s table: python scripts/bench_tables.py {bench} {result}"
+
+
+def test_readme_demo_paragraph_matches_the_recorded_demo():
+    """The README's demo paragraph quotes docs/demo.md's run: cosines, byte ratios and NVFP4's mean cosine."""
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("It prints, per dispatch strategy"):readme.index("(docs/demo.md)")]
+    runs = {(r["name"], r["split"]): r for r in json.loads((ROOT / CITED[1][1]).read_text())["strategies"]}
+    floor = float(re.search(r"bf16 rounding \(cosine > ([\d.]+)\)", paragraph).group(1))
+    assert all(runs[s, split]["cosine_min"] > floor for s in ("allreduce", "agrs") for split in ("uneven", "idle"))
+    bf16 = runs["agrs", "uneven"]["wire_bytes_per_token"]
+    fp8, nvfp4 = (runs[s, "uneven"]["wire_bytes_per_token"] / bf16 for s in ("agrs-fp8", "agrs-nvfp4"))
+    assert f"carry {fp8:.2f}x and {nvfp4:.2f}x the bytes" in paragraph
+    assert f"NVFP4: mean cosine {runs['agrs-nvfp4', 'uneven']['cosine_mean']:.4f}" in paragraph
 
 
 def test_tables_from_json_reads_old_and_new_keys():
@@ -61,3 +94,13 @@ def test_readme_links_the_bench_guide():
     readme = (ROOT / "README.md").read_text()
     assert "(docs/bench.md)" in readme
     assert "## How to read the bench tables" in (ROOT / "docs" / "bench.md").read_text()
+
+
+def test_readme_links_the_integration_guide_in_its_first_screen():
+    first_screen = "\n".join((ROOT / "README.md").read_text().splitlines()[:24])
+    assert "(docs/integration.md)" in first_screen and "(examples/integration.py)" in first_screen
+    guide = (ROOT / "docs" / "integration.md").read_text()
+    for section in ("## Where `sizes` comes from", "## What `auto` picks, and why", "## NVFP4: the global scale",
+                    "## CUDA graphs", "## torch.compile", "## What the engines' flags correspond to",
+                    "(planned; not available yet)"):
+        assert section in guide, section

@@ -25,7 +25,7 @@ def spawned():
 
 def test_quickstart_runs(spawned):
     assert spawned.returncode == 0, spawned.stderr[-3000:]
-    assert spawned.stdout.strip().endswith("ok")
+    assert spawned.stdout.strip().endswith("ok") and spawned.stdout.split().count("ok") == 1, spawned.stdout
     assert _result_line(spawned.stdout).startswith("sizes [3, 8]: ")
 
 
@@ -49,3 +49,27 @@ def test_two_microbatches_equal_one_after_the_other(world_size):
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"{world_size} ranks, micro-batch A sizes" in run.stdout
     assert "equals one after the other, bit for bit" in run.stdout and run.stdout.strip().endswith("ok")
+
+
+def test_quickstart_at_three_ranks_under_torchrun_prints_ok_once():
+    # any world size: the experts are a multiple of it; rank 0 alone prints, after every rank's check
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
+                          str(EXAMPLES / "quickstart.py")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _result_line(run.stdout).startswith("sizes [3, 8, 13]: ")
+    assert run.stdout.split().count("ok") == 1, run.stdout
+    assert run.stdout.strip().endswith("ok")
+
+
+def test_integration_example_on_three_ranks_with_an_idle_one():
+    """docs/integration.md's example: a 2-layer DP-attention / EP-MoE model on 3 gloo ranks, the last one idle,
+    against its float32 single-process reference (the example asserts the agreement on every rank)."""
+    run = subprocess.run([sys.executable, str(EXAMPLES / "integration.py")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "world size 3, sizes [26, 8, 0] (rank 2 idle)" and lines[-1] == "ok", run.stdout
+    assert run.stdout.split().count("ok") == 1
+    assert re.fullmatch(r"strategy 'auto' -> agrs(-nvfp4)?: .*sum\(sizes\)=34 .* world size 3 .*", lines[1]), lines[1]
+    error = float(re.search(r"relative error (\S+) over 34 tokens", run.stdout).group(1))
+    assert 0 < error < 2.5e-2

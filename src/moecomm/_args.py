@@ -26,6 +26,7 @@ __all__ = [
     "output_path",
     "merge_path",
     "add_output_arguments",
+    "add_progress_argument",
     "add_world_size_arguments",
     "check_world_size",
     "DEFAULT_CPU_RANKS",
@@ -149,6 +150,11 @@ def add_output_arguments(parser: argparse.ArgumentParser, *, plot: bool = False)
     if plot:
         parser.add_argument("--plot", metavar="PATH", type=output_path, default=None,
                             help="also write a PNG of the results to PATH (its directory is checked before the run)")
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-progress``: the same option and help in every command that shows progress bars (on stderr)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
 
 
 def add_world_size_arguments(parser: argparse.ArgumentParser, *, default: int | None, default_help: str) -> None:

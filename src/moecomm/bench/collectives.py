@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from moecomm._args import (
     add_output_arguments,
+    add_progress_argument,
     choice_list,
     add_world_size_arguments,
     check_world_size,
@@ -42,6 +43,7 @@ from moecomm._args import (
     positive_int,
 )
 from moecomm._output import device_name, print_table, write_json
+from moecomm._progress import Progress, report
 from moecomm.bench.timing import graph_time, loop_time
 from moecomm.comm import all_gatherv, launch, rank_device, reduce_scatterv
 from moecomm.comm.transport import all_gather_single, reduce_scatter_single
@@ -81,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_arguments(p)
     p.add_argument("--write-table", metavar="PATH", type=merge_path("sources", "tables"), default=None,
                    help="merge the measured fastest algorithms into this table (moecomm/data/collectives.json format)")
+    add_progress_argument(p)
 
 
 def pattern_sizes(pattern: str, rows: int, world: int) -> list[int]:
@@ -164,16 +167,22 @@ def _max_over_ranks(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
-def _rank_main(rows_list: list[int], iters: int, wire_formats: tuple[str, ...] = ("bf16",)) -> list[dict]:
+def _rank_main(rows_list: list[int], iters: int, wire_formats: tuple[str, ...] = ("bf16",),
+               progress=None) -> list[dict]:
+    """Every case on this rank; rank 0 returns the results (the maximum over ranks) and reports progress to
+    ``progress`` (:class:`moecomm._progress.Progress`'s queue, or None)."""
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
     cuda = device.type == "cuda"
     results = []
     cases = [("all_gatherv", p) for p in PAYLOADS] + [("reduce_scatterv", f) for f in wire_formats]
+    patterns = PATTERNS if world > 1 else ("balanced",)
+    report(progress, "add", "cases", f"collectives, world size {world}", len(cases) * len(patterns) * len(rows_list))
     for op, payload in cases:
         row_bytes = (sum(w * dt.itemsize for w, dt in PAYLOADS[payload]) if op == "all_gatherv"
                      else reduce_row_bytes(payload, BF16_HIDDEN))
-        for pattern in PATTERNS if world > 1 else ("balanced",):
+        for pattern in patterns:
             for rows in rows_list:
+                report(progress, "update", "cases", info=f"{op} {payload} {pattern} {rows} rows")
                 sizes = pattern_sizes(pattern, rows, world)
                 impls = (_gather_impls(payload, sizes, device) if op == "all_gatherv"
                          else _reduce_impls(sizes, device, payload))
@@ -190,6 +199,7 @@ def _rank_main(rows_list: list[int], iters: int, wire_formats: tuple[str, ...] =
                 del impls
                 if cuda:
                     torch.cuda.empty_cache()
+                report(progress, "update", "cases", advance=1)
     return results if rank == 0 else []
 
 
@@ -257,7 +267,9 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = gpus >= world
     check_world_size(world, gpu=on_gpu, force=args.force)
     rows_list = args.rows if args.rows is not None else ([1, 16, 128, 1024, 4096, 16384] if on_gpu else [1, 16, 256])
-    results = launch(_rank_main, world, (rows_list, args.iters, tuple(args.wire_formats)), timeout=3600)[0]
+    with Progress(not args.no_progress) as bars:
+        results = launch(_rank_main, world, (rows_list, args.iters, tuple(args.wire_formats), bars.queue),
+                         timeout=3600)[0]
     _add_ratios(results)
     device = torch.device("cuda" if on_gpu else "cpu")
     rows = [[r["op"], r["payload"], r["pattern"], str(r["sizes"]), r["impl"], r["bytes_all_ranks"], r["eager_s"] * 1e6,
@@ -265,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
              r["graphed_vs_bf16_wire"], r["host_s"] * 1e6] for r in results]
     print_table(f"collectives, world size {world}, {device_name(device)}",
                 ["op", "payload", "pattern", "sizes", "impl", "bytes (all ranks)", "eager (us)", "vs best",
-                 "vs bf16 wire", "graphed (us)", "vs best", "vs bf16 wire", "host (us)"], rows,
+                 "vs bf16 wire", "graphed (us)", "vs best", "vs bf16 wire", "host (us)"], rows, keys=5,
                 caption=f"Payloads: {PAYLOAD_NOTES} {IMPL_NOTES} sizes: rows of each rank. eager: calls issued back to "
                         "back, timed with events around the loop (host time shows where the host is slower than the "
                         "GPU); graphed: one call replayed in a CUDA graph (device time); vs best: over the fastest "

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
              f"{shape['experts']} experts, top-{shape['topk']}; rank 0 of EP {shape['ep']} "
              f"({shape['experts'] // shape['ep']} local experts)")
     notes = "; ".join(f"{f} = {FORMATS[f][2]}" for f in args.formats)
-    print_table(title, COLUMNS, rows,
+    print_table(title, COLUMNS, rows, keys=3,
                 caption=f"{notes}. T: tokens of all ranks; local rows M: (token, expert) pairs of this rank's "
                         "experts; ms: experts_forward, eager; bare: two bare bf16 torch._grouped_mm on already "
                         "permuted rows, the same M; ratio = ms / bare ms; graphed: replayed from a CUDA graph "

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from moecomm._args import (
     UsageError,
     add_output_arguments,
+    add_progress_argument,
     add_world_size_arguments,
     choice_list,
     check_world_size,
@@ -57,6 +58,7 @@ from moecomm._args import (
     positive_int,
 )
 from moecomm._output import device_name, print_table, write_json
+from moecomm._progress import Progress, report
 from moecomm.bench import shared_experts as shared_bench
 from moecomm.bench.collectives import PATTERN_NOTES, pattern_sizes
 from moecomm.bench.timing import loop_time, median_time
@@ -143,6 +145,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_arguments(p, plot=True)
     p.add_argument("--write-crossover", metavar="PATH", type=merge_path("sources", "min_total_tokens"), default=None,
                    help="merge the measured auto crossover into this table (moecomm/data/crossover.json format)")
+    add_progress_argument(p)
 
 
 def _cases(world: int, prefill: list[int], decode: list[int]) -> list[tuple[str, str, list[int]]]:
@@ -192,7 +195,10 @@ def _variants(experts: str, combine_formats: list[str]):
 
 
 def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chunk_list: list[int],
-               sm_carveout: int, combine_formats: tuple[str, ...] = ("bf16",), shared_count: int = 0) -> list[dict]:
+               sm_carveout: int, combine_formats: tuple[str, ...] = ("bf16",), shared_count: int = 0,
+               progress=None) -> list[dict]:
+    """Every case and strategy on this rank; rank 0 returns the results (the maximum over ranks) and reports
+    progress to ``progress`` (:class:`moecomm._progress.Progress`'s queue, or None)."""
     import os
 
     from moecomm.layer import CARVEOUT_ENV
@@ -208,14 +214,19 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chun
     results = []
     pad_tax = [("padding", "live 1, bucket 1", [1] * world, 1),
                ("padding", f"live 1, bucket {PAD_TAX_BUCKET}", [1] * world, PAD_TAX_BUCKET)] if graphs and cuda else []
+    variants = _variants(experts, list(combine_formats))
+    report(progress, "add", "steps", f"MoE layer step, world size {world}", (len(cases) + len(pad_tax)) * len(variants))
     for regime, pattern, sizes in cases + [(r, p, s) for r, p, s, _ in pad_tax]:
         bucket = next((b for r, p, s, b in pad_tax if (r, p, s) == (regime, pattern, sizes)), max(max(sizes), 1))
         n = sizes[rank]
         x = torch.randn(n, shape.hidden, device=device).to(torch.bfloat16)
         ids, tw = grouped_topk(torch.randn(n, shape.experts, device=device), shape.topk,
                                e_score_correction_bias=bias, n_group=shape.n_group, topk_group=shape.topk_group)
-        for name, strategy, wire, consumed, pack, fmt in _variants(experts, list(combine_formats)):
-            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=consumed, pack=pack)
+        for name, strategy, wire, consumed, pack, fmt in variants:
+            report(progress, "update", "steps", info=f"{regime} {pattern} {sizes} {name}")
+            nvfp4 = QuantFormat.NVFP4 in (wire, consumed)  # the global scale is refused where no NVFP4 is used
+            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs if nvfp4 else None, expert_input_format=consumed,
+                      pack=pack)
             t = dict.fromkeys(("quantize", "dispatch", "experts", "combine", "total", "graphed", "host_quantize",
                                "host_dispatch", "host_combine", "host_total"), float("nan"))
             for c in chunk_list if regime == "prefill" and pack else ():
@@ -258,6 +269,7 @@ def _rank_main(shape: Shape, experts: str, cases, iters: int, graphs: bool, chun
             results.append({"regime": regime, "pattern": pattern, "sizes": sizes, "bucket": bucket,
                             "strategy": name, "combine_format": fmt, "seconds": t, "wire_bytes_per_token": per_token,
                             "wire_bytes_all_tokens": per_token * sum(sizes)})
+            report(progress, "update", "steps", advance=1)
     return results if rank == 0 else []
 
 
@@ -372,9 +384,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--shared-experts has its own table: measure --graphs, --chunks, --plot and "
                          "--write-crossover in another run")
     chunk_list = [] if args.shared_experts else chunk_list
-    results = launch(_rank_main, world, (shape, experts, _cases(world, prefill, decode), args.iters, args.graphs,
-                                         chunk_list, args.sm_carveout, tuple(args.combine_formats),
-                                         args.shared_experts), timeout=3600)[0]
+    with Progress(not args.no_progress) as bars:
+        results = launch(_rank_main, world, (shape, experts, _cases(world, prefill, decode), args.iters, args.graphs,
+                                             chunk_list, args.sm_carveout, tuple(args.combine_formats),
+                                             args.shared_experts, bars.queue), timeout=3600)[0]
     if args.shared_experts:
         return shared_bench.report(results, world=world, device=torch.device("cuda" if on_gpu else "cpu"),
                                    experts=experts, shape=shape, count=args.shared_experts, json_path=args.json)
@@ -399,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
              + ". sizes: tokens of each rank. " + PATTERN_NOTES)
     print_table(title, ["regime", "pattern", "sizes", "strategy", "quantize (us)", "dispatch (us)", "experts (us)",
                         "combine (us)", "total (us)", "total / experts", "speedup vs allreduce", "host dispatch (us)",
-                        "host combine (us)", "host step (us)", "wire bytes (all tokens)"], rows,
+                        "host combine (us)", "host step (us)", "wire bytes (all tokens)"], rows, keys=4,
                 caption=f"{notes} Stages timed one at a time: quantize = the quantizer alone; dispatch = the rest "
                         "of the dispatch; experts = the local experts on the gathered tokens, no communication; "
                         "combine = the reduce-scatter (or all-reduce + slice); total = the whole step end to end; "
@@ -409,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
                     r["graphed_speedup_vs_allreduce"]] for r in results if r["seconds"]["graphed"] == r["seconds"]["graphed"]]
         print_table(f"graphed step (GraphedMoE, sizes passed), world size {world}",
                     ["regime", "pattern", "sizes", "bucket", "strategy", "graphed (us)", "speedup vs allreduce"],
-                    graphed, caption=f"{notes} One CUDA-graph replay per step, every rank padded to the bucket with "
+                    graphed, keys=5, caption=f"{notes} One CUDA-graph replay per step, every rank padded to the bucket with "
                     f"masked slots. padding = one live token per rank replayed in bucket 1 and in bucket "
                     f"{PAD_TAX_BUCKET}.")
     overlap = []
@@ -423,7 +436,7 @@ def run(args: argparse.Namespace) -> int:
     if overlap:
         print_table(f"prefill pipelined in chunks (sm carveout {args.sm_carveout}), world size {world}",
                     ["sizes", "strategy", "experts only (us)"] + [f"chunks={c or 'auto'} (us)" for c in [1] + chunk_list]
-                    + ["best / experts only", "auto / chunks=1"], overlap,
+                    + ["best / experts only", "auto / chunks=1"], overlap, keys=2,
                     caption=f"{notes} experts only: the same experts on the already-gathered tokens (no "
                             "communication), the floor that overlapping communication aims at; chunks=c: the step "
                             "pipelined in c chunks (auto: the count moe_forward picks).")

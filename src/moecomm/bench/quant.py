@@ -221,7 +221,7 @@ def run_timing(args, device: torch.device) -> dict:
         f"{args.dtype} [M, {k}] on {device_name(device)} ({args.backend}, "
         f"{'eager' if args.no_graph or not cuda else 'CUDA graph'}); copy bandwidth {copy_bw / 1e9:.0f} GB/s"
     )
-    print_table(title, ["op", "format", "M", "time (us)", "GB/s (read+write)", "fraction of copy"], rows,
+    print_table(title, ["op", "format", "M", "time (us)", "GB/s (read+write)", "fraction of copy"], rows, keys=3,
                 caption=f"{_notes(args.formats)}. time: median per call; GB/s: bytes read plus bytes written per "
                         "second (quantize: the input, then values and scales; dequantize: values and scales, then "
                         "the result; dequantize-sum xP: P pieces of values and scales, then one result); fraction of "

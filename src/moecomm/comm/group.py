@@ -18,7 +18,11 @@ import weakref
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_info", "rank_and_world", "is_nccl", "rank_device", "ByGroup", "per_group"]
+__all__ = ["group_info", "rank_and_world", "is_nccl", "rank_device", "ByGroup", "per_group",
+           "forget_groups"]
+
+
+_CACHES: list = []  # every ByGroup of the package, for forget_groups
 
 
 class ByGroup:
@@ -31,6 +35,11 @@ class ByGroup:
 
     def __init__(self):
         self._entries: dict[int, tuple[weakref.ref, object]] = {}
+        _CACHES.append(self)
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        self._entries.clear()
 
     def get(self, group):
         """The value of ``group``, or None (also for an object that is not a group)."""
@@ -67,6 +76,15 @@ def group_info(group) -> tuple[int, int, bool]:
                              f"it called a moecomm collective of; call it only on the group's ranks")
         info = _GROUPS.set(key, (rank, dist.get_world_size(group), dist.get_backend(group) == "nccl"))
     return info
+
+
+def forget_groups() -> None:
+    """Drop every per-group cache of the package (group facts, communicators, symmetric and counted buffers):
+    call before ``destroy_process_group``. Their values can hold the group, so it would outlive its
+    destruction, and a gloo group destroyed at interpreter exit can abort the process ("terminate called
+    without an active exception")."""
+    for cache in _CACHES:
+        cache.clear()
 
 
 def rank_and_world(group) -> tuple[int, int]:

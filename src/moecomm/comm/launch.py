@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import io
 import math
+import multiprocessing.util
 import os
 import pickle
 import queue as queue_module
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moecomm.comm.group import rank_device
+from moecomm.comm.group import forget_groups, rank_device
 
 __all__ = ["launch", "default_backend", "rank_device", "RankError", "dumps"]
 
@@ -123,7 +124,10 @@ def _worker(rank, world_size, backend, init_method, timeout_s, call: bytes, queu
         if dist.is_initialized():
             dist.destroy_process_group()
     # Leave without the interpreter's teardown: torch's C++ destructors at exit can abort a rank
-    # ("terminate called without an active exception") after its result has been sent.
+    # ("terminate called without an active exception") after its result has been sent. First run what a
+    # spawned process runs when its target returns (multiprocessing's finalizers: e.g. Inductor's compile
+    # workers shut down there, else the resource tracker reports their semaphores as leaked).
+    multiprocessing.util._exit_function()
     queue.close()
     queue.join_thread()
     sys.stdout.flush()
@@ -187,6 +191,7 @@ def launch(
         # exception") while a peer is still closing its connections: wait for every rank, then free it.
         # (After a rank raises, torchrun stops the others.)
         dist.barrier()
+        forget_groups()  # moecomm's caches would keep the group alive past its destruction
         dist.destroy_process_group()
         return [result]
 

@@ -34,12 +34,14 @@ import torch
 from moecomm._args import (
     UsageError,
     add_output_arguments,
+    add_progress_argument,
     add_world_size_arguments,
     check_world_size,
     choice_list,
     device_choice,
     positive_int,
 )
+from moecomm._progress import Progress, report
 from moecomm.demo.moefied import (
     COMBINE_FORMATS,
     SPLITS,
@@ -60,9 +62,13 @@ from moecomm.demo.oracle import (
     run_moe_reference,
     run_oracle,
 )
-from moecomm.demo.progress import Display, run_label
 
-__all__ = ["add_arguments", "run", "run_demo", "StrategyResult", "print_results"]
+__all__ = ["add_arguments", "run", "run_demo", "StrategyResult", "print_results", "result_table"]
+
+
+def run_label(strategy: str, combine_format: str) -> str:
+    """A run's name: the strategy, and the combine format where it is not bf16."""
+    return strategy if combine_format == "bf16" else f"{strategy} + {combine_format} combine"
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,8 @@ class RankJob:
     runs: tuple[tuple[str, str], ...]  # (dispatch strategy, combine format), in order
     plan: MoEPlan
     global_scales: tuple[float, ...]  # per layer, NVFP4 static global scale (448 * 6 / calibration amax)
-    split: str  # for progress events
-    progress: Any = None  # a multiprocessing queue for progress events from rank 0, or None
+    split: str  # names the progress bars
+    progress: Any = None  # moecomm._progress.Progress.queue: progress reported by rank 0, or None
     warmup: bool = True
 
 
@@ -95,10 +101,6 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
     sizes = gather_sizes(n)
     experts = build_experts(model, job.plan, world, rank)
 
-    def emit(*event):
-        if rank == 0 and job.progress is not None:
-            job.progress.put(event)
-
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -114,10 +116,13 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
                 ffn = moe_ffn(experts, job.plan, strategy=resolve_strategy(strategy, warm_sizes), sizes=warm_sizes,
                               global_scales=job.global_scales, combine_format=combine_format)
                 model.encode(ids[:few], mask[:few], ffn)
-            emit("start", job.split, label)
+            key = (job.split, label)
+            report(job.progress, "add", key, f"{label} ({job.split} split)", len(model.layers))
             resolved = resolve_strategy(strategy, sizes)
             ffn = moe_ffn(experts, job.plan, strategy=resolved, sizes=sizes, global_scales=job.global_scales,
-                          combine_format=combine_format, on_layer=lambda i: emit("layer", job.split, label, i))
+                          combine_format=combine_format,
+                          on_layer=lambda i: report(job.progress, "update", key, completed=i + 1,
+                                                    info=f"layer {i + 1}"))
             sync()
             t0 = time.perf_counter()
             hidden = model.encode(ids, mask, ffn)
@@ -137,7 +142,7 @@ def _rank_main(job: RankJob) -> list[list[dict]] | None:
                     "tokens": n,
                 }
             )
-            emit("done", job.split, label, seconds)
+            report(job.progress, "update", key, info=f"{seconds:.2f} s")
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(outs, gathered, dst=0)
     return gathered
@@ -168,6 +173,12 @@ class StrategyResult:
 
     def to_json(self) -> dict:
         return {**self.__dict__, "wire_bytes_per_layer": self.wire_bytes_per_layer}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "StrategyResult":
+        """A result from an entry of ``--json``'s ``"strategies"`` (files before ``resolved_strategy`` ran ``name``)."""
+        fields = {k: v for k, v in record.items() if k != "wire_bytes_per_layer"}
+        return cls(**{"resolved_strategy": record["name"], **fields})
 
 
 class _Arguments(NamedTuple):
@@ -277,10 +288,8 @@ def run_demo(
         count outside ``[1, available]``, ``num_experts`` not a positive multiple of ``world_size``, ``top_k`` outside
         ``[1, num_experts]``, or ``device="cuda"`` with fewer GPUs than ranks.
     """
-    import torch.multiprocessing as mp
-
     from moecomm.comm import launch
-    from moecomm.demo.minilm import MiniLM, MiniLMConfig, model_dir, read_sentences
+    from moecomm.demo.minilm import MiniLM, read_sentences
     from moecomm.layer import wire_bytes_per_token
 
     n, num_experts, top_k, splits, device, runs = _check_arguments(world_size, num_sentences, num_experts, top_k,
@@ -291,12 +300,11 @@ def run_demo(
 
     oracle_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     backend = "nccl" if device == "cuda" else "gloo"
-    layers = MiniLMConfig.from_dir(model_dir()).layers
-    display = Display(progress, layers=layers, oracle_steps=math.ceil(len(calibration) / 64) + math.ceil(n / 64))
     results: list[StrategyResult] = []
-    with display:
+    with Progress(progress) as bars:
+        bars.add("oracle", "oracle fp32 + calibration", math.ceil(len(calibration) / 64) + math.ceil(n / 64))
         oracle = run_oracle(sentences, calibration, oracle_device, keep_calibration_rows=top_k < num_experts,
-                            on_step=display.oracle_step)
+                            on_step=lambda: bars.update("oracle", advance=1))
         model = MiniLM(device="cpu")
         hidden = model.config.hidden
         plan = make_plan(model, num_experts, top_k, oracle.calibration_rows)
@@ -307,13 +315,8 @@ def run_demo(
             counts = split_counts(n, world_size, idle_last=split == "idle")
             offsets = [sum(counts[:r]) for r in range(world_size + 1)]
             per_rank = tuple(tuple(sentences[offsets[r] : offsets[r + 1]]) for r in range(world_size))
-            q = mp.get_context("spawn").Queue() if progress else None
-            job = RankJob(per_rank, tuple(runs), plan, tuple(oracle.global_scales), split, q)
-            display.listen(q)
-            try:
-                gathered = launch(_rank_main, world_size, (job,), backend=backend, timeout=timeout)[0]
-            finally:
-                display.stop_listening()
+            job = RankJob(per_rank, tuple(runs), plan, tuple(oracle.global_scales), split, bars.queue)
+            gathered = launch(_rank_main, world_size, (job,), backend=backend, timeout=timeout)[0]
             if gathered is None:  # under torchrun only rank 0 gets the results
                 continue
             for j, (strategy, combine_format) in enumerate(runs):
@@ -358,37 +361,42 @@ def run_demo(
     return oracle, results, config
 
 
-def print_results(oracle: Oracle, results: Sequence[StrategyResult], config: dict) -> None:
-    """The final rich table."""
-    from rich.console import Console
-    from rich.table import Table
-
+def result_table(results: Sequence[StrategyResult], config: dict) -> tuple[str, list[str], list[list[str]], str]:
+    """The demo's table: ``(title, columns, rows, caption)``, all text; the first rows (the fp32 model in one
+    process, and the routed MoE in one process when approximate) are references. What :func:`print_results`
+    prints and the tables of docs/demo.md show (``scripts/tables_from_json.py`` on the ``--json`` file)."""
     title = (
         f"all-MiniLM-L6-v2: {config['num_sentences']} sentences / {config['num_tokens']} tokens on "
         f"{config['world_size']} ranks ({config['backend']}), {config['num_experts']} experts "
         f"({config['experts_per_rank']} per rank)"
     )
     caption = f"Routing: {config['routing']}. Agreement is with the original fp32 model in one process."
-    table = Table(title=title, caption=caption)
-    for c in ("strategy", "combine", "split", "sentences/rank", "wire B/token", "wire KB/layer", "seconds", "cos min",
-              "cos mean", "hidden max|Δ|", "NN top-1 same", "NN top-5 overlap"):
-        table.add_column(c, justify="left" if c in ("strategy", "combine", "split") else "right")
+    columns = ["strategy", "combine", "split", "sentences/rank", "wire B/token", "wire KB/layer", "seconds", "cos min",
+               "cos mean", "hidden max|Δ|", "NN top-1 same", "NN top-5 overlap"]
     n = str(config["num_sentences"])
-    table.add_row("dense fp32 (oracle)", "-", "1 process", n, "-", "-", f"{oracle.seconds:.2f}", "1", "1", "0",
-                  "100%", "100%", style="dim")
+    rows = [["dense fp32 (oracle)", "-", "1 process", n, "-", "-", f"{config['oracle_seconds']:.2f}", "1", "1", "0",
+             "100%", "100%"]]
     ref = config.get("moe_reference_vs_oracle")
     if ref is not None:
-        table.add_row(f"top-{config['topk']} MoE fp32", "-", "1 process", n, "-", "-", "-", f"{ref['cosine_min']:.6f}",
-                      f"{ref['cosine_mean']:.6f}", f"{ref['hidden_max_abs_diff']:.4f}",
-                      f"{ref['nn_top1_agreement']:.1%}", f"{ref['nn_top5_overlap']:.1%}", style="dim")
+        rows.append([f"top-{config['topk']} MoE fp32", "-", "1 process", n, "-", "-", "-", f"{ref['cosine_min']:.6f}",
+                     f"{ref['cosine_mean']:.6f}", f"{ref['hidden_max_abs_diff']:.4f}",
+                     f"{ref['nn_top1_agreement']:.1%}", f"{ref['nn_top5_overlap']:.1%}"])
     for r in results:
         name = r.name if r.resolved_strategy == r.name else f"{r.name} → {r.resolved_strategy}"
-        table.add_row(
-            name, r.combine_format, r.split, "/".join(map(str, r.sentences_per_rank)), str(r.wire_bytes_per_token),
-            f"{r.wire_bytes_per_layer / 1e3:.0f}", f"{r.seconds:.2f}", f"{r.cosine_min:.6f}", f"{r.cosine_mean:.6f}",
-            f"{r.hidden_max_abs_diff:.4f}", f"{r.nn_top1_agreement:.1%}", f"{r.nn_top5_overlap:.1%}",
-        )
-    Console(width=200).print(table)
+        rows.append([name, r.combine_format, r.split, "/".join(map(str, r.sentences_per_rank)),
+                     str(r.wire_bytes_per_token), f"{r.wire_bytes_per_layer / 1e3:.0f}", f"{r.seconds:.2f}",
+                     f"{r.cosine_min:.6f}", f"{r.cosine_mean:.6f}", f"{r.hidden_max_abs_diff:.4f}",
+                     f"{r.nn_top1_agreement:.1%}", f"{r.nn_top5_overlap:.1%}"])
+    return title, columns, rows, caption
+
+
+def print_results(results: Sequence[StrategyResult], config: dict) -> None:
+    """Print :func:`result_table` as wide as the terminal (the reference rows dimmed)."""
+    from moecomm._output import print_table
+
+    title, columns, rows, caption = result_table(results, config)
+    references = len(rows) - len(results)
+    print_table(title, columns, rows, caption, keys=3, row_styles=["dim"] * references + [None] * len(results))
 
 
 _RANK_MEMORY = 3 << 28  # bytes, a rough upper estimate of one rank's memory (a CPU rank measured ~0.45 GiB)
@@ -417,7 +425,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda (NCCL, one GPU per rank), cpu (gloo) or auto (default): cuda when there is one "
                              "GPU per rank")
     add_output_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -441,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not results:  # a non-zero rank under torchrun
         return 0
-    print_results(oracle, results, config)
+    print_results(results, config)
     if args.json is not None:
         from moecomm._output import write_json
 

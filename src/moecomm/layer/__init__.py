@@ -28,7 +28,9 @@ from moecomm.quant.reduce import ReduceFormat
 from moecomm.layer.strategy import (
     DISABLE_ENV,
     Strategy,
+    StrategyChoice,
     choose_strategy,
+    explain_strategy,
     wire_bytes_per_token,
 )
 
@@ -40,6 +42,8 @@ __all__ = [
     "message_layout",
     "wire_bytes_per_token",
     "choose_strategy",
+    "explain_strategy",
+    "StrategyChoice",
     "dispatch",
     "combine",
     "Pending",

@@ -23,14 +23,13 @@ from moecomm.moe import ExpertWeights
 from moecomm.quant import QuantFormat, ReduceFormat
 from moecomm.quant.reduce import check_reduce_hidden
 
-__all__ = ["check_global_scale", "check_dispatch", "dispatch_agreement", "check_experts", "check_combine_format"]
+__all__ = ["check_global_scale", "check_global_scale_use", "check_dispatch", "dispatch_agreement", "check_experts",
+           "check_combine_format"]
 
 
 def check_global_scale(global_scale, rank: int) -> None:
     """An NVFP4 global scale: a finite positive number or one-element tensor (a CUDA tensor's value is
     checked by the quantizer on the device: an invalid one makes every block scale NaN)."""
-    if global_scale is None:
-        raise ValueError(f"rank {rank}: NVFP4 on the wire needs the layer's static global_scale")
     if isinstance(global_scale, bool) or not isinstance(global_scale, (int, float, torch.Tensor)):
         raise TypeError(f"rank {rank}: global_scale must be a number or a one-element tensor, got {global_scale!r}")
     if isinstance(global_scale, torch.Tensor):
@@ -41,6 +40,24 @@ def check_global_scale(global_scale, rank: int) -> None:
     value = float(global_scale)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"rank {rank}: global_scale must be finite and > 0, got {value}")
+
+
+def check_global_scale_use(wire: QuantFormat | None, expert_input_format, global_scale, rank: int) -> None:
+    """One rule for the NVFP4 global scale, whatever the strategy: required where NVFP4 is on the wire or is
+    the experts' input format, refused everywhere else (as :func:`moecomm.quant.quantize` refuses it).
+
+    The experts' format alone decides for ``"auto"``, so a missing scale raises at every world size, not
+    only where the crossover picks ``agrs-nvfp4``.
+    """
+    if QuantFormat.NVFP4 in (wire, expert_input_format):
+        if global_scale is None:
+            raise ValueError(f"rank {rank}: NVFP4 (on the wire or as the experts' input) needs the layer's static "
+                             f"global_scale, with every strategy (also 'auto' where it picks agrs)")
+        check_global_scale(global_scale, rank)
+    elif global_scale is not None:
+        raise ValueError(f"rank {rank}: global_scale applies to NVFP4 only: neither the wire "
+                         f"({'bf16' if wire is None else wire}) nor the experts ({expert_input_format or 'bf16'}) "
+                         f"use NVFP4; pass global_scale=None")
 
 
 def check_dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format, pack):
@@ -73,8 +90,7 @@ def check_dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale
             raise ValueError(f"rank {rank}: {strategy.value} sends {fmt.value} tokens but the experts consume "
                              f"{QuantFormat(expert_input_format).value}: the experts would see other values than "
                              f"their own quantizer's; use strategy 'auto' or the matching one")
-        if fmt == QuantFormat.NVFP4:
-            check_global_scale(global_scale, rank)
+    check_global_scale_use(fmt, expert_input_format, global_scale, rank)
     message_layout(fmt, hidden.shape[1], topk_ids.shape[1])  # raises on a bad hidden size
     return sizes, rank, world
 
@@ -92,7 +108,7 @@ def dispatch_agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_i
         "sizes": list(sizes), "hidden": tuple(hidden.shape[1:]), "topk": tuple(topk_ids.shape[1:]),
         "strategy": strategy.value, "wire format": None if fmt is None else fmt.value,
         "pack": pack if strategy != Strategy.ALLREDUCE else None, "algorithm": Algorithm(algorithm).value,
-        "global_scale": float(global_scale) if fmt == QuantFormat.NVFP4 else None,
+        "global_scale": float(global_scale) if QuantFormat.NVFP4 in (fmt, expert_input_format) else None,
     }
 
 

@@ -111,7 +111,9 @@ def dispatch(
     strategy : Strategy or str
         A concrete strategy (``"auto"`` is resolved by :func:`moe_forward`).
     global_scale : fp32 tensor (1 element) or float
-        NVFP4 global encode scale of the layer (static, the same on every rank); required for NVFP4.
+        NVFP4 global encode scale of the layer (static, the same on every rank). Required where NVFP4 is on
+        the wire or is ``expert_input_format``; refused (ValueError) everywhere else, as
+        :func:`moecomm.quant.quantize` refuses it for other formats.
     expert_input_format : QuantFormat, optional
         The format the experts consume; picks the FP8 flavour on the wire (per-128 group by default).
     group : ProcessGroup, optional
@@ -147,10 +149,11 @@ def dispatch(
     ------
     ValueError
         Before any communication: bad ``sizes``, row counts, dtypes, dims or devices; a hidden size not
-        divisible by the format's block; a missing or non-finite global scale; a rank outside the group;
-        ``hidden``, ``topk_weights`` or a global scale tensor that requires grad while grad mode is on
-        (moecomm is inference-only: call it under ``torch.no_grad()`` or ``torch.inference_mode()``); with
-        validation, ranks that disagree (e.g. on the global scale) or ids below -1.
+        divisible by the format's block; a missing or non-finite global scale where NVFP4 is used, a global
+        scale where it is not; a rank outside the group; ``hidden``, ``topk_weights`` or a global scale tensor
+        that requires grad while grad mode is on (moecomm is inference-only: call it under ``torch.no_grad()``
+        or ``torch.inference_mode()``); with validation, ranks that disagree (e.g. on the global scale) or ids
+        below -1.
     """
     strategy = Strategy(strategy)
     if strategy == Strategy.AUTO:

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from importlib import resources
+from typing import NamedTuple
 
 from moecomm._enum import ChoiceEnum
 from moecomm.layer.message import message_layout
 from moecomm.quant import QuantFormat, ReduceFormat, reduce_row_bytes
 
-__all__ = ["Strategy", "DISABLE_ENV", "wire_format", "choose_strategy", "resolve_chunks", "wire_bytes_per_token"]
+__all__ = ["Strategy", "StrategyChoice", "DISABLE_ENV", "wire_format", "choose_strategy", "explain_strategy",
+           "resolve_chunks", "wire_bytes_per_token"]
 
+_log = logging.getLogger("moecomm.layer")
 DISABLE_ENV = "MOECOMM_DISABLE_QUANTIZED_DISPATCH"  # "1": strategy="auto" never quantizes before the gather
 
 
@@ -54,14 +58,125 @@ def wire_format(strategy: Strategy, expert_input_format: QuantFormat | None) -> 
 
 
 @functools.lru_cache(maxsize=None)
+def _crossover_table() -> dict:
+    with resources.files("moecomm").joinpath("data/crossover.json").open() as f:
+        return json.load(f)["min_total_tokens"]
+
+
+@functools.lru_cache(maxsize=None)
 def crossover(world_size: int) -> dict[str, int | None]:
     """Per quantized strategy, the smallest ``sum(sizes)`` from which it pays at this world size (None: never).
 
     From ``data/crossover.json``: the entry of the measured world size, else ``"default"``.
     """
-    with resources.files("moecomm").joinpath("data/crossover.json").open() as f:
-        table = json.load(f)["min_total_tokens"]
+    table = _crossover_table()
     return table.get(str(world_size), table["default"])
+
+
+class StrategyChoice(NamedTuple):
+    """What ``strategy="auto"`` runs (:func:`explain_strategy`) and why, in one sentence."""
+
+    strategy: Strategy
+    reason: str
+
+
+def explain_strategy(
+    expert_input_format: QuantFormat | str | None,
+    total_tokens: int,
+    *,
+    world_size: int,
+    ep_size: int | None = None,
+    allow_quantized: bool | None = None,
+) -> StrategyChoice:
+    """The strategy ``"auto"`` runs for these arguments, and the reason.
+
+    Parameters
+    ----------
+    expert_input_format : QuantFormat, str or None
+        The format the experts quantize their input to (``moe_forward``'s ``expert_input_format``; None:
+        bf16 experts).
+    total_tokens : int
+        ``sum(sizes)``: the tokens of all ranks in this step (the same on every rank).
+    world_size : int
+        Ranks of the group (DP size = EP size).
+    ep_size : int, optional
+        Ranks the experts are spread over (default ``world_size``, as ``moe_forward`` requires).
+    allow_quantized : bool or None
+        As for ``moe_forward``: False never quantizes before the gather; None reads the environment variable
+        ``MOECOMM_DISABLE_QUANTIZED_DISPATCH`` (``1``, ``true`` or ``yes``: off).
+
+    Returns
+    -------
+    StrategyChoice
+        ``(strategy, reason)``: a concrete :class:`Strategy` (``agrs``, ``agrs-nvfp4`` or ``agrs-fp8``) and
+        one sentence naming the condition that decided, e.g. ``"sum(sizes)=4096 reaches the crossover 0 of
+        agrs-nvfp4 at world size 8 (data/crossover.json, 'default': not measured at world size 8)"``.
+
+    Raises
+    ------
+    TypeError
+        ``allow_quantized`` not a bool or None.
+
+    Notes
+    -----
+    The rule (:func:`choose_strategy`, which ``moe_forward`` applies): quantize before the gather only
+    where the experts consume that format anyway (so the result is bit-identical to ``agrs``), the experts
+    are spread over the data's ranks, it is not switched off, and ``total_tokens`` reaches the crossover
+    measured at this world size by ``moecomm bench moe --write-crossover`` (``data/crossover.json``). The
+    choice ``moe_forward`` makes is also logged at DEBUG level by the logger ``moecomm.layer``, once per
+    change.
+    """
+    strategy, why, *detail = _decide(expert_input_format, total_tokens, world_size,
+                                     world_size if ep_size is None else ep_size, allow_quantized)
+    return StrategyChoice(strategy, _reason(why, detail))
+
+
+_REASONS = {
+    "env": "quantized dispatch is switched off (" + DISABLE_ENV + "={})",
+    "off": "quantized dispatch is switched off (allow_quantized=False)",
+    "experts": "the experts consume {} (expert_input_format={!r}): only a format the experts quantize their input "
+               "to anyway may travel quantized",
+    "ep": "the experts are spread over ep_size={} ranks, the data over world size {}: quantized dispatch needs "
+          "them equal",
+    "never": "{} never beat agrs at world size {} (data/crossover.json, {})",
+    "below": "sum(sizes)={} is below the crossover {} of {} at world size {} (data/crossover.json, {})",
+    "pays": "sum(sizes)={} reaches the crossover {} of {} at world size {} (data/crossover.json, {})",
+}
+
+
+def _decide(expert_input_format, total_tokens: int, world_size: int, ep_size: int, allow_quantized) -> tuple:
+    """``(strategy, key of _REASONS, the reason's values...)``: the rule of :func:`choose_strategy`, with no
+    string formatting (it runs on every ``auto`` step)."""
+    if allow_quantized is None:
+        if os.environ.get(DISABLE_ENV, "0") in ("1", "true", "yes"):
+            return Strategy.AGRS, "env", os.environ[DISABLE_ENV]
+    elif not isinstance(allow_quantized, bool):
+        raise TypeError(f"allow_quantized must be a bool or None, got {allow_quantized!r}")
+    elif not allow_quantized:
+        return Strategy.AGRS, "off"
+    if expert_input_format not in _FORMAT_STRATEGY:
+        return Strategy.AGRS, "experts", expert_input_format or "bf16", expert_input_format
+    if ep_size != world_size:
+        return Strategy.AGRS, "ep", ep_size, world_size
+    strategy = _FORMAT_STRATEGY[expert_input_format]
+    min_tokens = crossover(world_size).get(strategy.value)
+    if min_tokens is None:
+        return Strategy.AGRS, "never", strategy, world_size
+    if total_tokens < min_tokens:
+        return Strategy.AGRS, "below", total_tokens, min_tokens, strategy, world_size
+    return strategy, "pays", total_tokens, min_tokens, strategy, world_size
+
+
+def _reason(why: str, detail: list) -> str:
+    """The sentence of :func:`_decide`'s result; a crossover's names the entry of data/crossover.json it read."""
+    if why in ("never", "below", "pays"):
+        world = detail[-1]
+        detail = [*detail, f"'{world}'" if str(world) in _crossover_table() else
+                  f"'default': not measured at world size {world}"]
+    return _REASONS[why].format(*detail)
+
+
+_logged: dict = {}  # (world size, experts' format) -> the strategy last logged
 
 
 def choose_strategy(
@@ -81,17 +196,15 @@ def choose_strategy(
     ``MOECOMM_DISABLE_QUANTIZED_DISPATCH=1`` when ``allow_quantized`` is None), and ``total_tokens``
     (``sum(sizes)``, the same on every rank) reaches the crossover measured at this world size by
     ``moecomm bench moe --write-crossover`` and kept in ``data/crossover.json``. Otherwise ``agrs``
-    (bf16), which gives bit-identical results.
+    (bf16), which gives bit-identical results. :func:`explain_strategy` gives the reason as well; a change
+    of choice is logged at DEBUG level (logger ``moecomm.layer``) with its reason.
     """
-    if allow_quantized is None:
-        allow_quantized = os.environ.get(DISABLE_ENV, "0") not in ("1", "true", "yes")
-    elif not isinstance(allow_quantized, bool):
-        raise TypeError(f"allow_quantized must be a bool or None, got {allow_quantized!r}")
-    if expert_input_format not in _FORMAT_STRATEGY or not allow_quantized or ep_size != world_size:
-        return Strategy.AGRS
-    strategy = _FORMAT_STRATEGY[expert_input_format]
-    min_tokens = crossover(world_size).get(strategy.value)
-    return strategy if min_tokens is not None and total_tokens >= min_tokens else Strategy.AGRS
+    strategy, why, *detail = _decide(expert_input_format, total_tokens, world_size, ep_size, allow_quantized)
+    key = (world_size, expert_input_format)
+    if _log.isEnabledFor(logging.DEBUG) and _logged.get(key) != strategy:
+        _logged[key] = strategy
+        _log.debug("strategy 'auto' -> %s: %s", strategy, _reason(why, detail))
+    return strategy
 
 
 def resolve_chunks(chunks, sizes: list[int], world: int) -> int:
