@@ -29,7 +29,6 @@ import socket
 import sys
 import time
 import traceback
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Sequence
 
 import torch
@@ -52,20 +51,12 @@ def default_backend(world_size: int) -> str:
     return "gloo"
 
 
-class _Pickler(ForkingPickler):
+class _Pickler(pickle.Pickler):
     """Pickle whose plain tensors travel as (bytes, dtype, shape, device): by value, in every dtype. Quantized
-    and sparse tensors and tensor subclasses keep their own pickling (which handles them); with ``share``,
-    tensors in shared memory (and CUDA tensors) keep torch.multiprocessing's sharing by handle, so that
-    ranks can be handed buffers they all see (the reader must outlive nothing: the parent stays alive)."""
-
-    def __init__(self, file, *, share: bool):
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
-        self.share = share
+    and sparse tensors and tensor subclasses keep their own pickling (which handles them)."""
 
     def reducer_override(self, obj):
         if type(obj) is not torch.Tensor or obj.layout != torch.strided or obj.is_quantized:
-            return NotImplemented
-        if self.share and obj.is_shared():
             return NotImplemented
         t = obj.detach()
         data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -77,13 +68,12 @@ def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple, device: st
     return raw.view(dtype).reshape(shape).to(device).requires_grad_(requires_grad)
 
 
-def dumps(obj, *, share: bool = False) -> bytes:
-    """``obj`` pickled for :func:`launch`: tensors by value, in any dtype (read back with ``pickle.loads``).
-
-    ``share``: tensors in shared memory and CUDA tensors travel as torch.multiprocessing handles instead (the
-    arguments of the ranks, which the parent outlives; one ``dumps`` per receiving process)."""
+def dumps(obj) -> bytes:
+    """A rank's result pickled for :func:`launch`: tensors by value, in any dtype (read back with
+    ``pickle.loads``). The arguments travel the other way as torch.multiprocessing sends them (shared memory,
+    CUDA IPC, queues by inheritance: the parent outlives the ranks), which handles every dtype too."""
     buf = io.BytesIO()
-    _Pickler(buf, share=share).dump(obj)
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return buf.getvalue()
 
 
@@ -109,12 +99,11 @@ def _init(rank: int, world_size: int, backend: str, init_method: str, timeout_s:
     )
 
 
-def _worker(rank, world_size, backend, init_method, timeout_s, call: bytes, queue) -> None:
+def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) -> None:
     try:
         # Keep CPU ranks from oversubscribing the machine's few cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         _init(rank, world_size, backend, init_method, timeout_s)
-        fn, args = pickle.loads(call)
         # Bytes: tensors travel by value, not as shared-memory handles that die with this process before
         # the parent unpickles them.
         queue.put((rank, True, dumps(fn(*args))))
@@ -209,7 +198,7 @@ def launch(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world_size, backend, init_method, timeout, dumps((fn, tuple(args)), share=True), queue),
+            args=(r, world_size, backend, init_method, timeout, fn, tuple(args), queue),
             daemon=True,
         )
         for r in range(world_size)
