@@ -231,7 +231,9 @@ def _permute(tokens: torch.Tensor | QuantizedTensor, plan: _Plan) -> torch.Tenso
 
 
 def _act_torch(h: torch.Tensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
-    h = h.float()
+    # float64: torch's CPU silu / gelu round an element differently in the vectorised body and the scalar tail
+    # of a loop, so in float32 a row's bits would depend on how many rows there are (as for the GEMMs)
+    h = h.double()
     if weights.b13 is not None:
         h = h + weights.b13[plan.row_expert.clamp(max=weights.num_local - 1).long()]
     return _activation_torch(h, weights.activation).to(torch.bfloat16)
@@ -267,9 +269,25 @@ def _unpermute(y: torch.Tensor, plan: _Plan, w: torch.Tensor, b2: torch.Tensor |
     return _unpermute_torch(y, plan, w, b2, out)
 
 
+def _grouped_mm_cpu(a64: torch.Tensor, w64: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """float64 ``a [R, K]`` x ``w [E, N, K]`` expert by expert -> bf16 ``[R, N]``: the CPU path of the grouped
+    GEMMs. float32 (or bf16) CPU GEMMs give a row other bits when the number of rows changes (another
+    blocking of the sum), which the chunking and masked-slot tests would see about once in ten runs; in
+    float64 that difference never reaches the bf16 result."""
+    out = torch.zeros(a64.shape[0], w64.shape[1], dtype=torch.float64)
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # a CPU tensor: no sync
+        out[start:end] = a64[start:end] @ w64[e].T
+        start = end
+    return out.to(torch.bfloat16)
+
+
 def _grouped_mm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """bf16 ``a [R, K]`` x ``w [E, N, K]``, rows of expert ``e`` in ``[offs[e-1], offs[e])`` -> bf16 ``[R, N]``."""
-    return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+    """bf16 ``a [R, K]`` x ``w [E, N, K]``, rows of expert ``e`` in ``[offs[e-1], offs[e])`` -> bf16 ``[R, N]``:
+    ``torch._grouped_mm`` on CUDA, :func:`_grouped_mm_cpu` elsewhere."""
+    if a.is_cuda:
+        return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+    return _grouped_mm_cpu(a.double(), w.double(), offs)
 
 
 def _fp8_grouped_mm(
@@ -277,21 +295,12 @@ def _fp8_grouped_mm(
 ) -> torch.Tensor:
     """e4m3 ``a [R, K]`` (fp32 scale ``[R]``) x e4m3 ``w [E, N, K]`` (fp32 scale ``[E, N]``) -> bf16 ``[R, N]``.
 
-    ``torch._scaled_grouped_mm`` with rowwise scales on CUDA; on a CPU, float64 math on the dequantized
-    operands (an emulation, for tests: float32 CPU GEMMs give a row other bits when the number of rows
-    changes, which masked-slot and chunking tests would see).
+    ``torch._scaled_grouped_mm`` with rowwise scales on CUDA; on a CPU, :func:`_grouped_mm_cpu` on the
+    dequantized operands (an emulation, for tests).
     """
     if a.is_cuda:
         return torch._scaled_grouped_mm(a, w.transpose(1, 2), a_scale, w_scale, offs=offs, out_dtype=torch.bfloat16)
-    # float64, expert by expert: a row's result must not depend on how many rows share its expert
-    a64 = a.double() * a_scale[:, None]
-    w64 = w.double() * w_scale[:, :, None]
-    out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.float64)
-    start = 0
-    for e, end in enumerate(offs.tolist()):  # a CPU tensor: no sync
-        out[start:end] = a64[start:end] @ w64[e].T
-        start = end
-    return out.to(torch.bfloat16)
+    return _grouped_mm_cpu(a.double() * a_scale[:, None], w.double() * w_scale[:, :, None], offs)
 
 
 def _gemms_bf16(tokens: torch.Tensor | QuantizedTensor, plan: _Plan, weights: ExpertWeights) -> torch.Tensor:
