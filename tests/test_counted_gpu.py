@@ -103,7 +103,8 @@ def _one_graph(seed, transport, one_gpu):
     gs = nvfp4_global_scale(torch.tensor(6.0, device=device))
     nccl = dist.get_backend() == "nccl"
     for strategy, fmt in STRATEGIES if nccl else STRATEGIES[:3]:  # allreduce needs NCCL (not gloo on CUDA)
-        kw = dict(strategy=strategy, global_scale=gs, expert_input_format=fmt, algorithm=transport)
+        kw = dict(strategy=strategy, global_scale=gs if fmt == QuantFormat.NVFP4 else None,
+                  expert_input_format=fmt, algorithm=transport)
         graphed = CountedGraphedMoE(experts[rank], hidden_size=HIDDEN, topk=TOPK, max_tokens_per_rank=M,
                                     rows=rows[rank], **kw)
         for step, counts in enumerate(_cases(world, rows, rng)):

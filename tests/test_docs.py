@@ -102,5 +102,5 @@ def test_readme_links_the_integration_guide_in_its_first_screen():
     guide = (ROOT / "docs" / "integration.md").read_text()
     for section in ("## Where `sizes` comes from", "## What `auto` picks, and why", "## NVFP4: the global scale",
                     "## CUDA graphs", "## torch.compile", "## What the engines' flags correspond to",
-                    "(planned; not available yet)"):
+                    "## Device-count mode: one CUDA graph per rank", "## Shared experts and micro-batch overlap"):
         assert section in guide, section

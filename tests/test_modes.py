@@ -100,8 +100,8 @@ def _layer_in_every_mode(seed, first):
             bad = ids[rows].clone()
             bad[0, 1] = 99
             with MODES[mode]():
-                out = moe_forward(x[rows], bad, w[rows], mine, sizes=sizes, strategy=strategy, global_scale=gs,
-                                  expert_input_format=fmt)
+                out = moe_forward(x[rows], bad, w[rows], mine, sizes=sizes, strategy=strategy,
+                                  global_scale=gs if fmt == QuantFormat.NVFP4 else None, expert_input_format=fmt)
                 try:
                     errors.check_errors()
                     return f"{mode} {strategy}: check_errors did not raise"

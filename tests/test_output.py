@@ -59,7 +59,7 @@ MOE_COLUMNS = ["regime", "pattern", "sizes", "strategy", "quantize (us)", "dispa
 CHUNK_COLUMNS = ["sizes", "strategy", "experts only (us)", "chunks=1 (us)", "chunks=2 (us)", "best / experts only",
                  "auto / chunks=1"]
 COLLECTIVE_COLUMNS = ["op", "payload", "pattern", "sizes", "impl", "bytes (all ranks)", "eager (us)", "vs best",
-                      "graphed (us)", "vs best", "host (us)"]
+                      "vs bf16 wire", "graphed (us)", "vs best", "vs bf16 wire", "host (us)"]
 
 
 def test_bench_moe_fits_a_100_column_terminal_and_shows_progress():
@@ -89,7 +89,7 @@ def test_bench_collectives_shows_progress():
 
 
 DEMO_JSON = "docs/results/2026-12-03-cpu/demo.json"  # moecomm demo --json, as docs/demo.md shows it
-DEMO_COLUMNS = ["strategy", "split", "sentences/rank", "wire B/token", "wire KB/layer", "seconds", "cos min",
+DEMO_COLUMNS = ["strategy", "combine", "split", "sentences/rank", "wire B/token", "wire KB/layer", "seconds", "cos min",
                 "cos mean", "hidden max|Δ|", "NN top-1 same", "NN top-5 overlap"]
 
 
@@ -102,7 +102,7 @@ def test_demo_table_fits_the_terminal(capsys, monkeypatch, columns):
     data = json.loads((ROOT / DEMO_JSON).read_text())
     print_results([StrategyResult.from_json(r) for r in data["strategies"]], data["config"])
     out = capsys.readouterr().out
-    _assert_readable(out, columns, [DEMO_COLUMNS], [2])
+    _assert_readable(out, columns, [DEMO_COLUMNS], [3])
     assert (len(_headers(out)) == 1) == (columns == 200)  # one block where it fits
 
 

@@ -77,8 +77,8 @@ def _shared_experts_exact(seed):
         args = (x[start : start + n], ids[start : start + n], w[start : start + n], mine)
         hidden = args[0]
         for strategy, fmt in STRATEGIES:
-            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
             nvfp4 = dict(global_scale=gs) if fmt == QuantFormat.NVFP4 else {}
+            kw = dict(sizes=sizes, strategy=strategy, expert_input_format=fmt, **nvfp4)
             shared_cases = [
                 (mlp, mlp(hidden), mlp.reference(hidden)),
                 (shared_weights, experts_forward(hidden, *_all_ones(n, device), shared_weights, input_format=fmt,
@@ -171,7 +171,8 @@ def _async_equals_sync(seed):
     args = (x[start : start + n], ids[start : start + n], w[start : start + n])
     for strategy, fmt in STRATEGIES:
         for pack in (True, False) if strategy != "allreduce" else (True,):
-            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt, pack=pack)
+            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs if fmt == QuantFormat.NVFP4 else None,
+                      expert_input_format=fmt, pack=pack)
             sync = dispatch(*args, **kw)
             pending = dispatch(*args, async_op=True, **kw)
             assert isinstance(pending, Pending)
@@ -238,8 +239,8 @@ def _shared_on_gpu(seed):
         n = args[0].shape[0]
         for strategy, wfmt, fmt in cases:
             routed_w, shared_w = experts[wfmt]
-            kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
             nvfp4 = dict(global_scale=gs) if fmt == QuantFormat.NVFP4 else {}
+            kw = dict(sizes=sizes, strategy=strategy, expert_input_format=fmt, **nvfp4)
             for shared, shared_out in [(mlp, mlp(args[0])),
                                        (shared_w, experts_forward(args[0], *_all_ones(n, device), shared_w,
                                                                   input_format=fmt, **nvfp4))]:
@@ -251,7 +252,7 @@ def _shared_on_gpu(seed):
                     continue
                 bucket = max(sizes)
                 graphed = GraphedMoE(routed_w, hidden_size=HIDDEN, topk=TOPK, buckets=[bucket], strategy=strategy,
-                                     global_scale=gs, expert_input_format=fmt, shared_experts=shared)
+                                     expert_input_format=fmt, shared_experts=shared, **nvfp4)
                 replay = graphed(*args, sizes=sizes).clone()
                 pad = bucket - n
                 padded = (torch.cat([args[0], args[0].new_zeros(pad, HIDDEN)]),
