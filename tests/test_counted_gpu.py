@@ -228,6 +228,9 @@ def _reduce_overhead(seed):
     counters.clear()
     compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)
     x, ids, w = _inputs(seed, 0, rank, M, world, device)
+    # one eager step first, as an engine's warm-up: the workspace (made collectively, kept between steps) must
+    # not be allocated inside cudagraph trees' memory pool, which tracks only the graph's outputs
+    block(x, ids, w, torch.tensor(M, dtype=torch.int32, device=device))
     counted.moe_forward_counted = spy  # the op's implementation calls it by this name
     try:
         for step, c in enumerate([M, 0, 1, 5 + rank, 3, M]):

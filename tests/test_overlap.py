@@ -314,7 +314,8 @@ def _async_under_side_streams(seed):
     x, ids, w = args
     for strategy, wfmt, fmt in cases:
         routed_w = experts[wfmt][0]
-        kw = dict(sizes=sizes, strategy=strategy, global_scale=nvfp4_global_scale(8.0), expert_input_format=fmt)
+        gs = nvfp4_global_scale(8.0) if fmt == QuantFormat.NVFP4 else None
+        kw = dict(sizes=sizes, strategy=strategy, global_scale=gs, expert_input_format=fmt)
         want = moe_forward(x, ids, w, routed_w, **kw)
         torch.cuda.synchronize()
         producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()

@@ -345,7 +345,7 @@ def _gpu_graphed_moe(seed):
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = rank_device()
-    x, ids, w, w13, w2 = (t.to(device) for t in _problem(seed, [8] * world, 2 * world))
+    x, ids, w, w13, w2 = (t.to(device) for t in _problem(seed, [8] * world, 4 * world))  # at least topk experts
     mine = make_expert_weights(w13, w2, ep_size=world, ep_rank=rank)
     rows = slice(8 * rank, 8 * rank + 8)
     for fmt in FORMATS:

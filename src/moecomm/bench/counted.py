@@ -47,7 +47,7 @@ from moecomm.comm.counted import counted_workspace
 from moecomm.layer import CountedGraphedMoE, GraphedMoE, Strategy, message_layout, moe_forward, wire_bytes_per_token
 from moecomm.layer.strategy import wire_format
 from moecomm.moe import grouped_topk
-from moecomm.quant import nvfp4_global_scale
+from moecomm.quant import QuantFormat, nvfp4_global_scale
 
 ONE_GPU_ENV = {"TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 TRANSPORTS = ("auto", "padded", "symm")
@@ -109,7 +109,8 @@ def _rank_main(shape, experts: str, m: int, cases, transports, iters: int, one_g
     for name, strategy, wire, consumed, pack in VARIANTS[experts]:
         if not pack or (strategy.value == "allreduce" and not nccl):
             continue
-        kw = dict(strategy=strategy, global_scale=gs, expert_input_format=consumed)
+        nvfp4 = QuantFormat.NVFP4 in (wire, consumed)  # the global scale is refused where no NVFP4 is used
+        kw = dict(strategy=strategy, global_scale=gs if nvfp4 else None, expert_input_format=consumed)
         buckets = [b for b in (2**i for i in range(m.bit_length())) if b <= m] + ([m] if m & (m - 1) else [])
         bucketed = GraphedMoE(weights, hidden_size=shape.hidden, topk=shape.topk, buckets=buckets, **kw) \
             if nccl and world > 1 else None

@@ -43,7 +43,7 @@ from moecomm.layer.checks import (
 from moecomm.layer.counted import counted_mode, moe_forward_counted
 from moecomm.layer.exchange import combine, dispatch_checked
 from moecomm.layer.overlap import pipelined
-from moecomm.layer.shared import SharedExperts, check_shared_experts, shared_output
+from moecomm.layer.shared import SharedExperts, SharedOutput, check_shared_experts, shared_output
 from moecomm.layer.strategy import Strategy, choose_strategy, resolve_chunks
 from moecomm.moe import ExpertWeights, experts_forward
 from moecomm.quant import QuantFormat, ReduceFormat
@@ -192,11 +192,12 @@ def moe_forward(
         return experts_forward(tokens, ids, tw, weights, input_format=after,
                                global_scale=global_scale if after == QuantFormat.NVFP4 else None)
 
-    if shared is None and (chunks == 1 or world == 1):
+    if world == 1 or (shared is None and chunks == 1):  # one rank: no wire for the shared experts to hide behind
         tokens, ids, tw, handle = send(hidden, topk_ids, topk_weights, checked_sizes)
-        return combine(compute(tokens, ids, tw), handle, algorithm=algorithm, combine_format=combine_format)
-    return pipelined(send, compute, hidden, topk_ids, topk_weights, checked_sizes, rank, chunks if world > 1 else 1,
-                     algorithm, shared, combine_format)
+        out = combine(compute(tokens, ids, tw), handle, algorithm=algorithm, combine_format=combine_format)
+        return out if shared is None else SharedOutput(shared, hidden).add_to(out)
+    return pipelined(send, compute, hidden, topk_ids, topk_weights, checked_sizes, rank, chunks, algorithm, shared,
+                     combine_format)
 
 
 # ----------------------------------------------------------------------------------------------------
