@@ -4,6 +4,7 @@ checks that the doc holds them unchanged).
     python scripts/bench_tables.py moe FILE.json          # step, graphed skew table, padding tax, chunks
     python scripts/bench_tables.py shared FILE.json       # bench moe --shared-experts: overlapped vs sequential
     python scripts/bench_tables.py collectives FILE.json  # auto vs the fastest, eager and graphed, host time
+    python scripts/bench_tables.py counted FILE.json      # bench counted: one graph per rank, host time, wire bytes
 """
 import json
 import sys
@@ -64,6 +65,20 @@ def shared(path) -> str:
                    "vs allreduce sequential", "host sequential (us)", "host overlapped (us)"], rows)
 
 
+def counted(path) -> str:
+    """The table of a ``bench counted --json`` file: correctness, host time per call and per replay, step time."""
+    rows = []
+    for r in json.load(open(path))["results"]:
+        s = r["seconds"]
+        rows.append([r["pattern"], r["sizes"], r["strategy"], r["transport"], "yes" if r["replay_equals_eager"] else "NO",
+                     {True: "yes", False: "NO", None: "n/a"}[r["equals_host_list"]], f"{s['host_call'] * 1e6:.1f}",
+                     f"{s['host_replay'] * 1e6:.1f}", _us(s["step"]), _us(s["bucket_step"]), r["wire_bytes"],
+                     r["bucket_wire_bytes"]])
+    return _table(["pattern", "sizes", "strategy", "transport", "replay == eager", "== host list", "host call (us)",
+                   "host replay (us)", "one-graph step (us)", "bucket step (us)", "wire bytes", "bucket wire bytes"],
+                  rows)
+
+
 FLOOR = "nccl binding alone"  # a host-time floor, not an alternative: excluded from the fastest
 
 
@@ -89,4 +104,4 @@ def collectives(path) -> str:
 
 
 if __name__ == "__main__":
-    print({"moe": moe, "shared": shared, "collectives": collectives}[sys.argv[1]](sys.argv[2]))
+    print({"moe": moe, "shared": shared, "collectives": collectives, "counted": counted}[sys.argv[1]](sys.argv[2]))

@@ -18,6 +18,7 @@ CITED = [("docs/experts.md", "docs/results/2026-11-29-h200/experts.json"),
          ("docs/demo.md", "docs/results/2026-12-03-cpu/demo.json"),
          ("docs/demo.md", "docs/results/2026-12-03-cpu/demo_topk4.json"),
          ("docs/benchmarks.md", "docs/results/2026-11-29-h200/demo.json"),
+         ("docs/benchmarks.md", "docs/results/2026-12-03-h200/combine_kernels.json"),
          ("docs/accuracy.md", "docs/results/2026-12-03-cpu/combine_accuracy.json"),
          ("docs/accuracy.md", "docs/results/2026-12-03-cpu/demo_combine.json")]
 _spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "scripts" / "bench_tables.py")
@@ -26,7 +27,9 @@ _spec.loader.exec_module(bench_tables)
 # (doc, benchmark, result file): every table scripts/bench_tables.py makes of the file is in the doc, unchanged
 BENCH_CITED = [("docs/benchmarks.md", "collectives", "docs/results/2026-11-30-h200x2/coll_ws2b.json"),
                ("docs/benchmarks.md", "moe", "docs/results/2026-11-30-h200x2/moe_ws1.json"),
-               ("docs/benchmarks.md", "moe", "docs/results/2026-11-30-h200x2/moe_ws2b.json")]
+               ("docs/benchmarks.md", "moe", "docs/results/2026-11-30-h200x2/moe_ws2b.json"),
+               ("docs/benchmarks.md", "counted", "docs/results/2026-12-03-h200/counted_ws1.json"),
+               ("docs/benchmarks.md", "shared", "docs/results/2026-12-03-h200/shared_ws1.json")]
 
 
 @pytest.mark.parametrize("doc, result", CITED)
