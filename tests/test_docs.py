@@ -104,3 +104,41 @@ def test_readme_links_the_integration_guide_in_its_first_screen():
                     "## CUDA graphs", "## torch.compile", "## What the engines' flags correspond to",
                     "## Device-count mode: one CUDA graph per rank", "## Shared experts and micro-batch overlap"):
         assert section in guide, section
+
+
+# Repository paths a reader is told about (`tests/x.py`, `moecomm/demo/minilm.py`, ...): each exists, or is a script
+# that a recorded run names and docs/benchmarks.md sends to the git history
+_REPO_PATH = re.compile(r"(?<![\w/.$-])((?:src|tests|examples|scripts|docs|moecomm)/[\w./-]*\w)")
+IN_GIT_HISTORY = {"scripts/quant_tile_sweep.py", "scripts/quant_gpu_run.sh", "scripts/quant_sweep.py",
+                  "scripts/quant_gpu_final.sh"}
+
+
+@pytest.mark.parametrize("path", READABLE)
+def test_repository_paths_named_exist(path):
+    named = set(_REPO_PATH.findall((ROOT / path).read_text()))
+    missing = sorted(p for p in named - IN_GIT_HISTORY if not (ROOT / p).exists() and not (ROOT / "src" / p).exists())
+    assert not missing, f"{path} names paths that are not in the repository: {missing}"
+
+
+def test_scripts_named_only_in_the_git_history_are_said_to_be_there():
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert all(script in text for script in IN_GIT_HISTORY)
+    assert "scripts/quant_tile_sweep.py` is in the git history" in text
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", ["README.md", *sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))])
+def test_relative_links_and_their_anchors_resolve(doc):
+    for link in re.findall(r"\]\(([^)\s]+)\)", (ROOT / doc).read_text()):
+        if re.match(r"[a-z]+://", link):
+            continue
+        target, _, anchor = link.partition("#")
+        path = (ROOT / doc).parent / target if target else ROOT / doc
+        assert path.exists(), f"{doc}: link to {link}: no such file"
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", path.read_text(), flags=re.M)
+            assert anchor in {_anchor(h) for h in headings}, f"{doc}: link to {link}: no such heading"
