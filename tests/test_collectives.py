@@ -326,6 +326,8 @@ def test_launch_refuses_a_function_the_ranks_cannot_import():
     for fn in (lambda: 1, nested):
         with pytest.raises(TypeError, match="module-level function"):
             launch(fn, 2, backend="gloo", timeout=60)
+    with pytest.raises(TypeError, match="fn must be callable, got 42"):
+        launch(42, 2, backend="gloo", timeout=60)
     code = "from moecomm.comm import launch\ndef f():\n    return 1\nlaunch(f, 2, backend='gloo', timeout=60)\n"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" in run.stderr

@@ -141,8 +141,9 @@ def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) 
 
 
 def _died(rank: int, exitcode: int) -> str:
-    """Why a rank ended without a result. A rank leaves through ``os._exit(0)`` or a signal once ``_worker``
-    runs, so exit code 1 means that starting it failed: unpickling ``fn`` or ``args``, or importing the script."""
+    """Why a rank ended without a result. Once ``_worker`` runs, a rank leaves through ``os._exit(0)`` or a
+    signal, so exit code 1 comes from outside it: in practice from starting the rank (unpickling ``fn`` or
+    ``args``, importing the caller's script)."""
     message = f"rank {rank} exited (code {exitcode}) without returning a result"
     if exitcode == 1:
         message += (": it failed before running fn (its traceback is on stderr), e.g. a script that calls launch "
