@@ -1,6 +1,7 @@
-"""A model with an EP MoE layer, compiled with ``torch.compile(fullgraph=True)``, serving steps on N ranks.
+"""A model with an EP MoE layer, compiled with ``torch.compile(fullgraph=True)``, serving steps on 2 ranks.
 
-    python examples/compiled_model.py        # 2 CPU ranks over gloo (NCCL when 2 GPUs are visible)
+    python examples/compiled_model.py                           # 2 CPU ranks over gloo (NCCL when 2 GPUs are visible)
+    torchrun --nproc-per-node 2 examples/compiled_model.py      # the same 2 ranks, started by torchrun
 
 ``moe_forward`` enters the compiled graph as the custom op ``moecomm::moe_forward`` (:mod:`moecomm.ops`),
 so the graph does not break. Every step has other token counts: ``sizes`` goes in as a CPU int64 tensor
@@ -8,6 +9,8 @@ so the graph does not break. Every step has other token counts: ``sizes`` goes i
 dimension of the input is marked unbacked, so one graph serves every count, 0 and 1 included.
 tests/test_compile.py runs ``serve`` and this file's ``MoEBlock`` for every strategy.
 """
+
+import os
 
 import torch
 import torch.distributed as dist
@@ -66,6 +69,8 @@ class MoEBlock(torch.nn.Module):
 def serve() -> str:
     """Runs on every rank: three steps of different token counts through one compiled graph."""
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
+    if world != 2:
+        raise ValueError(f"the steps below give the token counts of 2 ranks, not of {world}")
     gen = torch.Generator().manual_seed(0)  # the same layer on every rank; each keeps EXPERTS / world experts
     w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen) / HIDDEN**0.5
     w2 = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen) / INTER**0.5
@@ -86,5 +91,7 @@ def serve() -> str:
 
 
 if __name__ == "__main__":  # needed: launch spawns processes that import this file
-    assert launch(serve, 2) == ["ok", "ok"]
-    print("ok")
+    results = launch(serve, 2)  # spawned: both ranks' results; under torchrun: this process's only
+    assert results and all(r == "ok" for r in results), results
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank's process gets here: print once
+        print("ok")

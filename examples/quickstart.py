@@ -21,7 +21,7 @@ from moecomm.quant import QuantFormat, nvfp4_global_scale
 HIDDEN, INTER, EXPERTS_PER_RANK, TOPK = 256, 128, 4, 2
 
 
-def layer_step() -> float:
+def layer_step() -> tuple[int, float]:
     """Runs on every rank (a module-level function: ranks are spawned processes); returns (rank, error)."""
     rank, world, device = dist.get_rank(), dist.get_world_size(), rank_device()
     num_experts = EXPERTS_PER_RANK * world  # the experts must be a multiple of the world size (EP over all ranks)

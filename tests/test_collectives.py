@@ -5,6 +5,8 @@ locally. Inputs are fresh random draws each run (the seed is in the failure mess
 """
 
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -312,6 +314,38 @@ def test_launch_rejects_bad_arguments_and_silent_exits():
             launch(_big_tensor, 2, timeout=timeout)
     with pytest.raises(RankError, match="rank 1 exited .* without returning a result"):
         launch(_exit_silently, 2, backend="gloo", timeout=60)
+
+
+def test_launch_refuses_a_function_the_ranks_cannot_import():
+    """Spawned ranks import ``fn`` by module and name: a lambda, a nested function or one of ``python -c`` (or
+    of a notebook) raises TypeError before any process starts, instead of a PicklingError or a dead rank."""
+
+    def nested():
+        return 1
+
+    for fn in (lambda: 1, nested):
+        with pytest.raises(TypeError, match="module-level function"):
+            launch(fn, 2, backend="gloo", timeout=60)
+    with pytest.raises(TypeError, match="fn must be callable, got 42"):
+        launch(42, 2, backend="gloo", timeout=60)
+    code = "from moecomm.comm import launch\ndef f():\n    return 1\nlaunch(f, 2, backend='gloo', timeout=60)\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("TypeError: launch: fn=<function f"), run.stderr[-2000:]
+    assert "python -c" in run.stderr
+
+
+def test_a_script_without_the_main_guard_is_told_why_its_ranks_died(tmp_path):
+    """Without ``if __name__ == "__main__":`` each spawned rank re-runs the script and dies while starting; the
+    caller's error says so instead of only "exited (code 1) without returning a result"."""
+    script = tmp_path / "no_guard.py"
+    script.write_text("import torch.distributed as dist\nfrom moecomm.comm import launch\n\n\ndef rank():\n"
+                      "    return dist.get_rank()\n\n\nprint(launch(rank, 2, backend='gloo', timeout=60))\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("moecomm.comm.launch.RankError: rank ") and "before running fn" in last, last
+    assert 'if __name__ == "__main__":' in last, last
 
 
 def _abort_on_rank_1():

@@ -73,3 +73,12 @@ def test_integration_example_on_three_ranks_with_an_idle_one():
     assert re.fullmatch(r"strategy 'auto' -> agrs(-nvfp4)?: .*sum\(sizes\)=34 .* world size 3 .*", lines[1]), lines[1]
     error = float(re.search(r"relative error (\S+) over 34 tokens", run.stdout).group(1))
     assert 0 < error < 2.5e-2
+
+
+def test_compiled_model_under_torchrun():
+    """launch() returns one result per process under torchrun: the example's own check accepts that, and
+    only rank 0 prints."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(EXAMPLES / "compiled_model.py")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["ok"], run.stdout

@@ -413,6 +413,21 @@ def test_input_format_is_bit_identical_to_prequantized(tfmt, backend):
     assert_close(pre, experts_forward(x, ids, tw, weights, backend=backend), rel=2 * token_err)
 
 
+
+def test_nvfp4_global_scale_as_a_number_or_a_one_element_tensor():
+    """experts_forward takes the NVFP4 global scale in every form its docstring names, with the same result."""
+    w13, w2, _, _ = _weights(8)
+    weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=0)
+    x = _tokens(19)
+    ids, tw = _route(19, 8, 2)
+    gs = _gs(x)
+    want = experts_forward(quant.quantize(x, QuantFormat.NVFP4, global_scale=gs), ids, tw, weights)
+    assert want.abs().sum() > 0
+    for form in (gs, gs.reshape(1), float(gs)):
+        got = experts_forward(x, ids, tw, weights, input_format=QuantFormat.NVFP4, global_scale=form)
+        assert_close(got, want, rel=0)
+
+
 def test_input_format_fp8_backend():
     w13, w2, _, _ = _weights(8)
     weights = make_expert_weights(w13, w2, ep_size=2, ep_rank=0, format=WeightFormat.FP8_CHANNEL)

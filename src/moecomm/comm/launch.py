@@ -19,6 +19,7 @@ process group it made is destroyed after a barrier (one the caller made is left 
 from __future__ import annotations
 
 import datetime
+import inspect
 import io
 import math
 import multiprocessing.util
@@ -99,6 +100,21 @@ def _init(rank: int, world_size: int, backend: str, init_method: str, timeout_s:
     )
 
 
+def _check_importable(fn) -> None:
+    """Spawned ranks import a function ``fn`` by its module and name: refuse one they cannot find."""
+    if not callable(fn):
+        raise TypeError(f"launch: fn must be callable, got {fn!r}")
+    if not inspect.isfunction(fn):  # a callable object, a functools.partial: pickled as a whole
+        return
+    if "<" in fn.__qualname__:  # <lambda>, <locals>
+        raise TypeError(f"launch: fn={fn!r} must be a module-level function: the spawned ranks import it by its "
+                        "module and name, and a lambda or a nested function has none")
+    if fn.__module__ == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
+        raise TypeError(f"launch: fn={fn!r} is defined in an interactive session, a notebook or python -c, which "
+                        "the spawned ranks cannot import: define it in a file (a module, or a script with an "
+                        "`if __name__ == \"__main__\":` guard)")
+
+
 def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) -> None:
     try:
         # Keep CPU ranks from oversubscribing the machine's few cores.
@@ -122,6 +138,17 @@ def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) 
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _died(rank: int, exitcode: int) -> str:
+    """Why a rank ended without a result. Once ``_worker`` runs, a rank leaves through ``os._exit(0)`` or a
+    signal, so exit code 1 comes from outside it: in practice from starting the rank (unpickling ``fn`` or
+    ``args``, importing the caller's script)."""
+    message = f"rank {rank} exited (code {exitcode}) without returning a result"
+    if exitcode == 1:
+        message += (": it failed before running fn (its traceback is on stderr), e.g. a script that calls launch "
+                    'without an `if __name__ == "__main__":` guard, or fn or args the rank cannot import')
+    return message
 
 
 def launch(
@@ -166,6 +193,9 @@ def launch(
     ValueError
         ``world_size`` not a positive int, ``timeout`` not a positive number, an unknown backend, or
         too few GPUs for NCCL; raised before any process starts.
+    TypeError
+        ``fn`` a function the spawned ranks cannot import (a lambda, a nested function, one defined in an
+        interactive session, a notebook or ``python -c``); raised before any process starts.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -191,6 +221,7 @@ def launch(
         raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"nccl needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+    _check_importable(fn)
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -222,8 +253,7 @@ def launch(
                 try:  # a result sent just before the exit may still be in the pipe
                     rank, ok, payload = queue.get(timeout=1.0)
                 except queue_module.Empty:
-                    raise RankError(f"rank {dead[0]} exited (code {procs[dead[0]].exitcode}) without "
-                                    f"returning a result") from None
+                    raise RankError(_died(dead[0], procs[dead[0]].exitcode)) from None
             results[rank] = (ok, payload)
             if not ok:
                 # One failure is enough: the other ranks may be blocked in a collective.
@@ -237,7 +267,7 @@ def launch(
                 p.join()
     if failed:
         # A rank that died without reporting (a signal, os.abort) is usually why its peers raised.
-        dead = [f"rank {r} exited (code {p.exitcode}) without returning a result; "
+        dead = [f"{_died(r, p.exitcode)}; "
                 for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0, -9)]
         raise RankError(f"{''.join(dead[:1])}rank {failed[0]} of {world_size} raised:\n{results[failed[0]][1]}")
     return [pickle.loads(results[r][1]) for r in range(world_size)]

@@ -394,8 +394,8 @@ def experts_forward(
         of pre-quantized tokens, so ``experts_forward(quantize(x, f, gs), ...)`` is bit-identical to
         ``experts_forward(x, ..., input_format=f, global_scale=gs)``. With quantized tokens it must equal
         their format.
-    global_scale : fp32 0-dim Tensor or None, NVFP4 global scale for ``input_format`` (not allowed with a
-        QuantizedTensor, which carries its own).
+    global_scale : one-element fp32 Tensor, Python number or None, NVFP4 global scale for ``input_format``
+        (as :func:`moecomm.quant.quantize` takes it; not allowed with a QuantizedTensor, which carries its own).
     backend : ``"auto"``, ``"grouped"``, ``"fp8"`` or ``"reference"`` (module docstring).
     out : bf16 Tensor ``[T, H]`` or None, written and returned.
     validate : bool. Check the id range on the host now (one sync) and raise ``ValueError``. By default
