@@ -147,6 +147,13 @@ def _errors():
         # validation reads the count and ids on the host and raises on every rank
         "validate: count too big on rank 1": error_of(step(num_tokens=torch.tensor(9 if rank == 1 else 2),
                                                            max_tokens_per_rank=4, validate=True)),
+        # not run in this mode: refused inside the checks, so that validation raises on every rank
+        "validate: shared experts on rank 1": error_of(step(num_tokens=one, max_tokens_per_rank=4, validate=True,
+                                                            shared_experts=(lambda h: h) if rank == 1 else None)),
+        "validate: int8 combine on rank 2": error_of(step(num_tokens=one, max_tokens_per_rank=4, validate=True,
+                                                          combine_format="int8" if rank == 2 else "bf16")),
+        "validate: bad combine format on rank 0": error_of(step(num_tokens=one, max_tokens_per_rank=4, validate=True,
+                                                                combine_format="int4" if rank == 0 else "bf16")),
     }
 
 
@@ -166,6 +173,9 @@ def test_bad_arguments_raise_on_every_rank():
         assert "ranks disagree on max_tokens_per_rank: rank 0: 5, rank 1: 6, rank 2: 7" in r["M differs"]
         assert "ranks disagree on max_tokens_per_rank: rank 0: 7, rank 1: 8" in r["M differs, allreduce"]
         assert "rank 1: num_tokens = 9 is outside [0, 4]" in r["validate: count too big on rank 1"]
+        assert "rank 1: the device-count mode runs no shared_experts" in r["validate: shared experts on rank 1"]
+        assert "rank 2: the device-count mode runs no quantized combine_format" in r["validate: int8 combine on rank 2"]
+        assert "rank 0: combine_format: 'int4' is not a valid" in r["validate: bad combine format on rank 0"]
 
 
 def _compiled(seed):
