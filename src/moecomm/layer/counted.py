@@ -188,10 +188,11 @@ def moe_forward_counted(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
         The first call for a new shape happens during CUDA-graph capture (warm up first).
     """
     if torch.compiler.is_compiling():
-        if pack is not True or chunks not in (None, 1):  # the op has neither: refuse rather than ignore them
-            raise ValueError(f"the device-count mode sends one packed message in one piece; pack={pack!r}, "
-                             f"chunks={chunks!r}")
-        _refuse_unbuilt(combine_format, shared_experts, rank_and_world(group)[0])
+        # the op has none of these: refuse rather than ignore them (plain comparisons: no graph break)
+        if pack is not True or chunks not in (None, 1) or combine_format != "bf16" or shared_experts is not None:
+            raise ValueError(f"the device-count mode sends one packed message in one piece, with a bf16 combine and "
+                             f"no shared experts; pack={pack!r}, chunks={chunks!r}, combine_format={combine_format!r}, "
+                             f"shared_experts={shared_experts!r}")
         return moe_forward_counted_op(hidden, topk_ids, topk_weights, weights, num_tokens=num_tokens,
                                       max_tokens_per_rank=max_tokens_per_rank, strategy=strategy,
                                       global_scale=global_scale, expert_input_format=expert_input_format, group=group,
