@@ -18,7 +18,7 @@ from moecomm.comm import Algorithm
 from moecomm.comm.checks import check_sizes
 from moecomm.comm.group import rank_and_world
 from moecomm.layer.message import message_layout
-from moecomm.layer.strategy import Strategy, wire_format
+from moecomm.layer.strategy import Strategy, check_expert_format, wire_format
 from moecomm.moe import ExpertWeights
 from moecomm.quant import QuantFormat, ReduceFormat
 from moecomm.quant.reduce import check_reduce_hidden
@@ -81,6 +81,10 @@ def check_dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale
         raise ValueError(f"rank {rank}: topk_ids must be int32/int64 and topk_weights float32, got "
                          f"{topk_ids.dtype} and {topk_weights.dtype}")
     refuse_grad(f"rank {rank}", hidden=hidden, topk_weights=topk_weights, global_scale=global_scale)
+    try:
+        check_expert_format(expert_input_format)
+    except ValueError as e:
+        raise ValueError(f"rank {rank}: {e}") from None
     if topk_ids.device != hidden.device or topk_weights.device != hidden.device:
         raise ValueError(f"rank {rank}: hidden, topk_ids and topk_weights must be on one device, got "
                          f"{hidden.device}, {topk_ids.device}, {topk_weights.device}")

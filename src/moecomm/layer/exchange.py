@@ -30,6 +30,7 @@ from moecomm.comm import (
     reduce_scatterv,
 )
 from moecomm.comm.checks import REDUCE_DTYPES, run_checks
+from moecomm.comm.group import rank_and_world
 from moecomm.layer.asynchronous import Pending, launch
 from moecomm.layer.checks import check_combine_format, check_dispatch, dispatch_agreement
 from moecomm.layer.message import message_layout
@@ -155,15 +156,25 @@ def dispatch(
         or ``torch.inference_mode()``); with validation, ranks that disagree (e.g. on the global scale) or ids
         below -1.
     """
-    strategy = Strategy(strategy)
-    if strategy == Strategy.AUTO:
-        raise ValueError("dispatch needs a concrete strategy; moe_forward resolves 'auto'")
+    chosen: list = []  # the checked strategy, for the agreement (which runs after prepare)
+
+    def prepare():
+        rank = rank_and_world(group)[0]
+        try:
+            chosen.append(Strategy(strategy))
+        except ValueError as e:
+            raise ValueError(f"rank {rank}: {e}") from None
+        if chosen[0] == Strategy.AUTO:
+            raise ValueError(f"rank {rank}: dispatch needs a concrete strategy; moe_forward resolves 'auto'")
+        return check_dispatch(hidden, topk_ids, topk_weights, sizes, chosen[0], global_scale, group,
+                              expert_input_format, pack)
+
     sizes, rank, world = run_checks(
-        "dispatch",
-        lambda: check_dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format,
-                          pack),
-        lambda: dispatch_agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack, algorithm),
+        "dispatch", prepare,
+        lambda: dispatch_agreement(hidden, topk_ids, sizes, chosen[0], global_scale, expert_input_format, pack,
+                                   algorithm),
         group, validate)
+    strategy = chosen[0]
     if async_op:
         return launch(lambda: dispatch_checked(hidden, topk_ids, topk_weights, sizes, rank, world, strategy,
                                                global_scale, expert_input_format, group, pack, algorithm),

@@ -156,14 +156,16 @@ def moe_forward(
                              pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
                              chunks=chunks, combine_format=combine_format)
         return out if shared is None else out + shared(hidden)
-    strategy = Strategy(strategy)
 
     def prepare():
         rank, world = rank_and_world(group)
+        try:
+            resolved = Strategy(strategy)
+        except ValueError as e:
+            raise ValueError(f"rank {rank}: {e}") from None
         check_experts(weights, hidden, rank, world)
         check_shared_experts(shared_experts, hidden, rank)
-        resolved = strategy
-        if strategy == Strategy.AUTO:
+        if resolved == Strategy.AUTO:
             resolved = choose_strategy(expert_input_format, sum(check_sizes(sizes, world)), world_size=world,
                                        ep_size=world, allow_quantized=allow_quantized)
         checked = check_dispatch(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format,
