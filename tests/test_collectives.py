@@ -310,6 +310,13 @@ def test_launch_rejects_bad_arguments_and_silent_exits():
     for timeout in (0, -5, None, float("inf")):
         with pytest.raises(ValueError, match="timeout"):
             launch(_big_tensor, 2, timeout=timeout)
+    # before any process starts: a string would be split into characters, a lambda cannot reach a spawned rank
+    for args in ("ab", 5, {"a": 1}, None):
+        with pytest.raises(TypeError, match=f"args must be a tuple or list of fn.s positional arguments, got {type(args).__name__}"):
+            launch(_big_tensor, 1, args, backend="gloo")
+    for fn in (5, lambda: 1):
+        with pytest.raises(TypeError, match="fn must be a module-level function"):
+            launch(fn, 1, backend="gloo")
     with pytest.raises(RankError, match="rank 1 exited .* without returning a result"):
         launch(_exit_silently, 2, backend="gloo", timeout=60)
 

@@ -166,9 +166,16 @@ def launch(
     ValueError
         ``world_size`` not a positive int, ``timeout`` not a positive number, an unknown backend, or
         too few GPUs for NCCL; raised before any process starts.
+    TypeError
+        ``args`` not a tuple or list, ``fn`` not a module-level function (not callable, or not picklable by
+        name: a lambda, a nested function); raised before any process starts.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(args, (tuple, list)):  # a string would be split into its characters
+        raise TypeError(f"args must be a tuple or list of fn's positional arguments, got {type(args).__name__}")
+    if not callable(fn):
+        raise TypeError(f"fn must be a module-level function, got {fn!r}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
         backend = backend or default_backend(world)
@@ -186,6 +193,11 @@ def launch(
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    try:  # by reference, as spawn sends it: cheap, and a lambda or a nested function fails here, not in a rank
+        pickle.dumps(fn)
+    except Exception as e:  # noqa: BLE001 - pickle raises several types for this
+        raise TypeError(f"fn must be a module-level function (spawned ranks import it by name), got {fn!r}: "
+                        f"{e}") from None
     backend = backend or default_backend(world_size)
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
