@@ -211,3 +211,34 @@ def _compiled(seed):
 
 def test_compiled_counted_op_never_recompiles():
     assert launch(_compiled, 2, (random.randrange(1 << 30),), backend="gloo", timeout=240) == ["ok", "ok"]
+
+
+def test_counted_graph_replay_checks_its_inputs():
+    """CountedGraphedMoE's door (a CPU stand-in for its CUDA statics): a copy into the statics would cast fp32
+    tokens or float ids, broadcast a [t, 1] buffer and read a Python int count; each is refused, naming it."""
+    from moecomm.layer import CountedGraphedMoE
+    from moecomm.layer.counted_graphs import check_replay
+
+    statics = torch.zeros(M, HIDDEN, dtype=torch.bfloat16)
+    x, ids, w = _rank_inputs(torch.Generator().manual_seed(random.randrange(1 << 30)), 3, 8)
+    check_replay(x, ids, w, torch.tensor(2, dtype=torch.int32), statics, TOPK)  # fine
+    check_replay(x[:0], ids[:0].long(), w[:0], None, statics, TOPK)
+    bad = {
+        "hidden": [(x.float(), ids, w, None), (x[:, :1], ids, w, None), (x[0], ids, w, None), (x.tolist(), ids, w, None)],
+        "topk_ids": [(x, ids.float(), w, None), (x, ids[:, :1], w, None)],
+        "topk_weights": [(x, ids, w.double(), None), (x, ids, w.to("meta"), None)],
+        "num_tokens": [(x, ids, w, 2), (x, ids, w, torch.tensor(2.0)), (x, ids, w, torch.tensor([1, 2]))],
+        "the same rows": [(x, ids[:2], w[:2], None), (torch.zeros(M + 1, HIDDEN, dtype=torch.bfloat16),
+                                                     torch.zeros(M + 1, TOPK, dtype=torch.int32),
+                                                     torch.zeros(M + 1, TOPK), None)],
+    }
+    for name, cases in bad.items():
+        for args in cases:
+            with pytest.raises((TypeError, ValueError), match=name):
+                check_replay(*args, statics, TOPK)
+    with pytest.raises(TypeError, match="weights must be moecomm.moe.ExpertWeights, got NoneType"):
+        CountedGraphedMoE(None, hidden_size=HIDDEN, topk=TOPK, max_tokens_per_rank=M)
+    if not torch.cuda.is_available():
+        mine = make_expert_weights(torch.randn(2, 2 * INTER, HIDDEN), torch.randn(2, HIDDEN, INTER))
+        with pytest.raises(ValueError, match="needs a CUDA device and CUDA expert weights"):
+            CountedGraphedMoE(mine, hidden_size=HIDDEN, topk=TOPK, max_tokens_per_rank=M)
