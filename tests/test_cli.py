@@ -77,6 +77,8 @@ BAD = [
     (["bench", "quant", "--ops", "dequantize-sum", "--dtype", "fp16"], "--ops dequantize-sum writes bf16 or fp32"),
     (["bench", "quant", "--pieces", "0"], "argument --pieces: every value must be at least 1, got 0"),
     (["demo", "--combine-format", "int4"], "argument --combine-format: unknown 'int4'; choose from bf16, int8, fp8"),
+    (["demo", "--strategies", "allreduce", "--combine-format", "int8,fp8"],  # it ran nothing and printed nothing
+     "--strategies allreduce combines in bf16 only: with --combine-format int8,fp8 nothing is left to run"),
     (["bench", "collectives", "--wire-formats", "int4"], "argument --wire-formats: unknown 'int4'"),
     (["bench", "moe", "--combine-formats", "bf16,int4"], "argument --combine-formats: unknown 'int4'"),
     (["bench", "accuracy", "--world-sizes", "1"], "argument --world-sizes: every value must be at least 2, got 1"),
