@@ -215,6 +215,13 @@ def _errors():
         "missing global scale": error_of(lambda: moe_forward(x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4")),
         "non-finite global scale": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=float("inf"))),
+        # finite in float64 but not in fp32 (inf, 0): refused at the door, not by the experts' quantizer after the
+        # gather
+        "global scale beyond fp32": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs", expert_input_format=QuantFormat.NVFP4, global_scale=1e39)),
+        "global scale below fp32": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs", expert_input_format=QuantFormat.NVFP4,
+            global_scale=torch.tensor(1e-46, dtype=torch.float64))),
         "global scale disagrees": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=1.0 + rank, validate=True)),
         "wire format differs from the experts'": error_of(lambda: moe_forward(
@@ -305,6 +312,10 @@ def test_bad_input_raises_on_every_rank():
     assert "ep_size=3" in results[0]["experts not split over the ranks"]
     assert "topk_ids must be in [0, 6) or -1" in results[1]["int64 id past int32"]
     assert "rank 1: topk_ids must be in [0, 6) or -1 (a masked slot), got values in [-2" in results[0]["id -2 on rank 1"]
+    assert "rank 1: global_scale must be finite and > 0 in fp32, got 1e+39 (inf in fp32)" in results[1][
+        "global scale beyond fp32"]
+    assert "rank 0: global_scale must be finite and > 0 in fp32, got 1e-46 (0.0 in fp32)" in results[0][
+        "global scale below fp32"]
     assert "rank 2: 'agrs-nvfp5' is not a valid Strategy" in results[0]["unknown strategy on rank 2"]
     assert "rank 0: dispatch needs a concrete strategy" in results[1]["dispatch: auto on rank 0"]
     assert "rank 2: expert_input_format: 'fp4' is not a valid QuantFormat" in results[2]["unknown experts' format"]
