@@ -173,6 +173,11 @@ def _error_cases():
         "not a tensor": error_of(lambda: all_gatherv([x, "ids"], sizes)),
         "all_reduce of a list": error_of(lambda: all_reduce([x])),
         "out of ints": error_of(lambda: all_gatherv(x, sizes, out=[3])),
+        # out and the input overlap other than in place (the input is out's rows of this rank): the broadcast
+        # algorithm read rows it had already written (reduce_scatterv: a wrong sum; all_gatherv: torch's
+        # RuntimeError in the middle of the collective)
+        "gather input inside out elsewhere": error_of(lambda: _aliased_gather(x, sizes, rank, 0 if rank else 1)),
+        "reduce out inside the input elsewhere": error_of(lambda: _aliased_reduce(sizes, rank, 0 if rank else 1)),
         # Only one rank is wrong or ranks disagree: validate=True makes every rank raise.
         "rows on rank 1 only": error_of(
             lambda: all_gatherv(torch.randn(99 if rank == 1 else rank + 1, 4), sizes, validate=True)),
@@ -188,7 +193,30 @@ def _error_cases():
     # The group is still usable after all those errors: no half-started collective.
     check_consistency(x, sizes)
     assert all_gatherv(x, sizes).shape == (sum(sizes), 4)
+    # in place (the input is out's rows of this rank) is fine, for every algorithm and wire format
+    start = sum(sizes[:rank])
+    for algorithm in ("broadcast", "padded"):
+        assert torch.equal(_aliased_gather(x, sizes, rank, start, algorithm), all_gatherv(x, sizes))
+    g = torch.Generator().manual_seed(7 + rank)
+    t = torch.randn(sum(sizes), 128, generator=g).bfloat16()
+    for wire_format in ("bf16", "int8"):
+        want = reduce_scatterv(t, sizes, wire_format=wire_format, algorithm="broadcast")
+        inplace = t.clone()
+        got = reduce_scatterv(inplace, sizes, out=inplace[start : start + sizes[rank]], wire_format=wire_format,
+                              algorithm="broadcast")
+        assert torch.equal(got, want), wire_format
     return results
+
+
+def _aliased_gather(x, sizes, rank, at, algorithm="auto"):
+    buf = torch.zeros(sum(sizes), *x.shape[1:], dtype=x.dtype)
+    buf[at : at + sizes[rank]] = x
+    return all_gatherv(buf[at : at + sizes[rank]], sizes, out=buf, algorithm=algorithm)
+
+
+def _aliased_reduce(sizes, rank, at):
+    t = torch.randn(sum(sizes), 4)
+    return reduce_scatterv(t, sizes, out=t[at : at + sizes[rank]], algorithm="broadcast")
 
 
 def test_errors_raise_on_every_rank():
@@ -198,6 +226,8 @@ def test_errors_raise_on_every_rank():
     assert "rank 1" in results[0]["rows on rank 1 only"] and "99 rows" in results[0]["rows on rank 1 only"]
     assert "disagree on sizes" in results[2]["sizes disagree"]
     assert "len(sizes) = 2" in results[0]["sizes too short"]
+    for case in ("gather input inside out elsewhere", "reduce out inside the input elsewhere"):
+        assert "overlap" in results[2][case] and "rank 2" in results[2][case], results[2][case]
 
 
 def test_choose_algorithm_reads_the_measured_table(monkeypatch):
