@@ -77,6 +77,8 @@ BAD = [
     (["bench", "quant", "--ops", "dequantize-sum", "--dtype", "fp16"], "--ops dequantize-sum writes bf16 or fp32"),
     (["bench", "quant", "--pieces", "0"], "argument --pieces: every value must be at least 1, got 0"),
     (["demo", "--combine-format", "int4"], "argument --combine-format: unknown 'int4'; choose from bf16, int8, fp8"),
+    (["demo", "--strategies", "allreduce", "--combine-format", "int8,fp8"],  # it ran nothing and printed nothing
+     "--strategies allreduce combines in bf16 only: with --combine-format int8,fp8 nothing is left to run"),
     (["bench", "collectives", "--wire-formats", "int4"], "argument --wire-formats: unknown 'int4'"),
     (["bench", "moe", "--combine-formats", "bf16,int4"], "argument --combine-formats: unknown 'int4'"),
     (["bench", "accuracy", "--world-sizes", "1"], "argument --world-sizes: every value must be at least 2, got 1"),
@@ -246,3 +248,24 @@ def test_bench_moe_shared_experts_on_cpu(tmp_path, capsys):
         assert r["overlapped_vs_routed_plus_shared"] == pytest.approx(s["overlapped"] / (s["routed"] + s["shared"]))
         assert r["speedup_vs_allreduce_sequential"] == pytest.approx(base[r["regime"], str(r["sizes"])] / s["overlapped"])
     assert "MoE layer step with 1 shared expert(s) (intermediate 128), world size 2" in capsys.readouterr().out
+
+
+def test_bench_moe_without_the_bf16_combine(tmp_path, capsys):
+    """``--combine-formats int8`` runs no allreduce (it combines in bf16 only): the speedups over allreduce are
+    n/a (null in the JSON), not a KeyError after the whole run; likewise the shared-experts table."""
+    from moecomm.bench import shared_experts
+    from moecomm.bench.moe import SMALL
+
+    path = tmp_path / "int8.json"
+    assert main(["bench", "moe", "--world-size", "2", "--combine-formats", "int8", "--iters", "1", "--prefill", "8",
+                 "--decode", "1", "--chunks", "2", "--no-progress", "--json", str(path)]) == 0
+    results = json.loads(path.read_text())["results"]
+    assert results and all(r["combine_format"] == "int8" and r["strategy"].endswith("+ int8 combine") for r in results)
+    assert all(r["speedup_vs_allreduce"] is None and r["seconds"]["total"] > 0 for r in results)
+    seconds = dict.fromkeys(("routed", "shared", "sequential", "overlapped"), 2e-3)
+    rows = [{"regime": "decode", "pattern": "balanced", "sizes": [1, 1], "strategy": "agrs + int8 combine",
+             "seconds": {**seconds, "host_sequential": float("nan"), "host_overlapped": float("nan")}}]
+    shared_experts.report(rows, world=2, device=torch.device("cpu"), experts="bf16", shape=SMALL, count=1,
+                          json_path=None)
+    assert rows[0]["speedup_vs_allreduce_sequential"] != rows[0]["speedup_vs_allreduce_sequential"]  # NaN: n/a
+    assert "agrs + int8 combine" in capsys.readouterr().out

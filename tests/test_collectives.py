@@ -175,6 +175,11 @@ def _error_cases():
         "not a tensor": error_of(lambda: all_gatherv([x, "ids"], sizes)),
         "all_reduce of a list": error_of(lambda: all_reduce([x])),
         "out of ints": error_of(lambda: all_gatherv(x, sizes, out=[3])),
+        # out and the input overlap other than in place (the input is out's rows of this rank): the broadcast
+        # algorithm read rows it had already written (reduce_scatterv: a wrong sum; all_gatherv: torch's
+        # RuntimeError in the middle of the collective)
+        "gather input inside out elsewhere": error_of(lambda: _aliased_gather(x, sizes, rank, 0 if rank else 1)),
+        "reduce out inside the input elsewhere": error_of(lambda: _aliased_reduce(sizes, rank, 0 if rank else 1)),
         # Only one rank is wrong or ranks disagree: validate=True makes every rank raise.
         "rows on rank 1 only": error_of(
             lambda: all_gatherv(torch.randn(99 if rank == 1 else rank + 1, 4), sizes, validate=True)),
@@ -190,7 +195,30 @@ def _error_cases():
     # The group is still usable after all those errors: no half-started collective.
     check_consistency(x, sizes)
     assert all_gatherv(x, sizes).shape == (sum(sizes), 4)
+    # in place (the input is out's rows of this rank) is fine, for every algorithm and wire format
+    start = sum(sizes[:rank])
+    for algorithm in ("broadcast", "padded"):
+        assert torch.equal(_aliased_gather(x, sizes, rank, start, algorithm), all_gatherv(x, sizes))
+    g = torch.Generator().manual_seed(7 + rank)
+    t = torch.randn(sum(sizes), 128, generator=g).bfloat16()
+    for wire_format in ("bf16", "int8"):
+        want = reduce_scatterv(t, sizes, wire_format=wire_format, algorithm="broadcast")
+        inplace = t.clone()
+        got = reduce_scatterv(inplace, sizes, out=inplace[start : start + sizes[rank]], wire_format=wire_format,
+                              algorithm="broadcast")
+        assert torch.equal(got, want), wire_format
     return results
+
+
+def _aliased_gather(x, sizes, rank, at, algorithm="auto"):
+    buf = torch.zeros(sum(sizes), *x.shape[1:], dtype=x.dtype)
+    buf[at : at + sizes[rank]] = x
+    return all_gatherv(buf[at : at + sizes[rank]], sizes, out=buf, algorithm=algorithm)
+
+
+def _aliased_reduce(sizes, rank, at):
+    t = torch.randn(sum(sizes), 4)
+    return reduce_scatterv(t, sizes, out=t[at : at + sizes[rank]], algorithm="broadcast")
 
 
 def test_errors_raise_on_every_rank():
@@ -200,6 +228,8 @@ def test_errors_raise_on_every_rank():
     assert "rank 1" in results[0]["rows on rank 1 only"] and "99 rows" in results[0]["rows on rank 1 only"]
     assert "disagree on sizes" in results[2]["sizes disagree"]
     assert "len(sizes) = 2" in results[0]["sizes too short"]
+    for case in ("gather input inside out elsewhere", "reduce out inside the input elsewhere"):
+        assert "overlap" in results[2][case] and "rank 2" in results[2][case], results[2][case]
 
 
 def test_choose_algorithm_reads_the_measured_table(monkeypatch):
@@ -312,6 +342,13 @@ def test_launch_rejects_bad_arguments_and_silent_exits():
     for timeout in (0, -5, None, float("inf")):
         with pytest.raises(ValueError, match="timeout"):
             launch(_big_tensor, 2, timeout=timeout)
+    # before any process starts: a string would be split into characters, a lambda cannot reach a spawned rank
+    for args in ("ab", 5, {"a": 1}, None):
+        with pytest.raises(TypeError, match=f"args must be a tuple or list of fn.s positional arguments, got {type(args).__name__}"):
+            launch(_big_tensor, 1, args, backend="gloo")
+    for fn in (5, lambda: 1):
+        with pytest.raises(TypeError, match="must be a module-level function"):
+            launch(fn, 1, backend="gloo")
     with pytest.raises(RankError, match="rank 1 exited .* without returning a result"):
         launch(_exit_silently, 2, backend="gloo", timeout=60)
 
@@ -326,7 +363,7 @@ def test_launch_refuses_a_function_the_ranks_cannot_import():
     for fn in (lambda: 1, nested):
         with pytest.raises(TypeError, match="module-level function"):
             launch(fn, 2, backend="gloo", timeout=60)
-    with pytest.raises(TypeError, match="fn must be callable, got 42"):
+    with pytest.raises(TypeError, match="fn must be a module-level function, got 42"):
         launch(42, 2, backend="gloo", timeout=60)
     code = "from moecomm.comm import launch\ndef f():\n    return 1\nlaunch(f, 2, backend='gloo', timeout=60)\n"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -114,7 +114,16 @@ def _padded_ranks(seed):
         "mask cols odd": error_of(lambda: all_gather_counted(ws.send, torch.tensor(1), ws, mask_cols=slice(2, 6))),
         "partial rows": error_of(lambda: reduce_scatter_counted(torch.zeros(M, HIDDEN, dtype=torch.bfloat16),
                                                                 torch.tensor(1), ws)),
+        # not a workspace, a truthy string for paired (skips the symm trailing round), a partial with grad
+        "workspace None": error_of(lambda: all_gather_counted(ws.send, torch.tensor(1), None)),
+        "workspace a string": error_of(lambda: reduce_scatter_counted(ws.partial, torch.tensor(1), "ws")),
+        "paired a string": error_of(lambda: all_gather_counted(ws.send, torch.tensor(1), ws, paired="no")),
+        "partial requires grad": error_of(lambda: reduce_scatter_counted(
+            torch.zeros(3 * M, HIDDEN, requires_grad=True).bfloat16(), torch.tensor(1), ws)),
+        "device a number": error_of(lambda: counted_workspace(None, 0, max_tokens_per_rank=3, row_bytes=8, hidden=8)),
     }
+    # a device given by name is the same workspace as the torch.device
+    assert counted_workspace(None, "cpu", max_tokens_per_rank=M, row_bytes=ROW_BYTES, hidden=HIDDEN) is ws
     return flagged, messages
 
 
@@ -130,6 +139,11 @@ def test_padded_transport_on_gloo():
         assert "transport 'symm' needs CUDA" in messages["symm on CPU"]
         assert "send must be torch.uint8 [<= 5, 48]" in messages["send too long"]
         assert messages["count an int"].startswith("TypeError")
+        assert messages["workspace None"].startswith("TypeError") and "CountedWorkspace" in messages["workspace None"]
+        assert "got str" in messages["workspace a string"] and "paired must be a bool, got 'no'" in messages[
+            "paired a string"]
+        assert "partial requires grad" in messages["partial requires grad"]
+        assert "device must be a torch.device or its name, got 0" in messages["device a number"]
 
 
 def test_clamp_kernel_matches_reference():

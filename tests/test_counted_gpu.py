@@ -274,3 +274,29 @@ def _no_creation_while_capturing(seed):
 def test_workspace_is_not_created_during_capture():
     assert launch(_no_creation_while_capturing, 1, (random.randrange(1 << 30),), backend="nccl",
                   timeout=300) == ["ok"]
+
+
+def _replay_refuses(seed):
+    """CountedGraphedMoE's replay refuses what a copy into its statics would cast, broadcast or read on the host,
+    and a valid call after the refusals still equals the eager step."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    experts = _weights(seed, 1, device)
+    graphed = CountedGraphedMoE(experts[0], hidden_size=HIDDEN, topk=TOPK, max_tokens_per_rank=M, strategy="agrs")
+    x, ids, w = _inputs(seed, 0, 0, 5, 1, device)
+    messages = []
+    for args in [(x.float(), ids, w), (x[:, :1], ids, w), (x, ids.float(), w), (x.cpu(), ids, w)]:
+        with pytest.raises(ValueError) as e:
+            graphed(*args)
+        messages.append(str(e.value))
+    with pytest.raises(TypeError, match="num_tokens"):
+        graphed(x, ids, w, num_tokens=3)
+    count = torch.tensor(3, dtype=torch.int32, device=device)
+    want = moe_forward(x, ids, w, experts[0], num_tokens=count, max_tokens_per_rank=M, strategy="agrs")
+    assert torch.equal(graphed(x, ids, w, num_tokens=count), want)
+    return messages
+
+
+def test_counted_graph_replay_refuses_bad_inputs():
+    (messages,) = launch(_replay_refuses, 1, (random.randrange(1 << 30),), backend="nccl", timeout=300)
+    assert [m.split(" must be")[0] for m in messages] == ["CountedGraphedMoE: hidden"] * 2 + [
+        "CountedGraphedMoE: topk_ids", "CountedGraphedMoE: hidden"], messages

@@ -147,6 +147,13 @@ def _errors():
         # validation reads the count and ids on the host and raises on every rank
         "validate: count too big on rank 1": error_of(step(num_tokens=torch.tensor(9 if rank == 1 else 2),
                                                            max_tokens_per_rank=4, validate=True)),
+        # not run in this mode: refused inside the checks, so that validation raises on every rank
+        "validate: shared experts on rank 1": error_of(step(num_tokens=one, max_tokens_per_rank=4, validate=True,
+                                                            shared_experts=(lambda h: h) if rank == 1 else None)),
+        "validate: int8 combine on rank 2": error_of(step(num_tokens=one, max_tokens_per_rank=4, validate=True,
+                                                          combine_format="int8" if rank == 2 else "bf16")),
+        "validate: bad combine format on rank 0": error_of(step(num_tokens=one, max_tokens_per_rank=4, validate=True,
+                                                                combine_format="int4" if rank == 0 else "bf16")),
     }
 
 
@@ -166,6 +173,9 @@ def test_bad_arguments_raise_on_every_rank():
         assert "ranks disagree on max_tokens_per_rank: rank 0: 5, rank 1: 6, rank 2: 7" in r["M differs"]
         assert "ranks disagree on max_tokens_per_rank: rank 0: 7, rank 1: 8" in r["M differs, allreduce"]
         assert "rank 1: num_tokens = 9 is outside [0, 4]" in r["validate: count too big on rank 1"]
+        assert "rank 1: the device-count mode runs no shared_experts" in r["validate: shared experts on rank 1"]
+        assert "rank 2: the device-count mode runs no quantized combine_format" in r["validate: int8 combine on rank 2"]
+        assert "rank 0: combine_format: 'int4' is not a valid" in r["validate: bad combine format on rank 0"]
 
 
 def _compiled(seed):
@@ -201,3 +211,34 @@ def _compiled(seed):
 
 def test_compiled_counted_op_never_recompiles():
     assert launch(_compiled, 2, (random.randrange(1 << 30),), backend="gloo", timeout=240) == ["ok", "ok"]
+
+
+def test_counted_graph_replay_checks_its_inputs():
+    """CountedGraphedMoE's door (a CPU stand-in for its CUDA statics): a copy into the statics would cast fp32
+    tokens or float ids, broadcast a [t, 1] buffer and read a Python int count; each is refused, naming it."""
+    from moecomm.layer import CountedGraphedMoE
+    from moecomm.layer.counted_graphs import check_replay
+
+    statics = torch.zeros(M, HIDDEN, dtype=torch.bfloat16)
+    x, ids, w = _rank_inputs(torch.Generator().manual_seed(random.randrange(1 << 30)), 3, 8)
+    check_replay(x, ids, w, torch.tensor(2, dtype=torch.int32), statics, TOPK)  # fine
+    check_replay(x[:0], ids[:0].long(), w[:0], None, statics, TOPK)
+    bad = {
+        "hidden": [(x.float(), ids, w, None), (x[:, :1], ids, w, None), (x[0], ids, w, None), (x.tolist(), ids, w, None)],
+        "topk_ids": [(x, ids.float(), w, None), (x, ids[:, :1], w, None)],
+        "topk_weights": [(x, ids, w.double(), None), (x, ids, w.to("meta"), None)],
+        "num_tokens": [(x, ids, w, 2), (x, ids, w, torch.tensor(2.0)), (x, ids, w, torch.tensor([1, 2]))],
+        "the same rows": [(x, ids[:2], w[:2], None), (torch.zeros(M + 1, HIDDEN, dtype=torch.bfloat16),
+                                                     torch.zeros(M + 1, TOPK, dtype=torch.int32),
+                                                     torch.zeros(M + 1, TOPK), None)],
+    }
+    for name, cases in bad.items():
+        for args in cases:
+            with pytest.raises((TypeError, ValueError), match=name):
+                check_replay(*args, statics, TOPK)
+    with pytest.raises(TypeError, match="weights must be moecomm.moe.ExpertWeights, got NoneType"):
+        CountedGraphedMoE(None, hidden_size=HIDDEN, topk=TOPK, max_tokens_per_rank=M)
+    if not torch.cuda.is_available():
+        mine = make_expert_weights(torch.randn(2, 2 * INTER, HIDDEN), torch.randn(2, HIDDEN, INTER))
+        with pytest.raises(ValueError, match="needs a CUDA device and CUDA expert weights"):
+            CountedGraphedMoE(mine, hidden_size=HIDDEN, topk=TOPK, max_tokens_per_rank=M)

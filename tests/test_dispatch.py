@@ -12,6 +12,8 @@ from moecomm.layer import (
     DISABLE_ENV,
     Strategy,
     choose_strategy,
+    dispatch,
+    explain_strategy,
     message_layout,
     moe_forward,
     wire_bytes_per_token,
@@ -147,6 +149,26 @@ def test_choose_strategy(monkeypatch):
     assert choose_strategy(QuantFormat.NVFP4, 1 << 20, world_size=1, ep_size=1, allow_quantized=True) == Strategy.AGRS
 
 
+def test_strategy_choice_refuses_bad_arguments():
+    """explain_strategy / choose_strategy name the bad value instead of choosing from it (an unknown format used
+    to read as 'the experts consume xx', a negative count as 'below the crossover')."""
+    kw = dict(world_size=8, ep_size=8)
+    for fn in (explain_strategy, choose_strategy):
+        for fmt in ("xx", 3, QuantFormat.MXFP4.value.upper()):
+            with pytest.raises(ValueError, match=f"expert_input_format.*{fmt!r}"):
+                fn(fmt, 4096, **kw)
+        for tokens in (-1, "4096", 4096.0, None, True):
+            with pytest.raises((TypeError, ValueError), match=f"total_tokens.*{tokens!r}"):
+                fn(QuantFormat.NVFP4, tokens, **kw)
+        for name, value in (("world_size", 0), ("world_size", "8"), ("ep_size", None if fn is choose_strategy else 0),
+                            ("ep_size", 8.0)):
+            with pytest.raises((TypeError, ValueError), match=f"{name}.*{value!r}"):
+                fn(QuantFormat.NVFP4, 4096, **{**kw, name: value})
+    # strings and enums alike; MXFP4 experts are valid (no strategy sends MXFP4, so agrs)
+    assert explain_strategy("fp8-group", 4096, world_size=8).strategy == Strategy.AGRS_FP8
+    assert explain_strategy(QuantFormat.MXFP4, 4096, world_size=8).strategy == Strategy.AGRS
+
+
 def test_crossover_from_measurements(tmp_path):
     from moecomm.bench.moe import crossover, write_crossover
 
@@ -193,6 +215,13 @@ def _errors():
         "missing global scale": error_of(lambda: moe_forward(x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4")),
         "non-finite global scale": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=float("inf"))),
+        # finite in float64 but not in fp32 (inf, 0): refused at the door, not by the experts' quantizer after the
+        # gather
+        "global scale beyond fp32": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs", expert_input_format=QuantFormat.NVFP4, global_scale=1e39)),
+        "global scale below fp32": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs", expert_input_format=QuantFormat.NVFP4,
+            global_scale=torch.tensor(1e-46, dtype=torch.float64))),
         "global scale disagrees": error_of(lambda: moe_forward(
             x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp4", global_scale=1.0 + rank, validate=True)),
         "wire format differs from the experts'": error_of(lambda: moe_forward(
@@ -225,14 +254,23 @@ def _errors():
         "rows on one rank": error_of(lambda: moe_forward(
             x[: n - (rank == 1)], ids[: n - (rank == 1)], w[: n - (rank == 1)], mine, sizes=sizes,
             strategy="agrs", validate=True)),
+        # strategy and format names are checked inside the checks: validation raises on every rank
+        "unknown strategy on rank 2": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs-nvfp5" if rank == 2 else "agrs", validate=True)),
+        "dispatch: auto on rank 0": error_of(lambda: dispatch(
+            x, ids, w, sizes=sizes, strategy="auto" if rank == 0 else "agrs", validate=True)),
+        # an unknown experts' format raises before the dispatch (it used to raise in the experts, after it)
+        "unknown experts' format": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs", expert_input_format="fp4")),
+        "unknown experts' format on rank 1": error_of(lambda: moe_forward(
+            x, ids, w, mine, sizes=sizes, strategy="agrs", expert_input_format="fp4" if rank == 1 else None,
+            validate=True)),
     }
 
 
 def _odd_hidden_sizes():
     """Hidden sizes whose payload is not a multiple of 4 bytes: the ids and weights still land on 4-byte
     columns, and the packed message carries the same values as separate tensors."""
-    from moecomm.layer import dispatch
-
     rank, world = dist.get_rank(), dist.get_world_size()
     sizes = [3, 0, 2][:world]
     for hidden, strategy, fmt in [(16, "agrs-nvfp4", QuantFormat.NVFP4), (48, "agrs-nvfp4", QuantFormat.NVFP4),
@@ -274,6 +312,14 @@ def test_bad_input_raises_on_every_rank():
     assert "ep_size=3" in results[0]["experts not split over the ranks"]
     assert "topk_ids must be in [0, 6) or -1" in results[1]["int64 id past int32"]
     assert "rank 1: topk_ids must be in [0, 6) or -1 (a masked slot), got values in [-2" in results[0]["id -2 on rank 1"]
+    assert "rank 1: global_scale must be finite and > 0 in fp32, got 1e+39 (inf in fp32)" in results[1][
+        "global scale beyond fp32"]
+    assert "rank 0: global_scale must be finite and > 0 in fp32, got 1e-46 (0.0 in fp32)" in results[0][
+        "global scale below fp32"]
+    assert "rank 2: 'agrs-nvfp5' is not a valid Strategy" in results[0]["unknown strategy on rank 2"]
+    assert "rank 0: dispatch needs a concrete strategy" in results[1]["dispatch: auto on rank 0"]
+    assert "rank 2: expert_input_format: 'fp4' is not a valid QuantFormat" in results[2]["unknown experts' format"]
+    assert "rank 1: expert_input_format: 'fp4' is not a valid" in results[0]["unknown experts' format on rank 1"]
 
 
 def _padded_layout_and_deferred_errors():

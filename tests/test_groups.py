@@ -109,6 +109,23 @@ def test_nccl_and_symmetric_memory_caches_follow_the_group_object():
     assert launch(_caches_follow_the_group, 2, (_free_port(),), backend="gloo", timeout=120) == ["ok", "ok"]
 
 
+def _stale_workspace():
+    from moecomm.comm.counted import all_gather_counted, counted_workspace
+    from moecomm.testing import error_of
+
+    ws = counted_workspace(None, torch.device("cpu"), max_tokens_per_rank=2, row_bytes=8, hidden=0)
+    group.forget_groups()
+    dist.destroy_process_group()
+    return error_of(lambda: all_gather_counted(ws.send, torch.tensor(1), ws))
+
+
+def test_a_workspace_of_a_destroyed_group_raises_a_clear_error():
+    """Used after destroy_process_group, a counted workspace names the missing group (it was 'cannot create weak
+    reference to NoneType')."""
+    for message in launch(_stale_workspace, 2, backend="gloo", timeout=60):
+        assert message.startswith("ValueError: no default process group") and "destroyed" in message, message
+
+
 def test_group_caches_hold_groups_weakly_and_by_identity():
     class Group:  # stands in for a ProcessGroup: weakly referable, hashed by identity
         pass

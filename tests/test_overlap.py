@@ -193,7 +193,10 @@ def _async_equals_sync(seed):
     errors = {"dispatch": error_of(lambda: dispatch(*args[:2], args[2].double(), sizes=sizes, strategy="agrs",
                                                     async_op=True)),
               "combine": error_of(lambda: combine(torch.zeros(handle.rows + 1, HIDDEN, dtype=torch.bfloat16,
-                                                              device=device), handle, async_op=True))}
+                                                              device=device), handle, async_op=True)),
+              # a truthy string or a falsy None is not a bool (it picked the return type silently)
+              "dispatch async_op": error_of(lambda: dispatch(*args, sizes=sizes, strategy="agrs", async_op="no")),
+              "combine async_op": error_of(lambda: combine(partial, handle, async_op=None))}
     return errors
 
 
@@ -203,6 +206,8 @@ def test_async_dispatch_and_combine_equal_the_sync_ones(world_size):
     results = launch(_async_equals_sync, world_size, (seed,), backend="gloo", timeout=300)
     assert_raised_on_every_rank(results)
     assert "topk_weights float32" in results[0]["dispatch"] and "partial must be" in results[0]["combine"]
+    assert "TypeError: rank 0: async_op must be a bool, got 'no'" == results[0]["dispatch async_op"]
+    assert "TypeError: rank 1: async_op must be a bool, got None" == results[1]["combine async_op"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -141,6 +141,44 @@ def test_int8_input_errors():
         Q.dequantize_int8(torch.zeros(2, 256, dtype=torch.int8), torch.ones(2, 1))
 
 
+def test_int8_dequantize_kernel_takes_any_strides():
+    """Column-major codes and scales (strides the kernel does not take) give the reference's values, not others."""
+    seed, gen = _seeded()
+    q, s = Q.quantize_int8(_activations(7, 384, gen))
+    want = Q.dequantize_int8_ref(q, s, dtype=torch.float32)
+    for qq, ss in ((q.t().contiguous().t(), s), (q, s.t().contiguous().t()),
+                   (torch.stack([q, q], -1)[..., 0], torch.stack([s, s], -1)[..., 1])):
+        got = Q.dequantize_int8(qq.to(KERNEL_DEVICE), ss.to(KERNEL_DEVICE), backend="triton")
+        assert torch.equal(got.cpu(), want), (seed, qq.stride(), ss.stride())
+
+
+def test_dequantizers_and_outputs_refuse_grad():
+    """Inference only: scales or an ``out`` that require grad raise ValueError naming them (not a result without
+    gradients, nor torch's in-place RuntimeError)."""
+    q, s = Q.quantize_int8(torch.randn(2, 128))
+    with pytest.raises(ValueError, match="scales requires grad"):
+        Q.dequantize_int8(q, s.clone().requires_grad_())
+    with pytest.raises(ValueError, match="scales requires grad"):
+        Q.dequantize_sum(q[None], s[None].clone().requires_grad_())
+    with pytest.raises(ValueError, match="out requires grad"):
+        Q.dequantize_sum(q[None], s[None], out=torch.empty(2, 128, dtype=torch.bfloat16, requires_grad=True))
+    with pytest.raises(ValueError, match=r"out\[1\] requires grad"):
+        Q.quantize_int8(torch.randn(2, 128), out=(torch.empty(2, 128, dtype=torch.int8),
+                                                 torch.empty(2, 1, requires_grad=True)))
+    with torch.no_grad():
+        assert torch.equal(Q.dequantize_sum(q[None], s[None].clone().requires_grad_()),
+                           Q.dequantize_sum_ref(q[None], s[None]))
+
+
+@pytest.mark.parametrize("flag", ["saturate_inf", "ue8m0"])
+@pytest.mark.parametrize("value", ["no", None, 0, 1.0])
+def test_fp8_flags_must_be_bools(flag, value):
+    """``saturate_inf="no"`` would be truthy: the flags of quantize_fp8 are bools or a TypeError naming them."""
+    for fn in (Q.quantize_fp8, Q.quantize_fp8_ref):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got {value!r}"):
+            fn(torch.randn(2, 128), **{flag: value})
+
+
 # ----------------------------------------------------------------------------------------------------
 # FP8 groups with the combine's Inf policy
 

@@ -394,8 +394,9 @@ def run(args: argparse.Namespace) -> int:
     base = {(r["regime"], r["pattern"], tuple(r["sizes"])): r["seconds"] for r in results
             if r["strategy"] == "allreduce"}
     rows = []
+    nan = {"total": float("nan"), "graphed": float("nan")}  # no allreduce run: --combine-formats without bf16
     for r in results:
-        s, b = r["seconds"], base[(r["regime"], r["pattern"], tuple(r["sizes"]))]
+        s, b = r["seconds"], base.get((r["regime"], r["pattern"], tuple(r["sizes"])), nan)
         r["speedup_vs_allreduce"] = b["total"] / s["total"]
         r["graphed_speedup_vs_allreduce"] = b["graphed"] / s["graphed"]
         if r["regime"] == "padding":

@@ -79,7 +79,8 @@ def report(results: list[dict], *, world: int, device: torch.device, experts: st
         s = r["seconds"]
         r["overlapped_vs_sequential"] = s["overlapped"] / s["sequential"]
         r["overlapped_vs_routed_plus_shared"] = s["overlapped"] / (s["routed"] + s["shared"])
-        r["speedup_vs_allreduce_sequential"] = base[(r["regime"], tuple(r["sizes"]))] / s["overlapped"]
+        # no allreduce run (--combine-formats without bf16): n/a
+        r["speedup_vs_allreduce_sequential"] = base.get((r["regime"], tuple(r["sizes"])), float("nan")) / s["overlapped"]
         rows.append([r["regime"], r["pattern"], str(r["sizes"]), r["strategy"]]
                     + [s[k] * 1e6 for k in ("routed", "shared", "sequential", "overlapped")]
                     + [r["overlapped_vs_sequential"], r["overlapped_vs_routed_plus_shared"],

@@ -121,6 +121,27 @@ def check_out(out_list, ts, rows: int | None, rank: int, group) -> None:
         check_rows(out_list, rows, rank, "out", group)
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[first, end)`` a tensor's elements occupy (torch strides are non-negative)."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def check_alias(rows: torch.Tensor, whole: torch.Tensor, start: int, rank: int, names: str) -> None:
+    """``rows`` (this rank's ``[sizes[rank], ...]``) may share memory with ``whole`` (``[sum(sizes), ...]``) only
+    in place: as ``whole[start : start + sizes[rank]]``. Any other overlap makes an algorithm read rows it has
+    already written (``ValueError``)."""
+    if rows.numel() == 0 or whole.numel() == 0:
+        return
+    (a, b), (c, d) = _byte_span(rows), _byte_span(whole)
+    if b <= c or d <= a:
+        return
+    in_place = whole.is_contiguous() and rows.is_contiguous() and a == c + start * whole[0].numel() * whole.element_size()
+    if not in_place:
+        raise ValueError(f"rank {rank}: {names} overlap in memory other than in place (this rank's rows at row "
+                         f"{start} of the whole): pass separate tensors")
+
+
 def _meta(tensors) -> list:
     """(trailing shape, dtype) per tensor (None for a hole in the list)."""
     items = tensors if isinstance(tensors, (list, tuple)) else [tensors]
@@ -219,6 +240,9 @@ def prepare_gather(tensors, sizes, out, group):
     if out is not None:
         outs, _ = as_list(out, "out")
         check_out(outs, ts, sum(sizes), rank, group)
+        for i, (o, t) in enumerate(zip(outs, ts)):
+            if o is not None:
+                check_alias(t, o, sum(sizes[:rank]), rank, f"tensors[{i}] and out[{i}]")
     return ts, single, sizes, outs, rank, world
 
 
@@ -235,6 +259,7 @@ def prepare_reduce(tensor, sizes, out, group):
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"rank {rank}: out must be a tensor, got {type(out).__name__}")
         check_out([out], [tensor], sizes[rank], rank, group)
+        check_alias(out, tensor, sum(sizes[:rank]), rank, "out and the input")
     return sizes, rank, world
 
 

@@ -113,7 +113,8 @@ def all_gatherv(
     ValueError
         ``len(sizes) != world_size``, negative or non-integer sizes, a tensor whose row count is not
         ``sizes[rank]``, a tensor on the wrong device for the backend, an ``out`` of the wrong shape,
-        dtype or layout, an unknown algorithm or ``"symm"`` without CUDA symmetric memory, a rank outside
+        dtype or layout or that overlaps its tensor other than in place (the tensor as ``out``'s rows of this
+        rank), an unknown algorithm or ``"symm"`` without CUDA symmetric memory, a rank outside
         the group, a tensor or ``out`` that requires grad while grad mode is on (moecomm is inference-only:
         call it under ``torch.no_grad()`` or ``torch.inference_mode()``); with validation also ranks that
         disagree. Raised before any communication.
@@ -201,8 +202,8 @@ def reduce_scatterv(
     ------
     ValueError
         Bad ``sizes`` (length, sign, type), ``tensor.shape[0] != sum(sizes)``, a dtype other than
-        bf16/fp16/fp32 (bf16/fp32 for a quantized wire format), a tensor on the wrong device, a bad ``out``,
-        an unknown or unavailable algorithm, an unknown wire format, a row that is not a multiple of 128
+        bf16/fp16/fp32 (bf16/fp32 for a quantized wire format), a tensor on the wrong device, a bad ``out``
+        (also one that overlaps ``tensor`` other than as its rows of this rank, in place), an unknown or unavailable algorithm, an unknown wire format, a row that is not a multiple of 128
         elements for a quantized one, a rank outside the group, a ``tensor`` or ``out`` that requires grad in
         grad mode (as :func:`all_gatherv`); with validation also ranks that disagree (also on the wire
         format). Raised before any communication.

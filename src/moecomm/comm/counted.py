@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from moecomm import errors
+from moecomm._modes import refuse_grad
 from moecomm.comm import _kernels_counted as kernels
 from moecomm.comm.counted_workspace import (
     CountedWorkspace,
@@ -70,6 +71,14 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------
 # Checks at the door
+
+
+def _check_call(ws, paired, what: str) -> None:
+    if not isinstance(ws, CountedWorkspace):
+        raise TypeError(f"{what}: workspace must be a CountedWorkspace (from counted_workspace), got "
+                        f"{type(ws).__name__}")
+    if not isinstance(paired, bool):
+        raise TypeError(f"rank {ws.rank}: {what}: paired must be a bool, got {paired!r}")
 
 
 def _check_count(num_tokens, ws: CountedWorkspace, what: str) -> None:
@@ -171,11 +180,13 @@ def all_gather_counted(send: torch.Tensor, num_tokens: torch.Tensor, workspace: 
     Raises
     ------
     TypeError, ValueError
-        Before any communication: a ``send`` that is not ``uint8 [<= M, row_bytes]`` contiguous on the
-        workspace's device, a ``num_tokens`` that is not a one-element integer tensor there, a bad ``mask_cols``,
-        a workspace without a gather (``row_bytes`` 0).
+        Before any communication: a ``workspace`` that is not a :class:`CountedWorkspace`, ``paired`` not a
+        bool, a ``send`` that is not ``uint8 [<= M, row_bytes]`` contiguous on the workspace's device, a
+        ``num_tokens`` that is not a one-element integer tensor there, a bad ``mask_cols``, a workspace without
+        a gather (``row_bytes`` 0).
     """
     ws = workspace
+    _check_call(ws, paired, "all_gather_counted")
     _check_count(num_tokens, ws, "all_gather_counted")
     _check_rows(send, "send", ws.row_bytes, torch.uint8, ws, "all_gather_counted", ws.rows)
     if ws.row_bytes == 0:
@@ -234,13 +245,16 @@ def reduce_scatter_counted(partial: torch.Tensor, num_tokens: torch.Tensor, work
     Raises
     ------
     TypeError, ValueError
-        Before any communication: shapes, dtypes, devices or layouts as above; a workspace without a
-        reducescatter (``hidden`` 0).
+        Before any communication: the workspace, ``paired``, shapes, dtypes, devices or layouts as above; a
+        workspace without a reducescatter (``hidden`` 0); ``partial`` or ``out`` that requires grad while grad
+        mode is on (inference only).
     """
     ws = workspace
     what = "reduce_scatter_counted"
+    _check_call(ws, paired, what)
     _check_count(num_tokens, ws, what)
     _check_rows(partial, "partial", ws.hidden, ws.dtype, ws, what, ws.world_size * ws.rows)
+    refuse_grad(f"rank {ws.rank}: {what}", partial=partial, out=out)
     if partial.shape[0] != ws.world_size * ws.rows or ws.hidden == 0:
         raise ValueError(f"rank {ws.rank}: {what}: partial must have W * M = {ws.world_size * ws.rows} rows of "
                          f"{ws.hidden} (> 0) values, got {tuple(partial.shape)}")

@@ -215,7 +215,7 @@ def counted_workspace(group: dist.ProcessGroup | None, device: torch.device, *, 
     Parameters
     ----------
     group : ProcessGroup or None (the world). The cache is keyed by the group object, not its name.
-    device : torch.device, where the buffers live (CUDA; the CPU for gloo).
+    device : torch.device or its name, where the buffers live (CUDA; the CPU for gloo).
     max_tokens_per_rank : int >= 1, ``M``: the static slot of every rank. THE setting ranks must agree on.
     row_bytes : int, bytes of one gathered row (a multiple of 8; 0: no gather). ``hidden`` : int, elements of
         one reduced row (0: no reducescatter). ``dtype`` : bf16, fp16 or fp32, of the partial and the result.
@@ -223,6 +223,8 @@ def counted_workspace(group: dist.ProcessGroup | None, device: torch.device, *, 
 
     Raises
     ------
+    TypeError
+        ``device`` neither a torch.device nor a string (locally).
     ValueError
         On EVERY rank when any rank passed a bad value or the ranks' ``max_tokens_per_rank``, ``row_bytes``,
         ``hidden``, ``dtype`` or ``transport`` differ (naming each rank's value); ``"symm"`` where some rank
@@ -230,6 +232,10 @@ def counted_workspace(group: dist.ProcessGroup | None, device: torch.device, *, 
     RuntimeError
         Called during CUDA-graph capture while the workspace does not exist yet.
     """
+    if isinstance(device, str):
+        device = torch.device(device)
+    if not isinstance(device, torch.device):
+        raise TypeError(f"device must be a torch.device or its name, got {device!r}")
     rank, world = rank_and_world(group)
     workspaces = per_group(_WORKSPACES, group)
     key = (device, max_tokens_per_rank, row_bytes, hidden, dtype, str(transport))

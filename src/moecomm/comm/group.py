@@ -58,8 +58,11 @@ _GROUPS = ByGroup()  # process group -> (rank, world size, NCCL?), filled on fir
 
 def per_group(cache: ByGroup, group) -> dict:
     """The entries of ``cache`` that belong to ``group`` (None: the current world group), a dict made on first
-    use that lives as long as the group object does (module docstring)."""
+    use that lives as long as the group object does (module docstring). ``ValueError`` when ``group`` is None
+    and no default group exists."""
     key = group if group is not None else dist.group.WORLD
+    if key is None:  # e.g. a workspace kept past destroy_process_group
+        raise ValueError("no default process group: call init_process_group first (was it destroyed?)")
     entries = cache.get(key)
     return entries if entries is not None else cache.set(key, {})
 

@@ -101,18 +101,20 @@ def _init(rank: int, world_size: int, backend: str, init_method: str, timeout_s:
 
 
 def _check_importable(fn) -> None:
-    """Spawned ranks import a function ``fn`` by its module and name: refuse one they cannot find."""
-    if not callable(fn):
-        raise TypeError(f"launch: fn must be callable, got {fn!r}")
-    if not inspect.isfunction(fn):  # a callable object, a functools.partial: pickled as a whole
-        return
-    if "<" in fn.__qualname__:  # <lambda>, <locals>
+    """Spawned ranks import a function ``fn`` by its module and name: refuse one they cannot find (a callable
+    object or a ``functools.partial`` is pickled as a whole: refuse it where that fails)."""
+    if inspect.isfunction(fn) and "<" in fn.__qualname__:  # <lambda>, <locals>
         raise TypeError(f"launch: fn={fn!r} must be a module-level function: the spawned ranks import it by its "
                         "module and name, and a lambda or a nested function has none")
-    if fn.__module__ == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
+    if inspect.isfunction(fn) and fn.__module__ == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
         raise TypeError(f"launch: fn={fn!r} is defined in an interactive session, a notebook or python -c, which "
                         "the spawned ranks cannot import: define it in a file (a module, or a script with an "
                         "`if __name__ == \"__main__\":` guard)")
+    try:  # by reference, as spawn sends it: cheap, and what cannot travel fails here, not in a rank
+        pickle.dumps(fn)
+    except Exception as e:  # noqa: BLE001 - pickle raises several types for this
+        raise TypeError(f"launch: fn must be a module-level function (spawned ranks import it by name), got "
+                        f"{fn!r}: {e}") from None
 
 
 def _worker(rank, world_size, backend, init_method, timeout_s, fn, args, queue) -> None:
@@ -194,11 +196,16 @@ def launch(
         ``world_size`` not a positive int, ``timeout`` not a positive number, an unknown backend, or
         too few GPUs for NCCL; raised before any process starts.
     TypeError
-        ``fn`` a function the spawned ranks cannot import (a lambda, a nested function, one defined in an
-        interactive session, a notebook or ``python -c``); raised before any process starts.
+        ``args`` not a tuple or list, ``fn`` a function the spawned ranks cannot import (not callable, a
+        lambda, a nested function, one defined in an interactive session, a notebook or ``python -c``);
+        raised before any process starts.
     """
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(args, (tuple, list)):  # a string would be split into its characters
+        raise TypeError(f"args must be a tuple or list of fn's positional arguments, got {type(args).__name__}")
+    if not callable(fn):
+        raise TypeError(f"fn must be a module-level function, got {fn!r}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
         backend = backend or default_backend(world)
@@ -216,12 +223,12 @@ def launch(
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    _check_importable(fn)
     backend = backend or default_backend(world_size)
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise ValueError(f"nccl needs {world_size} GPUs, {torch.cuda.device_count()} visible")
-    _check_importable(fn)
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

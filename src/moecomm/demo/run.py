@@ -228,7 +228,11 @@ def _check_arguments(world_size, num_sentences, num_experts, top_k, strategies, 
     runnable = [s for s in splits if s != "idle" or world_size >= 2]
     if not runnable:
         raise ValueError("--splits idle needs --world-size >= 2 (one rank cannot be idle and serve the batch)")
-    return _Arguments(n, num_experts, top_k, runnable, device, runs_of(strategies, combine_formats))
+    runs = runs_of(strategies, combine_formats)
+    if not runs:
+        raise ValueError(f"--strategies {','.join(strategies)} combines in bf16 only: with --combine-format "
+                         f"{','.join(combine_formats)} nothing is left to run (add bf16, or an agrs strategy)")
+    return _Arguments(n, num_experts, top_k, runnable, device, runs)
 
 
 def run_demo(

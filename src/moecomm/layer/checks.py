@@ -7,6 +7,7 @@ EP share, no input that requires grad in grad mode), and what the ranks must agr
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import fields
 
 import torch
@@ -18,7 +19,7 @@ from moecomm.comm import Algorithm
 from moecomm.comm.checks import check_sizes
 from moecomm.comm.group import rank_and_world
 from moecomm.layer.message import message_layout
-from moecomm.layer.strategy import Strategy, wire_format
+from moecomm.layer.strategy import Strategy, check_expert_format, wire_format
 from moecomm.moe import ExpertWeights
 from moecomm.quant import QuantFormat, ReduceFormat
 from moecomm.quant.reduce import check_reduce_hidden
@@ -28,8 +29,8 @@ __all__ = ["check_global_scale", "check_global_scale_use", "check_dispatch", "di
 
 
 def check_global_scale(global_scale, rank: int) -> None:
-    """An NVFP4 global scale: a finite positive number or one-element tensor (a CUDA tensor's value is
-    checked by the quantizer on the device: an invalid one makes every block scale NaN)."""
+    """An NVFP4 global scale: a finite positive number or one-element tensor, also as fp32 (a CUDA tensor's
+    value is checked by the quantizer on the device: an invalid one makes every block scale NaN)."""
     if isinstance(global_scale, bool) or not isinstance(global_scale, (int, float, torch.Tensor)):
         raise TypeError(f"rank {rank}: global_scale must be a number or a one-element tensor, got {global_scale!r}")
     if isinstance(global_scale, torch.Tensor):
@@ -40,6 +41,12 @@ def check_global_scale(global_scale, rank: int) -> None:
     value = float(global_scale)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"rank {rank}: global_scale must be finite and > 0, got {value}")
+    try:  # the kernels read it as fp32: 1e39 is inf there, 1e-46 is 0
+        as_fp32 = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        as_fp32 = math.inf
+    if not (math.isfinite(as_fp32) and as_fp32 > 0):
+        raise ValueError(f"rank {rank}: global_scale must be finite and > 0 in fp32, got {value} ({as_fp32} in fp32)")
 
 
 def check_global_scale_use(wire: QuantFormat | None, expert_input_format, global_scale, rank: int) -> None:
@@ -81,6 +88,10 @@ def check_dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale
         raise ValueError(f"rank {rank}: topk_ids must be int32/int64 and topk_weights float32, got "
                          f"{topk_ids.dtype} and {topk_weights.dtype}")
     refuse_grad(f"rank {rank}", hidden=hidden, topk_weights=topk_weights, global_scale=global_scale)
+    try:
+        check_expert_format(expert_input_format)
+    except ValueError as e:
+        raise ValueError(f"rank {rank}: {e}") from None
     if topk_ids.device != hidden.device or topk_weights.device != hidden.device:
         raise ValueError(f"rank {rank}: hidden, topk_ids and topk_weights must be on one device, got "
                          f"{hidden.device}, {topk_ids.device}, {topk_weights.device}")

@@ -48,7 +48,7 @@ from moecomm.layer.exchange import _global_scale
 from moecomm.layer.message import message_layout
 from moecomm.layer.strategy import Strategy, choose_strategy, wire_format
 from moecomm.moe import ExpertWeights, experts_forward, ids_int32
-from moecomm.quant import QuantFormat, QuantizedTensor, quantize
+from moecomm.quant import QuantFormat, QuantizedTensor, ReduceFormat, quantize
 
 __all__ = ["counted_mode", "moe_forward_counted", "moe_forward_counted_op"]
 
@@ -66,10 +66,25 @@ def counted_mode(sizes, num_tokens, max_tokens_per_rank) -> bool:
                     f"{'given' if num_tokens is not None else None}, max_tokens_per_rank={max_tokens_per_rank!r}")
 
 
+def _refuse_unbuilt(combine_format, shared_experts, rank: int) -> None:
+    """What :func:`moecomm.layer.moe_forward` offers with ``sizes=`` but this mode does not run yet."""
+    try:
+        fmt = ReduceFormat(combine_format)
+    except ValueError as e:
+        raise ValueError(f"rank {rank}: combine_format: {e}") from None
+    if fmt != ReduceFormat.BF16:
+        raise ValueError(f"rank {rank}: the device-count mode runs no quantized combine_format yet "
+                         f"(got {fmt.value!r}); pass sizes= for it")
+    if shared_experts is not None:
+        raise ValueError(f"rank {rank}: the device-count mode runs no shared_experts yet; pass sizes=, or add the "
+                         f"shared experts' output to the live rows after the step")
+
+
 def _check(hidden, topk_ids, topk_weights, weights, num_tokens, max_tokens_per_rank, strategy, global_scale,
-           expert_input_format, group, pack, algorithm, allow_quantized, chunks):
+           expert_input_format, group, pack, algorithm, allow_quantized, chunks, combine_format, shared_experts):
     """Local checks at the door; returns ``(strategy, transport, rank, world)``. Raises TypeError/ValueError."""
     rank, world = rank_and_world(group)
+    _refuse_unbuilt(combine_format, shared_experts, rank)
     check_experts(weights, hidden, rank, world)
     refuse_grad(f"rank {rank}", hidden=hidden, topk_weights=topk_weights, global_scale=global_scale)
     m = max_tokens_per_rank
@@ -120,7 +135,8 @@ def moe_forward_counted(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
                         strategy: Strategy | str = Strategy.AUTO, global_scale: torch.Tensor | float | None = None,
                         expert_input_format: QuantFormat | None = None, group: dist.ProcessGroup | None = None,
                         pack: bool = True, algorithm: Transport | str = Transport.AUTO, validate: bool = False,
-                        allow_quantized: bool | None = None, chunks: int | None = None) -> torch.Tensor:
+                        allow_quantized: bool | None = None, chunks: int | None = None,
+                        combine_format: ReduceFormat | str = "bf16", shared_experts=None) -> torch.Tensor:
     """One EP MoE layer step with this rank's token count on the device (module docstring).
 
     What :func:`moecomm.layer.moe_forward` runs when given ``num_tokens`` and ``max_tokens_per_rank``.
@@ -151,6 +167,9 @@ def moe_forward_counted(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
     validate : bool
         Read the count and the live ids on the host and check them, and exchange what ranks must agree on
         (``M``, strategy, wire format, transport, sizes, global scale): ``ValueError`` on every rank. A sync.
+    combine_format, shared_experts :
+        Not run in this mode yet: ``"bf16"`` and None only (``ValueError`` otherwise, on every rank when
+        validating).
 
     Returns
     -------
@@ -169,9 +188,11 @@ def moe_forward_counted(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
         The first call for a new shape happens during CUDA-graph capture (warm up first).
     """
     if torch.compiler.is_compiling():
-        if pack is not True or chunks not in (None, 1):  # the op has neither: refuse rather than ignore them
-            raise ValueError(f"the device-count mode sends one packed message in one piece; pack={pack!r}, "
-                             f"chunks={chunks!r}")
+        # the op has none of these: refuse rather than ignore them (plain comparisons: no graph break)
+        if pack is not True or chunks not in (None, 1) or combine_format != "bf16" or shared_experts is not None:
+            raise ValueError(f"the device-count mode sends one packed message in one piece, with a bf16 combine and "
+                             f"no shared experts; pack={pack!r}, chunks={chunks!r}, combine_format={combine_format!r}, "
+                             f"shared_experts={shared_experts!r}")
         return moe_forward_counted_op(hidden, topk_ids, topk_weights, weights, num_tokens=num_tokens,
                                       max_tokens_per_rank=max_tokens_per_rank, strategy=strategy,
                                       global_scale=global_scale, expert_input_format=expert_input_format, group=group,
@@ -180,7 +201,8 @@ def moe_forward_counted(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weigh
 
     def prepare():
         checked[:] = _check(hidden, topk_ids, topk_weights, weights, num_tokens, max_tokens_per_rank, strategy,
-                            global_scale, expert_input_format, group, pack, algorithm, allow_quantized, chunks)
+                            global_scale, expert_input_format, group, pack, algorithm, allow_quantized, chunks,
+                            combine_format, shared_experts)
         return checked
 
     def agreement():

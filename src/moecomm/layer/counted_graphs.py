@@ -26,7 +26,34 @@ from moecomm.layer.strategy import Strategy
 from moecomm.moe import ExpertWeights, ids_int32
 from moecomm.quant import QuantFormat
 
-__all__ = ["CountedGraphedMoE"]
+__all__ = ["CountedGraphedMoE", "check_replay"]
+
+
+def check_replay(hidden, topk_ids, topk_weights, num_tokens, statics: torch.Tensor, topk: int) -> None:
+    """The checks at the door of :meth:`CountedGraphedMoE.__call__` (``statics``: its static ``hidden``): what
+    ``moe_forward`` takes, on the statics' device, at most their rows; no silent cast, broadcast or host read.
+    Raises ``TypeError`` / ``ValueError`` naming the argument."""
+    refuse_grad("CountedGraphedMoE", hidden=hidden, topk_weights=topk_weights)
+    rows, hidden_size = statics.shape
+    for name, t, dtypes, cols in (("hidden", hidden, (torch.bfloat16,), hidden_size),
+                                  ("topk_ids", topk_ids, (torch.int32, torch.int64), topk),
+                                  ("topk_weights", topk_weights, (torch.float32,), topk)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"CountedGraphedMoE: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[1] != cols or t.dtype not in dtypes or t.device != statics.device:
+            raise ValueError(f"CountedGraphedMoE: {name} must be {' or '.join(map(str, dtypes))} [t, {cols}] on "
+                             f"{statics.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    t = hidden.shape[0]
+    if t > rows or topk_ids.shape[0] != t or topk_weights.shape[0] != t:
+        raise ValueError(f"CountedGraphedMoE: hidden {tuple(hidden.shape)}, topk_ids {tuple(topk_ids.shape)}, "
+                         f"topk_weights {tuple(topk_weights.shape)}: the same rows, at most {rows}")
+    if num_tokens is not None and not isinstance(num_tokens, torch.Tensor):
+        raise TypeError(f"CountedGraphedMoE: num_tokens must be None or a one-element int32/int64 tensor on "
+                        f"{statics.device}, got {type(num_tokens).__name__}")
+    if num_tokens is not None and (num_tokens.numel() != 1 or num_tokens.dtype not in (torch.int32, torch.int64)
+                                   or num_tokens.device != statics.device):
+        raise ValueError(f"CountedGraphedMoE: num_tokens must be a one-element int32/int64 tensor on "
+                         f"{statics.device}, got {num_tokens.dtype} {tuple(num_tokens.shape)} on {num_tokens.device}")
 
 
 class CountedGraphedMoE:
@@ -63,6 +90,8 @@ class CountedGraphedMoE:
                  rows: int | None = None, strategy: Strategy | str = Strategy.AUTO,
                  global_scale: torch.Tensor | float | None = None, expert_input_format: QuantFormat | None = None,
                  group: dist.ProcessGroup | None = None, algorithm: Transport | str = Transport.AUTO):
+        if not isinstance(weights, ExpertWeights):
+            raise TypeError(f"CountedGraphedMoE: weights must be moecomm.moe.ExpertWeights, got {type(weights).__name__}")
         if not torch.cuda.is_available() or weights.w13.device.type != "cuda":
             raise ValueError("CountedGraphedMoE captures a CUDA graph: it needs a CUDA device and CUDA expert weights "
                              "(on a CPU, call moe_forward with num_tokens)")
@@ -106,16 +135,14 @@ class CountedGraphedMoE:
                  num_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Replay on this rank's ``bf16 [t, H]`` tokens (``t <= rows``); returns ``bf16 [t, H]``.
 
-        ``num_tokens``: a one-element integer CUDA tensor (an engine's device count, copied in; rows at or past
-        it are dead) or None (the count is ``t``, written on the device without a sync). Rows of the static
-        buffer past ``t`` are masked, whatever the count says. The result is a view of :attr:`out`,
-        overwritten by the next call.
+        ``num_tokens``: a one-element int32/int64 tensor on the graph's device (an engine's device count,
+        copied in; rows at or past it are dead) or None (the count is ``t``, written on the device without a
+        sync). Rows of the static buffer past ``t`` are masked, whatever the count says. The result is a view
+        of :attr:`out`, overwritten by the next call. ``TypeError`` / ``ValueError`` (:func:`check_replay`)
+        for inputs ``moe_forward`` would refuse (dtypes, shapes, another device), more than ``rows`` rows.
         """
-        refuse_grad("CountedGraphedMoE", hidden=hidden, topk_weights=topk_weights)
+        check_replay(hidden, topk_ids, topk_weights, num_tokens, self.hidden, self.topk)
         t = hidden.shape[0]
-        if t > self.rows or topk_ids.shape != (t, self.topk) or topk_weights.shape != (t, self.topk):
-            raise ValueError(f"hidden {tuple(hidden.shape)}, topk_ids {tuple(topk_ids.shape)}, topk_weights "
-                             f"{tuple(topk_weights.shape)}: at most {self.rows} rows of topk {self.topk}")
         self.hidden[:t].copy_(hidden)
         self.topk_ids[:t].copy_(ids_int32(topk_ids))
         self.topk_weights[:t].copy_(topk_weights)

@@ -30,6 +30,7 @@ from moecomm.comm import (
     reduce_scatterv,
 )
 from moecomm.comm.checks import REDUCE_DTYPES, run_checks
+from moecomm.comm.group import rank_and_world
 from moecomm.layer.asynchronous import Pending, launch
 from moecomm.layer.checks import check_combine_format, check_dispatch, dispatch_agreement
 from moecomm.layer.message import message_layout
@@ -147,6 +148,8 @@ def dispatch(
 
     Raises
     ------
+    TypeError
+        ``async_op`` (or ``pack``) not a bool; ``hidden``, ``topk_ids`` or ``topk_weights`` not a tensor.
     ValueError
         Before any communication: bad ``sizes``, row counts, dtypes, dims or devices; a hidden size not
         divisible by the format's block; a missing or non-finite global scale where NVFP4 is used, a global
@@ -155,15 +158,27 @@ def dispatch(
         or ``torch.inference_mode()``); with validation, ranks that disagree (e.g. on the global scale) or ids
         below -1.
     """
-    strategy = Strategy(strategy)
-    if strategy == Strategy.AUTO:
-        raise ValueError("dispatch needs a concrete strategy; moe_forward resolves 'auto'")
+    chosen: list = []  # the checked strategy, for the agreement (which runs after prepare)
+
+    def prepare():
+        rank = rank_and_world(group)[0]
+        try:
+            chosen.append(Strategy(strategy))
+        except ValueError as e:
+            raise ValueError(f"rank {rank}: {e}") from None
+        if chosen[0] == Strategy.AUTO:
+            raise ValueError(f"rank {rank}: dispatch needs a concrete strategy; moe_forward resolves 'auto'")
+        if not isinstance(async_op, bool):
+            raise TypeError(f"rank {rank}: async_op must be a bool, got {async_op!r}")
+        return check_dispatch(hidden, topk_ids, topk_weights, sizes, chosen[0], global_scale, group,
+                              expert_input_format, pack)
+
     sizes, rank, world = run_checks(
-        "dispatch",
-        lambda: check_dispatch(hidden, topk_ids, topk_weights, sizes, strategy, global_scale, group, expert_input_format,
-                          pack),
-        lambda: dispatch_agreement(hidden, topk_ids, sizes, strategy, global_scale, expert_input_format, pack, algorithm),
+        "dispatch", prepare,
+        lambda: dispatch_agreement(hidden, topk_ids, sizes, chosen[0], global_scale, expert_input_format, pack,
+                                   algorithm),
         group, validate)
+    strategy = chosen[0]
     if async_op:
         return launch(lambda: dispatch_checked(hidden, topk_ids, topk_weights, sizes, rank, world, strategy,
                                                global_scale, expert_input_format, group, pack, algorithm),
@@ -259,7 +274,7 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
     Raises ``ValueError`` when ``partial`` or ``out`` requires grad in grad mode (as :func:`dispatch`),
     ``partial`` does not have ``handle.rows`` rows, ``out`` is not ``[sizes[rank], hidden]`` of ``partial``'s
     dtype or ``combine_format`` is unknown or does not fit (as listed); ``TypeError`` when ``handle`` is not a
-    :class:`DispatchHandle` or ``out`` not a tensor.
+    :class:`DispatchHandle`, ``out`` not a tensor or ``async_op`` not a bool.
 
     ``async_op=True``: return at once a :class:`~moecomm.layer.asynchronous.Pending` whose ``wait()`` gives
     the result, the combine running on moecomm's communication stream after the work the current stream
@@ -271,6 +286,8 @@ def combine(partial: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor 
         raise TypeError(f"combine needs the DispatchHandle that dispatch returned, got {type(handle).__name__}")
     if out is not None and not isinstance(out, torch.Tensor):
         raise TypeError(f"rank {handle.rank}: out must be a tensor, got {type(out).__name__}")
+    if not isinstance(async_op, bool):
+        raise TypeError(f"rank {handle.rank}: async_op must be a bool, got {async_op!r}")
     sizes, rank = list(handle.sizes), handle.rank
     if not isinstance(partial, torch.Tensor) or partial.dim() != 2 or partial.shape[0] != handle.rows:
         raise ValueError(f"rank {rank}: partial must be [{handle.rows}, hidden] (the dispatched rows), got "

@@ -132,21 +132,18 @@ def moe_forward(
     on every rank. ``TypeError`` unless exactly one of ``sizes`` and ``num_tokens`` (with
     ``max_tokens_per_rank``) is given; ``ValueError`` for ``shared_experts`` or a quantized
     ``combine_format`` in the device-count mode (not built there yet: add the shared experts' output to the
-    live rows after the step).
+    live rows after the step; with validation on every rank).
 
     Under ``torch.compile`` (or with ``sizes`` a CPU int tensor) this calls the custom op
     ``moecomm::moe_forward`` (:func:`moe_forward_op`): no graph break, and sizes passed as a tensor never
     recompile. Eager calls with a list do not pass through the op.
     """
     if counted_mode(sizes, num_tokens, max_tokens_per_rank):
-        if shared_experts is not None or ReduceFormat(combine_format) != ReduceFormat.BF16:
-            raise ValueError("moe_forward with num_tokens (the device-count mode) runs neither shared_experts nor a "
-                             "quantized combine_format yet; pass sizes=, or add the shared experts after the step")
         return moe_forward_counted(hidden, topk_ids, topk_weights, weights, num_tokens=num_tokens,
                                    max_tokens_per_rank=max_tokens_per_rank, strategy=strategy,
                                    global_scale=global_scale, expert_input_format=expert_input_format, group=group,
                                    pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
-                                   chunks=chunks)
+                                   chunks=chunks, combine_format=combine_format, shared_experts=shared_experts)
     shared = None
     if shared_experts is not None:
         shared = functools.partial(shared_output, shared_experts, rank=rank_and_world(group)[0],
@@ -159,14 +156,16 @@ def moe_forward(
                              pack=pack, algorithm=algorithm, validate=validate, allow_quantized=allow_quantized,
                              chunks=chunks, combine_format=combine_format)
         return out if shared is None else out + shared(hidden)
-    strategy = Strategy(strategy)
 
     def prepare():
         rank, world = rank_and_world(group)
+        try:
+            resolved = Strategy(strategy)
+        except ValueError as e:
+            raise ValueError(f"rank {rank}: {e}") from None
         check_experts(weights, hidden, rank, world)
         check_shared_experts(shared_experts, hidden, rank)
-        resolved = strategy
-        if strategy == Strategy.AUTO:
+        if resolved == Strategy.AUTO:
             resolved = choose_strategy(expert_input_format, sum(check_sizes(sizes, world)), world_size=world,
                                        ep_size=world, allow_quantized=allow_quantized)
         checked = check_dispatch(hidden, topk_ids, topk_weights, sizes, resolved, global_scale, group, expert_input_format,

@@ -27,8 +27,8 @@ from moecomm._enum import ChoiceEnum
 from moecomm.layer.message import message_layout
 from moecomm.quant import QuantFormat, ReduceFormat, reduce_row_bytes
 
-__all__ = ["Strategy", "StrategyChoice", "DISABLE_ENV", "wire_format", "choose_strategy", "explain_strategy",
-           "resolve_chunks", "wire_bytes_per_token"]
+__all__ = ["Strategy", "StrategyChoice", "DISABLE_ENV", "wire_format", "check_expert_format", "choose_strategy",
+           "explain_strategy", "resolve_chunks", "wire_bytes_per_token"]
 
 _log = logging.getLogger("moecomm.layer")
 DISABLE_ENV = "MOECOMM_DISABLE_QUANTIZED_DISPATCH"  # "1": strategy="auto" never quantizes before the gather
@@ -45,6 +45,23 @@ class Strategy(ChoiceEnum):
 _STRATEGY_FORMAT = {Strategy.AGRS_NVFP4: QuantFormat.NVFP4, Strategy.AGRS_FP8: QuantFormat.FP8_GROUP}
 _FORMAT_STRATEGY = {QuantFormat.NVFP4: Strategy.AGRS_NVFP4, QuantFormat.FP8_GROUP: Strategy.AGRS_FP8,
                     QuantFormat.FP8_TOKEN: Strategy.AGRS_FP8}
+
+
+def check_expert_format(expert_input_format) -> None:
+    """``ValueError`` naming ``expert_input_format`` unless it is None or a :class:`QuantFormat` (a member or
+    its value)."""
+    if expert_input_format is not None and not isinstance(expert_input_format, QuantFormat):
+        try:
+            QuantFormat(expert_input_format)
+        except ValueError as e:
+            raise ValueError(f"expert_input_format: {e}") from None
+
+
+def _check_count(name: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value!r}")
 
 
 def wire_format(strategy: Strategy, expert_input_format: QuantFormat | None) -> QuantFormat | None:
@@ -115,7 +132,9 @@ def explain_strategy(
     Raises
     ------
     TypeError
-        ``allow_quantized`` not a bool or None.
+        ``allow_quantized`` not a bool or None; ``total_tokens``, ``world_size`` or ``ep_size`` not an int.
+    ValueError
+        An unknown ``expert_input_format``; ``total_tokens < 0``, ``world_size`` or ``ep_size < 1``.
 
     Notes
     -----
@@ -147,6 +166,10 @@ _REASONS = {
 def _decide(expert_input_format, total_tokens: int, world_size: int, ep_size: int, allow_quantized) -> tuple:
     """``(strategy, key of _REASONS, the reason's values...)``: the rule of :func:`choose_strategy`, with no
     string formatting (it runs on every ``auto`` step)."""
+    check_expert_format(expert_input_format)
+    _check_count("total_tokens", total_tokens, 0)
+    _check_count("world_size", world_size, 1)
+    _check_count("ep_size", ep_size, 1)
     if allow_quantized is None:
         if os.environ.get(DISABLE_ENV, "0") in ("1", "true", "yes"):
             return Strategy.AGRS, "env", os.environ[DISABLE_ENV]
@@ -197,7 +220,8 @@ def choose_strategy(
     (``sum(sizes)``, the same on every rank) reaches the crossover measured at this world size by
     ``moecomm bench moe --write-crossover`` and kept in ``data/crossover.json``. Otherwise ``agrs``
     (bf16), which gives bit-identical results. :func:`explain_strategy` gives the reason as well; a change
-    of choice is logged at DEBUG level (logger ``moecomm.layer``) with its reason.
+    of choice is logged at DEBUG level (logger ``moecomm.layer``) with its reason. Raises as
+    :func:`explain_strategy` does.
     """
     strategy, why, *detail = _decide(expert_input_format, total_tokens, world_size, ep_size, allow_quantized)
     key = (world_size, expert_input_format)

@@ -111,7 +111,8 @@ def _check_backend(backend: str, x: Tensor, name: str) -> bool:
 
 def _check_out(out, expected: list[tuple[tuple[int, ...], torch.dtype]], x: Tensor, name: str):
     """Validate caller-provided outputs: exact shape and dtype, ``x``'s device (``ValueError`` naming each
-    device otherwise); unit stride along the last dim, no overlapping rows."""
+    device otherwise), none that requires grad in grad mode; unit stride along the last dim, no overlapping
+    rows."""
     if out is None:
         return None
     if not isinstance(out, (tuple, list)) or len(out) != len(expected):
@@ -120,6 +121,7 @@ def _check_out(out, expected: list[tuple[tuple[int, ...], torch.dtype]], x: Tens
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: out[{i}] must be a torch.Tensor, got {type(t).__name__}")
     common_device(name, x=x, **{f"out[{i}]": t for i, t in enumerate(out)})
+    refuse_grad(name, **{f"out[{i}]": t for i, t in enumerate(out)})
     for i, (t, (shape, dtype)) in enumerate(zip(out, expected)):
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
             raise ValueError(f"{name}: out[{i}] must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")

@@ -40,6 +40,13 @@ def _fp8_group(group_size: int | None, k: int, name: str) -> int:
     return group_size
 
 
+def _check_flags(name: str, **flags) -> None:
+    """``TypeError`` unless each flag is a bool (``saturate_inf="no"`` would be truthy)."""
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: {flag} must be a bool, got {value!r}")
+
+
 def _ceil_pow2(s: Tensor) -> Tensor:
     """Smallest power of two >= s (for positive normal fp32 ``s``; NaN stays NaN)."""
     mant, exp = torch.frexp(s)  # s = mant * 2**exp, mant in [0.5, 1)
@@ -50,6 +57,7 @@ def quantize_fp8_ref(x: Tensor, *, group_size: int | None = FP8_GROUP, ue8m0: bo
                      saturate_inf: bool = True) -> tuple[Tensor, Tensor]:
     """Torch reference of ``quantize_fp8`` (the oracle for the kernel); same arguments and results."""
     m, k = _check_input(x, 1, "quantize_fp8_ref")
+    _check_flags("quantize_fp8_ref", ue8m0=ue8m0, saturate_inf=saturate_inf)
     g = _fp8_group(group_size, k, "quantize_fp8_ref")
     xf = x.float().reshape(m, k // g, g)
     amax = xf.abs().amax(dim=-1, keepdim=True)  # NaN propagates
@@ -108,10 +116,12 @@ def quantize_fp8(
     Raises
     ------
     TypeError, ValueError
-        As ``quantize_nvfp4``; ``group_size`` not positive or not dividing ``hidden``.
+        As ``quantize_nvfp4``; ``group_size`` not positive or not dividing ``hidden``; ``ue8m0`` or
+        ``saturate_inf`` not a bool.
     """
     name = "quantize_fp8"
     m, k = _check_input(x, 1, name)
+    _check_flags(name, ue8m0=ue8m0, saturate_inf=saturate_inf)
     g = _fp8_group(group_size, k, name)
     use_triton = _check_backend(backend, x, name)
     out = _check_out(out, [((m, k), torch.float8_e4m3fn), ((m, k // g), torch.float32)], x, name)

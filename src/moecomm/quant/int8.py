@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from moecomm._device import common_device
+from moecomm._modes import refuse_grad
 from moecomm.quant.common import (
     INT8_EPS,
     INT8_GROUP,
@@ -105,6 +106,7 @@ def _check_int8_pair(q: Tensor, scales: Tensor, name: str) -> tuple[int, int]:
         raise TypeError(f"{name}: q must be a 2-D int8 tensor, got {_describe(q)}")
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 2:
         raise TypeError(f"{name}: scales must be a 2-D float32 tensor, got {_describe(scales)}")
+    refuse_grad(name, q=q, scales=scales)
     m, k = q.shape
     if k == 0 or k % INT8_GROUP or tuple(scales.shape) != (m, k // INT8_GROUP):
         raise ValueError(f"{name}: q {list(q.shape)} needs a hidden size that is a positive multiple of "
@@ -127,9 +129,10 @@ def dequantize_int8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.flo
     Parameters
     ----------
     q : Tensor
-        ``int8 [num_tokens, hidden]``, ``hidden`` a positive multiple of 128 (row-strided views allowed).
+        ``int8 [num_tokens, hidden]``, ``hidden`` a positive multiple of 128, any strides (the kernel copies
+        a tensor without unit stride along hidden first).
     scales : Tensor
-        ``float32 [num_tokens, hidden/128]``.
+        ``float32 [num_tokens, hidden/128]``, any strides.
     dtype : torch.dtype
         float32, bfloat16 (both by the kernel), float16 or float64 (the reference).
     backend : {"auto", "triton", "torch"}
@@ -143,7 +146,8 @@ def dequantize_int8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.flo
     Raises
     ------
     TypeError, ValueError
-        Wrong dtypes or shapes; tensors on different devices.
+        Wrong dtypes or shapes; tensors on different devices; ``q`` or ``scales`` that require grad while
+        grad mode is on (inference only).
     """
     name = "dequantize_int8"
     m, k = _check_int8_pair(q, scales, name)
@@ -154,5 +158,7 @@ def dequantize_int8(q: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.flo
     from moecomm.quant import _kernels_reduce
 
     out = torch.empty((m, k), dtype=dtype, device=q.device)
+    # the kernel takes any row stride but unit stride along hidden (and along the scale groups)
+    q, scales = (t if t.stride(1) == 1 else t.contiguous() for t in (q, scales))
     _kernels_reduce.dequantize_sum(q.unsqueeze(0), scales.unsqueeze(0), out)
     return out

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from moecomm._device import common_device
+from moecomm._modes import refuse_grad
 from moecomm._enum import ChoiceEnum
 from moecomm.quant.common import INT8_GROUP, _check_backend, _describe
 from moecomm.quant.fp8 import quantize_fp8
@@ -103,6 +104,7 @@ def _check_pieces(data: Tensor, scales: Tensor, dtype, name: str) -> tuple[int, 
     if not isinstance(scales, Tensor) or scales.dtype != torch.float32 or scales.dim() != 3:
         raise TypeError(f"{name}: scales must be float32 [pieces, rows, hidden/{REDUCE_GROUP}], got "
                         f"{_describe(scales)}")
+    refuse_grad(name, data=data, scales=scales)
     p, m, k = data.shape
     if k == 0 or k % REDUCE_GROUP or tuple(scales.shape) != (p, m, k // REDUCE_GROUP):
         raise ValueError(f"{name}: data {list(data.shape)} needs hidden a positive multiple of {REDUCE_GROUP} and "
@@ -159,11 +161,13 @@ def dequantize_sum(data: Tensor, scales: Tensor, *, dtype: torch.dtype = torch.b
     Raises
     ------
     TypeError, ValueError
-        Wrong dtypes, shapes or strides; tensors on different devices; an unknown backend.
+        Wrong dtypes, shapes or strides; tensors on different devices; an unknown backend; ``data``,
+        ``scales`` or ``out`` that require grad while grad mode is on (inference only).
     """
     name = "dequantize_sum"
     p, m, k = _check_pieces(data, scales, dtype, name)
     common_device(name, data=data, scales=scales, out=out)
+    refuse_grad(name, out=out)
     if out is not None:
         if not isinstance(out, Tensor) or out.dtype != dtype or tuple(out.shape) != (m, k) or out.stride(1) != 1:
             raise ValueError(f"{name}: out must be {dtype} [{m}, {k}] with unit stride along dim 1, got "
