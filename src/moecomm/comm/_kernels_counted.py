@@ -119,6 +119,22 @@ def clamp_count(count: torch.Tensor, limit: int, out: torch.Tensor, send: torch.
 
 
 @triton.jit
+def _flag_round(table_ptr, count_ptr, epoch_ptr, err_ptr, limit, max_spin, rank, flag_slot, W: tl.constexpr,
+                WP: tl.constexpr, COUNT_BIT: tl.constexpr, TIMEOUT_BIT: tl.constexpr):
+    """One flag round of a program: this rank's clamped count published with the next epoch (program 0),
+    every peer's awaited (a bounded wait: a timeout sets its bit). Returns ``(epoch, own count, counts [WP])``."""
+    pid = tl.program_id(0)
+    epoch = tl.load(epoch_ptr + pid) + 1
+    c = _clamped(count_ptr, limit, err_ptr, COUNT_BIT)  # every program flags a bad count alike: same bits
+    if pid == 0:
+        _publish(table_ptr, flag_slot + rank, (epoch << 32) | c, W)
+    counts, missing = _wait(table_ptr, flag_slot, rank, epoch, c, max_spin, W, WP)
+    if missing > 0:
+        tl.atomic_or(err_ptr, TIMEOUT_BIT)
+    return epoch, c, counts
+
+
+@triton.jit
 def _gather_kernel(
     table_ptr, gathered64_ptr, gathered32_ptr, counts_ptr, count_ptr, epoch_ptr, err_ptr,
     limit, max_spin, rank, flag_slot, send_off, rows, row_words, mask_lo, mask_n,
@@ -127,13 +143,8 @@ def _gather_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    epoch = tl.load(epoch_ptr + pid) + 1
-    c = _clamped(count_ptr, limit, err_ptr, COUNT_BIT)  # every program flags a bad count alike: same bits
-    if pid == 0:
-        _publish(table_ptr, flag_slot + rank, (epoch << 32) | c, W)
-    counts, missing = _wait(table_ptr, flag_slot, rank, epoch, c, max_spin, W, WP)
-    if missing > 0:
-        tl.atomic_or(err_ptr, TIMEOUT_BIT)
+    epoch, c, counts = _flag_round(table_ptr, count_ptr, epoch_ptr, err_ptr, limit, max_spin, rank, flag_slot, W, WP,
+                                   COUNT_BIT, TIMEOUT_BIT)
     peers = tl.arange(0, WP)
     if pid == 0:
         tl.store(counts_ptr + peers, counts.to(tl.int32), mask=peers < W)
@@ -210,13 +221,8 @@ def _reduce_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    epoch = tl.load(epoch_ptr + pid) + 1
-    c = _clamped(count_ptr, limit, err_ptr, COUNT_BIT)  # every program flags a bad count alike: same bits
-    if pid == 0:
-        _publish(table_ptr, flag_slot + rank, (epoch << 32) | c, W)
-    _, missing = _wait(table_ptr, flag_slot, rank, epoch, c, max_spin, W, WP)
-    if missing > 0:
-        tl.atomic_or(err_ptr, TIMEOUT_BIT)
+    epoch, c, _ = _flag_round(table_ptr, count_ptr, epoch_ptr, err_ptr, limit, max_spin, rank, flag_slot, W, WP,
+                              COUNT_BIT, TIMEOUT_BIT)
     chunks = tl.cdiv(hidden, BLOCK)
     cols = tl.arange(0, BLOCK)
     zero = tl.full([], 0, tl.int64)  # loop indices as int64 tensors (the interpreter hands out Python ints)
